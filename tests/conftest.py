@@ -1,0 +1,40 @@
+"""Shared fixtures and tolerances. Tiers: tests/unit (torch only), tests/ray (local Ray), tests/gpu (CUDA)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tolerances, defined once (STYLE 11).
+ORACLE_ATOL = 1e-4  # kernel (fp32) vs real SGD step on a float64 peft model, summed projections
+FUNC_RTOL = 1e-5  # per-sample g_A / g_B vs torch.func, float64
+INVARIANCE_ATOL = 1e-5  # scores across batch size, padding side, order, neighbours (fp32)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.skip(f"real data folder {SHARED_DATA} not present")
+    return SHARED_DATA
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
