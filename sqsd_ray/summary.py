@@ -1,0 +1,105 @@
+"""Human-readable summary of a score table: top/bottom samples, histogram, score-vs-length correlation.
+
+The length correlation is there because gradient scores are known to track response length (paper App. H):
+the normalised SQSD should correlate with length much less than its unnormalised variant.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN when either side is constant or too short."""
+    mask = np.isfinite(x) & np.isfinite(y)
+    x, y = x[mask], y[mask]
+    if len(x) < 3:
+        return float("nan")
+    rx = pd.Series(x).rank().to_numpy()
+    ry = pd.Series(y).rank().to_numpy()
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _snippet(text: str, width: int = 70) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def length_correlations(df: pd.DataFrame) -> dict[str, float]:
+    """Spearman ρ of each score column with the response token count."""
+    out = {}
+    for col in ("sqsd", "sqsd_raw", "danger_proj", "safety_proj"):
+        if col in df:
+            out[col] = spearman(df[col].to_numpy(float), df["n_response_tokens"].to_numpy(float))
+    return out
+
+
+def plot_histogram(df: pd.DataFrame, path: Path) -> Path:
+    """SQSD and its unnormalised variant side by side (the raw one is on its own scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = [c for c in ("sqsd", "sqsd_raw") if c in df]
+    fig, axes = plt.subplots(1, len(cols) + 1, figsize=(4.2 * (len(cols) + 1), 3.4))
+    ok = df[df["status"] == "ok"] if "status" in df else df
+    for ax, col in zip(axes, cols):
+        values = ok[col].to_numpy(float)
+        ax.hist(values[np.isfinite(values)], bins=min(50, max(5, int(math.sqrt(len(values))))), color="#3b6ea8")
+        ax.set_title({"sqsd": "SQSD (Eq. 12)", "sqsd_raw": "SQSD w/o normalisation"}[col])
+        ax.set_xlabel("score (higher = riskier)")
+        ax.set_ylabel("samples")
+    ax = axes[-1]
+    ax.scatter(ok["n_response_tokens"], ok["sqsd"], s=6, alpha=0.6, color="#a83b3b")
+    ax.set_xscale("log")
+    ax.set_xlabel("response tokens")
+    ax.set_ylabel("SQSD")
+    ax.set_title(f"SQSD vs length (Spearman {spearman(ok['sqsd'].to_numpy(float), ok['n_response_tokens'].to_numpy(float)):.2f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render_summary(
+    df: pd.DataFrame, texts: pd.DataFrame | None = None, top_k: int = 10, data_report: str | None = None
+) -> str:
+    """Markdown summary. ``texts`` (sample_id, prompt, response) adds snippets to the top/bottom tables;
+    ``data_report`` (DataReport.summary()) says what was read, skipped and truncated."""
+    lines = ["# SQSD scores", ""]
+    if data_report:
+        lines += ["```", data_report.rstrip(), "```", ""]
+    status_counts = df["status"].value_counts().to_dict() if "status" in df else {}
+    ok = df[df["status"] == "ok"] if "status" in df else df
+    lines.append(f"- samples scored: {len(df)} ({', '.join(f'{k}: {v}' for k, v in status_counts.items())})")
+    if len(ok):
+        q = ok["sqsd"].quantile([0.0, 0.25, 0.5, 0.75, 1.0]).to_numpy()
+        lines.append(
+            f"- SQSD min / q25 / median / q75 / max: {q[0]:.4f} / {q[1]:.4f} / {q[2]:.4f} / {q[3]:.4f} / {q[4]:.4f}"
+        )
+    for col, rho in length_correlations(ok).items():
+        lines.append(f"- Spearman ρ({col}, response tokens) = {rho:.3f}")
+    lines.append("")
+    merged = ok.merge(texts, on="sample_id", how="left") if texts is not None else ok
+    for title, part in (
+        (f"Top {top_k} (riskiest)", merged.nlargest(top_k, "sqsd")),
+        (f"Bottom {top_k} (safest)", merged.nsmallest(top_k, "sqsd")),
+    ):
+        lines += [f"## {title}", "", "| sample_id | SQSD | danger | safety | resp. tokens | prompt | response |",
+                  "|---|---|---|---|---|---|---|"]
+        for _, row in part.iterrows():
+            prompt = _snippet(row.get("prompt", ""), 50).replace("|", "\\|")
+            response = _snippet(row.get("response", ""), 50).replace("|", "\\|")
+            lines.append(
+                f"| {row['sample_id']} | {row['sqsd']:.4f} | {row['danger_proj']:.4f} | {row['safety_proj']:.4f} "
+                f"| {int(row['n_response_tokens'])} | {prompt} | {response} |"
+            )
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,26 @@
+"""Every job file in jobs/ parses into its config class (STYLE 5: jobs are data, a test loads every file)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from sqsd_ray.config import from_dict
+from sqsd_ray.score_run import ScoreJobConfig
+from tests.conftest import REPO_ROOT
+
+JOB_FILES = sorted((REPO_ROOT / "jobs").glob("*.yaml"))
+KINDS = {"score": ScoreJobConfig}
+
+
+def test_there_are_jobs():
+    assert JOB_FILES
+
+
+@pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)
+def test_job_file_parses(path):
+    text = path.read_text()
+    assert text.startswith("#"), f"{path.name} must open with a comment giving its run command"
+    kind = path.name.split("_")[0]
+    assert kind in KINDS, f"{path.name}: job files are named <kind>_<what>.yaml with kind in {sorted(KINDS)}"
+    from_dict(KINDS[kind], yaml.safe_load(text))
