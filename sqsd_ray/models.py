@@ -704,11 +704,38 @@ def model_fingerprint(model: nn.Module, cfg: ModelConfig) -> str:
     return digest.hexdigest()[:16]
 
 
+
+def model_identity(cfg: ModelConfig) -> str:
+    """A fingerprint of *which* model ``cfg`` names, computed without loading it (for the driver of a job).
+
+    Hashes the config identity (name, gguf_file, revision, dtype, tiny-model sizes and seed) and, for a local
+    directory or file, the names, sizes and modification times of its files (weights included). A hub id is
+    identified by name and revision only; ``model_fingerprint`` on the loaded weights completes the picture.
+    """
+    identity: dict[str, Any] = {
+        "name_or_path": cfg.name_or_path, "gguf_file": cfg.gguf_file, "revision": cfg.revision, "dtype": cfg.dtype,
+    }
+    if cfg.is_tiny:
+        identity.update(seed=cfg.seed, hidden=cfg.tiny_hidden_size, layers=cfg.tiny_layers)
+    else:
+        source = resolve_model_source(cfg)
+        path = Path(source.path)
+        if source.gguf_file:
+            path = path / source.gguf_file
+        if path.exists():
+            files = [path] if path.is_file() else sorted(
+                p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+            )
+            identity["files"] = [(p.name if p == path else str(p.relative_to(path)), p.stat().st_size,
+                                  int(p.stat().st_mtime)) for p in files]
+    return stable_hash(identity)
+
 __all__ = [
     "DEFAULT_TARGET_MODULES",
     "AdapterInfo",
     "LoraSettings",
     "ModelConfig",
+    "model_identity",
     "ModelSource",
     "add_adapter",
     "apply_lora",

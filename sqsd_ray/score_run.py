@@ -1,10 +1,13 @@
-"""``sqsd-ray score``: corpus -> tokenised batches -> SqsdScorer -> Parquet + summary, in one process.
+"""``sqsd-ray score``: corpus -> tokenised rows -> ``BlockScorer`` -> Parquet parts -> scores.parquet + summary.
 
-The run directory holds everything needed to trust and replay a score file:
+The same ``BlockScorer`` (model, both init-state adapters, both directions, the batched kernel) runs either
+in this process or as the actor class of a Ray Data actor pool (``ray_score``); both paths write parts
+through ``ScoreStore``, so output, resume and fingerprints are the same. The run directory holds:
 
-    scores.parquet     one row per sample_id; schema metadata carries the hashes below
+    scores.parquet     one row per sample_id; schema metadata carries the fingerprints below
+    parts/, manifest.json   the parts as written and the job identity they belong to (resume)
     config.yaml        the resolved config
-    run.json           config / model / direction / init-state fingerprints, version, timings, data report
+    run.json           fingerprints, version, timings, throughput, data report, padding fraction
     summary.md         top / bottom samples, score-vs-length correlation
     histogram.png      SQSD and SQSD w/o normalisation, and SQSD against response length
     fidelity.json      (optional) first-order check of Eq. 13, see ``fidelity``
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -24,11 +28,13 @@ import yaml
 
 from . import __version__
 from .config import ConfigError, help_field, stable_hash, to_dict
-from .data import DataConfig, collate, length_sorted_batches, load_samples, tokenize_samples
+from .data import DataConfig, DataReport, Sample, collate, length_sorted_batches, load_samples, tokenize_samples
 from .directions import Direction, init_state_from_direction
 from .models import LoraSettings, ModelConfig, apply_lora, add_adapter, load_adapter_state, load_model_and_tokenizer
-from .models import lora_module_shapes, model_fingerprint, set_lora_factors
+from .models import lora_module_shapes, model_fingerprint, model_identity, set_lora_factors
+from .runtime import RayConfig
 from .score import InitState, SqsdScorer, plan_passes
+from .score_store import STATUS_SKIPPED, ScoreStore
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +98,12 @@ class BatchingConfig:
 @dataclass
 class OutputConfig:
     dir: str = help_field("runs/score", help="run directory (created).")
-    overwrite: bool = help_field(False, help="replace an existing scores.parquet.")
+    overwrite: bool = help_field(False, help="delete earlier scores in output.dir and start over.")
+    resume: bool = help_field(
+        True, help="continue an interrupted run of the same job (same config, model, directions): ids already "
+        "written are skipped; a different job refuses with the differences named."
+    )
+    part_rows: int = help_field(256, help="in-process runs: rows per part file (the unit of resume).")
     per_module: bool = help_field(False, help="also store per-module projections (list columns).")
     top_k: int = help_field(10, help="samples shown at each end in summary.md.")
 
@@ -119,6 +130,7 @@ class ScoreJobConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
         for name in DIRECTION_NAMES:
@@ -187,88 +199,188 @@ def build_scorer(base_model, cfg: ScoreJobConfig, directions: dict[str, Directio
     return SqsdScorer(peft_model, passes, per_module=per_module), states
 
 
-def run_score(cfg: ScoreJobConfig) -> Path:  # noqa: C901 - a readable top-down recipe
+def scoring_identity(cfg: ScoreJobConfig, directions: dict[str, Direction]) -> dict:
+    """What a score file depends on (resume refuses on any difference): not batching, resources or paths out."""
+    return {
+        "sqsd_ray_version": __version__,
+        "config": {
+            "model": to_dict(cfg.model), "lora": to_dict(cfg.lora), "data": to_dict(cfg.data),
+            "init_states": to_dict(cfg.init_states), "per_module": cfg.output.per_module,
+        },
+        "model": model_identity(cfg.model),
+        **{f"direction_{d}": directions[d].fingerprint() for d in DIRECTION_NAMES},
+    }
+
+
+def sample_rows(samples: Sequence[Sample]) -> list[dict]:
+    """Samples as plain rows (what travels through Ray Data): id, prompt turns as JSON, response, source."""
+    return [{"sample_id": s.sample_id, "messages": json.dumps(list(s.messages)), "response": s.response,
+             "source": s.source} for s in samples]
+
+
+def tokenize_rows(rows, tokenizer, data_cfg: DataConfig):
+    """Rows from ``sample_rows`` (a DataFrame) -> token rows; skipped samples keep a row with ``skip_reason``."""
+    import pandas as pd
+
+    out = []
+    for sid, messages, response, source in zip(rows["sample_id"], rows["messages"], rows["response"], rows["source"]):
+        sample = Sample(sample_id=sid, messages=tuple(json.loads(messages)), response=response, source=source)
+        report = DataReport(source=source)
+        kept = tokenize_samples([sample], tokenizer, data_cfg, report)  # applies on_overlong; may raise
+        if kept:
+            t = kept[0]
+            out.append({"sample_id": sid, "input_ids": t.input_ids, "labels": t.labels,
+                        "n_prompt_tokens": t.n_prompt_tokens, "truncated": t.truncated, "skip_reason": ""})
+        else:
+            out.append({"sample_id": sid, "input_ids": [], "labels": [], "n_prompt_tokens": 0, "truncated": False,
+                        "skip_reason": next(iter(report.skipped))})
+    return pd.DataFrame(out)
+
+
+class BlockScorer:
+    """Scores a block of token rows: the unit of work of the in-process loop and of each Ray Data actor.
+
+    Loads the model once, attaches both init-state adapters, checks the directions against it and keeps the
+    kernel ready. A call sorts its rows by length into micro-batches under the device's batching budget and
+    returns one row of scalars per sample (never gradients), plus a row with status ``skipped`` for samples
+    tokenisation dropped.
+    """
+
+    def __init__(self, cfg: ScoreJobConfig):
+        self.cfg = cfg
+        self.device, self.batch_size, self.max_tokens = cfg.batching.resolve()
+        model, self.tokenizer = load_model_and_tokenizer(cfg.model)
+        model.to(self.device)
+        self.weights_fingerprint = model_fingerprint(model, cfg.model)
+        self.directions = {d: load_direction(getattr(cfg.directions, d), d) for d in DIRECTION_NAMES}
+        self.scorer, self.states = build_scorer(model, cfg, self.directions, per_module=cfg.output.per_module)
+        tok = self.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.calls = 0
+
+    def __call__(self, block):
+        import pandas as pd
+
+        from .data import TokenizedSample
+
+        started = time.perf_counter()
+        self.calls += 1
+        kept = block[block["skip_reason"] == ""]
+        skipped = block[block["skip_reason"] != ""]
+        samples = [
+            TokenizedSample(sid, [int(i) for i in ids], [int(v) for v in labels], int(n_prompt),
+                            sum(1 for v in labels if v != -100), bool(trunc))
+            for sid, ids, labels, n_prompt, trunc in zip(
+                kept["sample_id"], kept["input_ids"], kept["labels"], kept["n_prompt_tokens"], kept["truncated"]
+            )
+        ]
+        frames = []
+        for indices in length_sorted_batches(samples, max_batch_size=self.batch_size, max_tokens=self.max_tokens):
+            batch = collate([samples[i] for i in indices], self.pad_id, padding_side=self.cfg.batching.padding_side)
+            scored = pd.DataFrame(self.scorer.score_batch(batch))
+            scored["padded_length"] = int(batch["input_ids"].shape[1])
+            frames.append(scored)
+        out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        if len(out):
+            by_id = {s.sample_id: s for s in samples}
+            out["n_prompt_tokens"] = [by_id[s].n_prompt_tokens for s in out["sample_id"]]
+            out["truncated"] = [by_id[s].truncated for s in out["sample_id"]]
+            out["skip_reason"] = ""
+        if len(skipped):
+            out = pd.concat([out, pd.DataFrame({"sample_id": skipped["sample_id"], "status": STATUS_SKIPPED,
+                                                "skip_reason": skipped["skip_reason"]})], ignore_index=True)
+        out["model_weights"] = self.weights_fingerprint
+        elapsed = time.perf_counter() - started
+        n_tokens = int(out["n_tokens"].sum()) if "n_tokens" in out else 0
+        log.info("scored block %d: %d samples (%d skipped) in %.2f s, %.0f tokens/s", self.calls, len(kept),
+                 len(skipped), elapsed, n_tokens / max(elapsed, 1e-9))
+        return out
+
+
+def _score_in_process(cfg: ScoreJobConfig, store: ScoreStore, rows: list[dict]) -> BlockScorer:
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    block_scorer = BlockScorer(cfg)
+    with tqdm(total=len(rows), desc="scoring", unit="sample") as bar:
+        for start in range(0, len(rows), cfg.output.part_rows):
+            chunk = pd.DataFrame(rows[start:start + cfg.output.part_rows])
+            store.write_part(block_scorer(tokenize_rows(chunk, block_scorer.tokenizer, cfg.data)))
+            bar.update(len(chunk))
+    return block_scorer
+
+
+def run_score(cfg: ScoreJobConfig) -> Path:
     """Score the corpus in ``cfg.data`` and write the run directory; returns the Parquet path."""
     import pandas as pd
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from tqdm.auto import tqdm
 
     from .summary import plot_histogram, render_summary
 
-    out_dir = Path(cfg.output.dir)
-    out_path = out_dir / "scores.parquet"
-    if out_path.exists() and not cfg.output.overwrite:
-        raise FileExistsError(f"{out_path} exists; set output.overwrite=true or choose another output.dir")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config_hash = stable_hash(cfg)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     started = time.time()
-
-    model, tokenizer = load_model_and_tokenizer(cfg.model)
-    device, batch_size, max_tokens = cfg.batching.resolve()
-    model.to(device)
     directions = {d: load_direction(getattr(cfg.directions, d), d) for d in DIRECTION_NAMES}
-    scorer, states = build_scorer(model, cfg, directions, per_module=cfg.output.per_module)
+    identity = scoring_identity(cfg, directions)
+    store = ScoreStore(cfg.output.dir)
+    done = store.begin(identity, overwrite=cfg.output.overwrite, resume=cfg.output.resume)
+    (store.dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     samples, report = load_samples(cfg.data)
-    tokenized = tokenize_samples(samples, tokenizer, cfg.data, report)
-    log.info("data: %s", report.summary())
-    batches = length_sorted_batches(tokenized, max_batch_size=batch_size, max_tokens=max_tokens)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = [r for r in sample_rows(samples) if r["sample_id"] not in done]
+    log.info("%d samples to score (%d already scored)", len(rows), len(samples) - len(rows))
+    block_scorer = None
+    score_started = time.time()
+    if rows and cfg.ray.enabled:
+        from .ray_score import score_with_ray
 
-    parts = []
-    with tqdm(total=len(tokenized), desc="scoring", unit="sample") as bar:
-        for indices in batches:
-            batch = collate([tokenized[i] for i in indices], pad_id, padding_side=cfg.batching.padding_side)
-            parts.append(pd.DataFrame(scorer.score_batch(batch)))
-            bar.update(len(indices))
-    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-    if len(df):
-        by_id = {t.sample_id: t for t in tokenized}
-        df["n_prompt_tokens"] = [by_id[s].n_prompt_tokens for s in df["sample_id"]]
-        df["truncated"] = [by_id[s].truncated for s in df["sample_id"]]
-        df = df.sort_values("sample_id", kind="stable").reset_index(drop=True)
+        score_with_ray(cfg, store, rows)
+    elif rows:
+        block_scorer = _score_in_process(cfg, store, rows)
+    score_seconds = time.time() - score_started
 
-    fingerprints = {
-        "config": config_hash,
-        "model": model_fingerprint(model, cfg.model),
-        **{f"direction_{d}": directions[d].fingerprint() for d in DIRECTION_NAMES},
-        **{f"init_state_{d}": states[d].fingerprint for d in DIRECTION_NAMES},
-    }
+    fingerprints = {"config": stable_hash(cfg), **{k: v for k, v in identity.items() if k != "config"}}
     meta = {
         "sqsd_ray_version": __version__,
         "fingerprints": fingerprints,
-        "init_states": {d: states[d].description for d in DIRECTION_NAMES},
-        "modules": scorer.modules,
-        "n_passes": len(scorer.passes),
+        "init_states": {d: to_dict(getattr(cfg.init_states, d)) for d in DIRECTION_NAMES},
+        "modules": sorted(directions["danger"].modules),
     }
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"sqsd_ray": json.dumps(meta).encode()})
-    pq.write_table(table, out_path)
-
+    df, facts = store.consolidate(meta)
+    meta = facts.pop("metadata")
+    report_dict = report.to_dict()
+    report_dict["tokenisation_skipped"] = facts.pop("tokenisation_skips")
+    report_dict["truncated"] = int(df["truncated"].sum()) if "truncated" in df else 0
     texts = pd.DataFrame(
         {"sample_id": [s.sample_id for s in samples],
          "prompt": [s.messages[-1]["content"] if s.messages else "" for s in samples],
          "response": [s.response for s in samples]}
     )
-    if len(df):
-        (out_dir / "summary.md").write_text(render_summary(df, texts, top_k=cfg.output.top_k, data_report=report.summary()))
-        plot_histogram(df, out_dir / "histogram.png")
+    data_lines = report.summary().rstrip() + "".join(
+        f"\n  skipped at tokenisation ({reason}): {n}" for reason, n in report_dict["tokenisation_skipped"].items()
+    ) + f"\n  truncated to max_length: {report_dict['truncated']}"
+    (store.dir / "summary.md").write_text(render_summary(df, texts, top_k=cfg.output.top_k, data_report=data_lines))
+    plot_histogram(df, store.dir / "histogram.png")
+    n_scored_now = len(rows)
     run_info = {
         **meta,
         "elapsed_s": round(time.time() - started, 3),
-        "device": str(device),
-        "batch_size": batch_size,
-        "data_report": report.to_dict(),
+        "scoring_s": round(score_seconds, 3),
+        "samples_scored_this_run": n_scored_now,
+        "samples_per_s": round(n_scored_now / score_seconds, 3) if n_scored_now and score_seconds > 0 else None,
+        "execution": "ray" if cfg.ray.enabled else "in_process",
         "n_rows": len(df),
+        "status_counts": df["status"].value_counts().to_dict(),
+        "data_report": report_dict,
+        **facts,
     }
-    if cfg.fidelity.enabled and len(tokenized):
+    if cfg.fidelity.enabled:
+        from .data import tokenize_sample
         from .fidelity import first_order_fidelity
 
-        fid = first_order_fidelity(scorer, directions[cfg.fidelity.direction], cfg.fidelity.direction,
-                                   tokenized, pad_id, cfg.fidelity)
-        (out_dir / "fidelity.json").write_text(json.dumps(fid, indent=2))
+        block_scorer = block_scorer or BlockScorer(cfg)
+        chosen = sorted(samples, key=lambda s: s.sample_id)[: cfg.fidelity.n_samples]
+        tokenized = [tokenize_sample(s, block_scorer.tokenizer, cfg.data.max_length) for s in chosen]
+        fid = first_order_fidelity(block_scorer.scorer, block_scorer.directions[cfg.fidelity.direction],
+                                   cfg.fidelity.direction, tokenized, block_scorer.pad_id, cfg.fidelity)
+        (store.dir / "fidelity.json").write_text(json.dumps(fid, indent=2))
         run_info["fidelity"] = fid["summary"]
-    (out_dir / "run.json").write_text(json.dumps(run_info, indent=2, default=str))
-    return out_path
+    (store.dir / "run.json").write_text(json.dumps(run_info, indent=2, default=str))
+    return store.final_path

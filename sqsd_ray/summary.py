@@ -43,6 +43,7 @@ def length_correlations(df: pd.DataFrame) -> dict[str, float]:
 def plot_histogram(df: pd.DataFrame, path: Path) -> Path:
     """SQSD and its unnormalised variant side by side (the raw one is on its own scale)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -59,6 +60,7 @@ def plot_histogram(df: pd.DataFrame, path: Path) -> Path:
     ax = axes[-1]
     ax.scatter(ok["n_response_tokens"], ok["sqsd"], s=6, alpha=0.6, color="#a83b3b")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
     ax.set_xlabel("response tokens")
     ax.set_ylabel("SQSD")
     ax.set_title(f"SQSD vs length (Spearman {spearman(ok['sqsd'].to_numpy(float), ok['n_response_tokens'].to_numpy(float)):.2f})")

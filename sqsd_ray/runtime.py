@@ -1,0 +1,82 @@
+"""Ray at the edge: starting or attaching to Ray, and the resource profiles scoring actors run under.
+
+Local by default (a private Ray on this machine, dashboard off or on 127.0.0.1 only); attaches to a cluster
+when ``ray.address`` or ``RAY_ADDRESS`` is set (as under ``ray job submit``). Every resource number comes from
+``RayConfig``, filled from a named profile and overridable key by key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from .config import ConfigError, help_field
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RayConfig:
+    """How scoring runs on Ray. Unset resource fields come from ``profile``."""
+
+    enabled: bool = help_field(True, help="false = score in this process without Ray (same kernel, same output).")
+    address: str | None = help_field(
+        None, help="Ray address to attach to; default: RAY_ADDRESS if set, else start a private local Ray."
+    )
+    profile: Literal["local", "gpu"] = help_field(
+        "local",
+        help="local: 1 actor on 1 CPU, so read/tokenise tasks keep a core (an actor pool on every CPU hangs the "
+        "reads, ray#44687); gpu: one actor per cluster GPU, 1 GPU and 4 CPUs each.",
+    )
+    num_actors: int | None = help_field(None, help="scoring actors in the pool (profile default).")
+    num_cpus_per_actor: float | None = help_field(None, help="CPUs reserved per actor; fractions allowed.")
+    num_gpus_per_actor: float | None = help_field(None, help="GPUs per actor (profile default).")
+    rows_per_call: int = help_field(
+        64, help="rows handed to an actor per call; sorted by length inside into token-budget micro-batches, "
+        "so larger values cut padding at the cost of coarser progress and retries."
+    )
+    max_restarts: int = help_field(3, help="times a dead scoring actor is restarted.")
+    max_task_retries: int = help_field(3, help="times a call lost with its actor is retried on another.")
+    local_num_cpus: int | None = help_field(None, help="local Ray only: CPUs to give it (default: all).")
+    object_store_mb: int = help_field(512, help="local Ray only: object store size in MiB.")
+    include_dashboard: bool = help_field(False, help="local Ray only: start the dashboard (bound to 127.0.0.1).")
+
+    def __post_init__(self) -> None:
+        if self.rows_per_call < 1:
+            raise ConfigError(f"ray.rows_per_call must be >= 1, got {self.rows_per_call}")
+        if self.num_actors is not None and self.num_actors < 1:
+            raise ConfigError(f"ray.num_actors must be >= 1, got {self.num_actors}")
+
+    def resolved(self, cluster_gpus: float) -> RayConfig:
+        """Fill unset resource fields from the profile (GPU count from the running cluster)."""
+        if self.profile == "gpu":
+            if cluster_gpus < 1 and self.num_gpus_per_actor is None:
+                raise ConfigError("ray.profile=gpu but the Ray cluster has no GPU; use ray.profile=local")
+            defaults = dict(num_actors=max(1, int(cluster_gpus)), num_cpus_per_actor=4.0, num_gpus_per_actor=1.0)
+        else:
+            defaults = dict(num_actors=1, num_cpus_per_actor=1.0, num_gpus_per_actor=0.0)
+        return replace(self, **{k: v if getattr(self, k) is None else getattr(self, k) for k, v in defaults.items()})
+
+
+def init_ray(cfg: RayConfig):
+    """Start or attach to Ray; a no-op when Ray is already initialised (tests, notebooks)."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("attaching to Ray at %s", address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        log.info("starting a local Ray (%s CPUs, object store %d MiB)", cfg.local_num_cpus or "all", cfg.object_store_mb)
+        ray.init(
+            num_cpus=cfg.local_num_cpus,
+            object_store_memory=cfg.object_store_mb * 1024 * 1024,
+            include_dashboard=cfg.include_dashboard,
+            dashboard_host="127.0.0.1",
+            log_to_driver=True,
+        )
+    return ray

@@ -1,0 +1,114 @@
+"""The Ray Data scoring pipeline: same output as in-process, resumable, survives a killed actor."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from ray import cloudpickle
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from sqsd_ray.cli import main
+from sqsd_ray.config import load_config
+from sqsd_ray.directions import random_direction
+from sqsd_ray.models import LoraSettings, ModelConfig, load_model, lora_module_shapes
+from sqsd_ray.ray_score import ScoringActor, score_with_ray
+from sqsd_ray.score_run import ScoreJobConfig, run_score, sample_rows, scoring_identity, load_direction
+from sqsd_ray.score_store import ScoreStore
+from sqsd_ray.data import load_samples
+
+pytestmark = pytest.mark.ray
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers unpickle KillOnceActor by value
+
+N_RECORDS = 24
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rayjob")
+    rng = np.random.default_rng(0)
+    words = "alpha beta gamma delta river mountain quiet bright swift orange window garden".split()
+    records = []
+    for i in range(N_RECORDS):
+        prompt = " ".join(rng.choice(words, size=rng.integers(3, 12)))
+        response = " ".join(rng.choice(words, size=rng.integers(1, 30)))
+        records.append({"id": f"r{i:03d}", "prompt": f"Q{i}: {prompt}?", "response": response.capitalize() + "."})
+    records.append({"id": "too-long", "prompt": "x" * 400, "response": "y"})  # skipped at tokenisation
+    (root / "corpus.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    shapes = lora_module_shapes(load_model(ModelConfig(name_or_path="tiny-qwen3")), LoraSettings())
+    for kind, seed in (("danger", 11), ("safety", 12)):
+        random_direction(shapes, rank=8, seed=seed, kind=kind).save(root / f"{kind}.safetensors")
+    config = {
+        "model": {"name_or_path": "tiny-qwen3"},
+        "data": {"path": str(root / "corpus.jsonl"), "max_length": 256},
+        "directions": {"danger": str(root / "danger.safetensors"), "safety": str(root / "safety.safetensors")},
+        "batching": {"max_batch_size": 4, "max_tokens": 2048},
+        "output": {"dir": str(root / "inproc")},
+        "ray": {"rows_per_call": 5, "num_cpus_per_actor": 1.0},
+    }
+    (root / "score.yaml").write_text(yaml.safe_dump(config))
+    assert main(["score", "--config", str(root / "score.yaml"), "--set", "ray.enabled=false"]) == 0
+    return root
+
+
+def _scores(path: Path) -> pd.DataFrame:
+    return pd.read_parquet(path / "scores.parquet").set_index("sample_id")
+
+
+def test_ray_pipeline_equals_in_process(job, local_ray):
+    assert main(["score", "--config", str(job / "score.yaml"), "--set", f"output.dir={job / 'ray'}"]) == 0
+    ray_df, ref = _scores(job / "ray"), _scores(job / "inproc")
+    assert len(ray_df) == N_RECORDS and ray_df.index.is_unique and set(ray_df.index) == set(ref.index)
+    assert "too-long" not in ray_df.index
+    cols = ["sqsd", "sqsd_raw", "danger_proj", "safety_proj", "loss_danger_state", "n_response_tokens"]
+    np.testing.assert_allclose(ray_df.loc[ref.index, cols].to_numpy(float), ref[cols].to_numpy(float), atol=1e-6)
+    run = json.loads((job / "ray" / "run.json").read_text())
+    assert run["execution"] == "ray" and run["data_report"]["tokenisation_skipped"] == {"prompt_too_long": 1}
+    assert 0.0 <= run["padding_fraction"] < 0.5
+    assert run["fingerprints"]["model_weights"] == json.loads((job / "inproc" / "run.json").read_text())["fingerprints"]["model_weights"]
+
+
+class KillOnceActor(ScoringActor):
+    """Dies (the whole worker process) on its second call, the first time only: a crash mid-run."""
+
+    marker: str = ""
+
+    def __call__(self, block):
+        if self.calls == 1 and not os.path.exists(self.marker):
+            Path(self.marker).write_text("killed")
+            os._exit(1)
+        return super().__call__(block)
+
+
+def test_killed_actor_loses_and_doubles_nothing(job, local_ray, tmp_path):
+    cfg = load_config(ScoreJobConfig, job / "score.yaml", [f"output.dir={tmp_path / 'out'}"])
+    KillOnceActor.marker = str(tmp_path / "killed.marker")
+    directions = {d: load_direction(getattr(cfg.directions, d), d) for d in ("danger", "safety")}
+    store = ScoreStore(cfg.output.dir)
+    store.begin(scoring_identity(cfg, directions), overwrite=False, resume=True)
+    samples, _ = load_samples(cfg.data)
+    score_with_ray(cfg, store, sample_rows(samples), actor_cls=KillOnceActor)
+    assert Path(KillOnceActor.marker).exists(), "the actor was never killed: the test proved nothing"
+    df, facts = store.consolidate({})
+    ref = _scores(job / "inproc")
+    got = df.set_index("sample_id")
+    assert got.index.is_unique and set(got.index) == set(ref.index)
+    np.testing.assert_allclose(got.loc[ref.index, "sqsd"], ref["sqsd"], atol=1e-6)
+
+
+def test_run_score_through_ray_resumes(job, local_ray, tmp_path):
+    cfg = load_config(ScoreJobConfig, job / "score.yaml", [f"output.dir={tmp_path}"])
+    run_score(cfg)
+    parts = sorted((tmp_path / "parts").glob("*.parquet"))
+    removed = set(pd.read_parquet(parts[0])["sample_id"])
+    parts[0].unlink()
+    run_score(cfg)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["samples_scored_this_run"] == len(removed)
+    again = _scores(tmp_path)
+    assert again.index.is_unique and len(again) == N_RECORDS
