@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import warnings
+from dataclasses import replace
 from typing import Any
 
 from .config import from_dict, stable_hash, to_dict
@@ -55,8 +57,13 @@ class ScoringActor(BlockScorer):
     """The actor class Ray Data instantiates once per pool slot (model loaded in ``__init__``)."""
 
     def __init__(self, cfg_dict: dict[str, Any]):
+        import torch
+
         _log_to_stderr()
-        super().__init__(from_dict(ScoreJobConfig, cfg_dict))
+        cfg = from_dict(ScoreJobConfig, cfg_dict)
+        # Ray pins OMP_NUM_THREADS to the actor's CPU reservation; the resolved profile says what torch may use.
+        torch.set_num_threads(cfg.ray.torch_threads_per_actor or 1)
+        super().__init__(cfg)
 
 
 def score_with_ray(cfg: ScoreJobConfig, store: ScoreStore, rows: list[dict], actor_cls: type = ScoringActor) -> None:
@@ -64,12 +71,15 @@ def score_with_ray(cfg: ScoreJobConfig, store: ScoreStore, rows: list[dict], act
     ray = init_ray(cfg.ray)
     import ray.data
 
-    resources = cfg.ray.resolved(cluster_gpus=float(ray.cluster_resources().get("GPU", 0)))
+    cluster = ray.cluster_resources()
+    resources = cfg.ray.resolved(cluster_gpus=float(cluster.get("GPU", 0)), cluster_cpus=float(cluster.get("CPU", 1)))
+    cfg = replace(cfg, ray=resources)
     rows_per_call = resources.rows_per_call
     n_blocks = max(1, -(-len(rows) // rows_per_call))
     log.info(
-        "Ray Data scoring: %d samples in %d blocks, %d actor(s) × (%s CPU, %s GPU), config %s",
+        "Ray Data scoring: %d samples in %d blocks, %d actor(s) × (%s CPU, %s GPU, %d torch threads), config %s",
         len(rows), n_blocks, resources.num_actors, resources.num_cpus_per_actor, resources.num_gpus_per_actor,
+        resources.torch_threads_per_actor,
         stable_hash(cfg),
     )
     ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
@@ -80,7 +90,18 @@ def score_with_ray(cfg: ScoreJobConfig, store: ScoreStore, rows: list[dict], act
         batch_size=rows_per_call,
         num_cpus=0.5,  # light: leaves room next to the actors on a small machine
     )
-    ds = ds.map_batches(
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for actor restarts/retries yet: they travel as ray_remote_args,
+        # which it marks deprecated. Explicit values beat Ray Data's default of infinite restarts.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
+        ds = _add_scoring_stage(ds, actor_cls, cfg, resources, rows_per_call)
+    ds.write_parquet(str(store.parts_dir))
+
+
+def _add_scoring_stage(ds, actor_cls, cfg, resources, rows_per_call):
+    import ray.data
+
+    return ds.map_batches(
         actor_cls,
         fn_constructor_kwargs={"cfg_dict": to_dict(cfg)},
         compute=ray.data.ActorPoolStrategy(size=resources.num_actors),
@@ -91,4 +112,3 @@ def score_with_ray(cfg: ScoreJobConfig, store: ScoreStore, rows: list[dict], act
         max_restarts=resources.max_restarts,
         max_task_retries=resources.max_task_retries,
     )
-    ds.write_parquet(str(store.parts_dir))

@@ -33,6 +33,10 @@ class RayConfig:
     num_actors: int | None = help_field(None, help="scoring actors in the pool (profile default).")
     num_cpus_per_actor: float | None = help_field(None, help="CPUs reserved per actor; fractions allowed.")
     num_gpus_per_actor: float | None = help_field(None, help="GPUs per actor (profile default).")
+    torch_threads_per_actor: int | None = help_field(
+        None, help="CPU threads torch uses in an actor; default: all of the local machine's CPUs for the local "
+        "profile (one actor; tokenisation is light and runs ahead), else the actor's CPU reservation."
+    )
     rows_per_call: int = help_field(
         64, help="rows handed to an actor per call; sorted by length inside into token-budget micro-batches, "
         "so larger values cut padding at the cost of coarser progress and retries."
@@ -49,15 +53,20 @@ class RayConfig:
         if self.num_actors is not None and self.num_actors < 1:
             raise ConfigError(f"ray.num_actors must be >= 1, got {self.num_actors}")
 
-    def resolved(self, cluster_gpus: float) -> RayConfig:
-        """Fill unset resource fields from the profile (GPU count from the running cluster)."""
+    def resolved(self, cluster_gpus: float, cluster_cpus: float) -> RayConfig:
+        """Fill unset resource fields from the profile (GPU and CPU counts from the running cluster)."""
         if self.profile == "gpu":
             if cluster_gpus < 1 and self.num_gpus_per_actor is None:
                 raise ConfigError("ray.profile=gpu but the Ray cluster has no GPU; use ray.profile=local")
             defaults = dict(num_actors=max(1, int(cluster_gpus)), num_cpus_per_actor=4.0, num_gpus_per_actor=1.0)
         else:
             defaults = dict(num_actors=1, num_cpus_per_actor=1.0, num_gpus_per_actor=0.0)
-        return replace(self, **{k: v if getattr(self, k) is None else getattr(self, k) for k, v in defaults.items()})
+        out = replace(self, **{k: v if getattr(self, k) is None else getattr(self, k) for k, v in defaults.items()})
+        if out.torch_threads_per_actor is None:
+            local_single = self.profile == "local" and out.num_actors == 1
+            threads = int(cluster_cpus) if local_single else int(out.num_cpus_per_actor)
+            out = replace(out, torch_threads_per_actor=max(1, threads))
+        return out
 
 
 def init_ray(cfg: RayConfig):

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 log = logging.getLogger(__name__)
 
 STATUS_SKIPPED = "skipped"  # a row that tokenisation skipped (reason in `skip_reason`); not a score
-INTERNAL_COLUMNS = ("skip_reason", "padded_length", "model_weights")
+INTERNAL_COLUMNS = ("skip_reason", "padded_length", "model_weights", "worker_peak_rss_mb")
 
 
 class ResumeMismatchError(ValueError):
@@ -124,6 +124,8 @@ class ScoreStore:
         df = df[df["status"] != STATUS_SKIPPED]
         if "padded_length" in df and len(df):
             facts["padding_fraction"] = float(1.0 - df["n_tokens"].sum() / df["padded_length"].sum())
+        if "worker_peak_rss_mb" in df:
+            facts["worker_peak_rss_mb"] = float(df["worker_peak_rss_mb"].max())
         if "model_weights" in df:
             weights = sorted(set(df["model_weights"].dropna()))
             facts["model_weights"] = weights

@@ -1,0 +1,152 @@
+"""Throughput of the Ray Data scoring pipeline vs the same BlockScorer in process, in one run.
+
+    python bench/ray_pipeline.py                       # 31,323 Alpaca instructions, tiny model, local Ray, CPU
+    python bench/ray_pipeline.py --n-samples 2000      # a quicker look
+    python bench/ray_pipeline.py --device cuda --dtype bfloat16 --model smollm2-135m   # on a GPU node
+
+Corpus: the 31k Alpaca instructions in ../shared/data/benign have no outputs; each gets a *templated*
+response (deterministic per instruction: one of several openings plus 1-40 filler words chosen by a hash), so
+response lengths vary like a real corpus while the bench needs no generation. Directions are random (seeded):
+this measures throughput, not what the scores mean.
+
+Prints samples/s and tokens/s for both paths and their ratio (goal: Ray >= 0.9 × in-process), the padding
+fraction actually paid, the padding a GPU batching profile would pay with the same length-sorted blocks, and
+peak memory of the driver and of the scoring worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sqsd_ray.config import from_dict  # noqa: E402
+from sqsd_ray.data import length_sorted_batches  # noqa: E402
+from sqsd_ray.directions import random_direction  # noqa: E402
+from sqsd_ray.models import LoraSettings, ModelConfig, load_model, lora_module_shapes  # noqa: E402
+from sqsd_ray.score_run import ScoreJobConfig, run_score  # noqa: E402
+
+OPENINGS = ["Sure.", "Here is one way to do it:", "Good question.", "In short:", "The answer is as follows.",
+            "Let me explain.", "Certainly!"]
+FILLER = ("the of and to a in is that for it as with was on be by this are or from at which an have not they "
+          "you one all were we when your can there use each how their if will up other about out many then them "
+          "these so some would make like him into time has look two more write go see number way could people").split()
+
+
+def templated_response(instruction: str) -> str:
+    rng = random.Random(int(hashlib.sha256(instruction.encode()).hexdigest(), 16))
+    words = rng.choices(FILLER, k=rng.randint(1, 40))
+    return f"{rng.choice(OPENINGS)} {' '.join(words).capitalize()}."
+
+
+def write_corpus(path: Path, n: int) -> int:
+    rows = json.loads((REPO.parent / "shared" / "data" / "benign" / "alpaca_instructions_31k.json").read_text())
+    rows = rows[:n]
+    with path.open("w") as f:
+        for i, row in enumerate(rows):
+            f.write(json.dumps({"id": f"a{i:05d}", "prompt": row["instruction"],
+                                "response": templated_response(row["instruction"])}) + "\n")
+    return len(rows)
+
+
+def gpu_profile_padding(lengths: list[int], rows_per_call: int, batch_size: int = 16, max_tokens: int = 16384) -> float:
+    """Padding a GPU batching profile pays when each block of ``rows_per_call`` rows is length-sorted."""
+    real = padded = 0
+    for start in range(0, len(lengths), rows_per_call):
+        block = lengths[start:start + rows_per_call]
+        for batch in length_sorted_batches(block, max_batch_size=batch_size, max_tokens=max_tokens):
+            real += sum(block[i] for i in batch)
+            padded += max(block[i] for i in batch) * len(batch)
+    return 1.0 - real / padded
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-samples", type=int, default=31323)
+    parser.add_argument("--model", default="tiny-llama")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--rows-per-call", type=int, default=256)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--skip-in-process", action="store_true", help="Ray path only (no ratio)")
+    parser.add_argument("--out", type=Path, help="write all numbers as JSON here")
+    args = parser.parse_args()
+
+    import ray
+    import pandas as pd
+
+    work = Path(tempfile.mkdtemp(prefix="sqsd-bench-"))
+    n = write_corpus(work / "corpus.jsonl", args.n_samples)
+    model_cfg = ModelConfig(name_or_path=args.model, dtype=args.dtype)
+    shapes = lora_module_shapes(load_model(model_cfg), LoraSettings())
+    for kind, seed in (("danger", 1), ("safety", 2)):
+        random_direction(shapes, rank=8, seed=seed, kind=kind).save(work / f"{kind}.safetensors")
+    base = {
+        "model": {"name_or_path": args.model, "dtype": args.dtype},
+        "data": {"path": str(work / "corpus.jsonl"), "max_length": args.max_length},
+        "directions": {"danger": str(work / "danger.safetensors"), "safety": str(work / "safety.safetensors")},
+        "batching": {"device": args.device},
+        "ray": {"rows_per_call": args.rows_per_call, "profile": "gpu" if args.device == "cuda" else "local"},
+    }
+    results: dict[str, dict] = {}
+    paths = ([] if args.skip_in_process else ["in_process"]) + ["ray"]
+    for path in paths:
+        cfg_dict = json.loads(json.dumps(base))
+        cfg_dict["output"] = {"dir": str(work / path), "overwrite": True}
+        cfg_dict["ray"]["enabled"] = path == "ray"
+        cfg = from_dict(ScoreJobConfig, cfg_dict)
+        if path == "ray" and not ray.is_initialized():
+            ray.init(num_cpus=os.cpu_count(), object_store_memory=300_000_000, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+        t0 = time.perf_counter()
+        run_score(cfg)
+        wall = time.perf_counter() - t0
+        run = json.loads((work / path / "run.json").read_text())
+        df = pd.read_parquet(work / path / "scores.parquet", columns=["sample_id", "n_tokens", "sqsd"])
+        results[path] = {
+            "samples": int(len(df)), "wall_s": wall, "scoring_s": run["scoring_s"],
+            "samples_per_s": len(df) / run["scoring_s"], "tokens_per_s": float(df["n_tokens"].sum()) / run["scoring_s"],
+            "padding_fraction": run.get("padding_fraction"), "worker_peak_rss_mb": run.get("worker_peak_rss_mb"),
+        }
+        results[path]["_scores"] = df
+        print(f"{path:>10}: {len(df)} samples in {run['scoring_s']:.1f} s scoring ({wall:.1f} s wall): "
+              f"{results[path]['samples_per_s']:.1f} samples/s, {results[path]['tokens_per_s']:.0f} tokens/s", flush=True)
+
+    lengths = [int(x) for x in results["ray"]["_scores"].sort_values("sample_id")["n_tokens"]]
+    driver_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print()
+    print(f"device {args.device}, dtype {args.dtype}, model {args.model}, {n} samples (templated responses), "
+          f"{os.cpu_count()} CPUs, tokens/sample mean {sum(lengths) / len(lengths):.0f} max {max(lengths)}")
+    print(f"{'path':>12} {'samples/s':>10} {'tokens/s':>10} {'padding':>8} {'worker peak RSS':>16}")
+    for path in paths:
+        r = results[path]
+        print(f"{path:>12} {r['samples_per_s']:>10.1f} {r['tokens_per_s']:>10.0f} {r['padding_fraction'] or 0:>8.1%} "
+              f"{r['worker_peak_rss_mb'] or 0:>13.0f} MB")
+    if "in_process" in results:
+        ratio = results["ray"]["samples_per_s"] / results["in_process"]["samples_per_s"]
+        a = results["ray"]["_scores"].set_index("sample_id")["sqsd"]
+        b = results["in_process"]["_scores"].set_index("sample_id")["sqsd"]
+        print(f"Ray / in-process throughput: {ratio:.2f} (goal >= 0.9); max |Δsqsd| between paths "
+              f"{float((a - b.loc[a.index]).abs().max()):.2e}")
+    for rpc in (64, 256, 1024):
+        print(f"GPU batching profile (bs 16, 16384 tokens), blocks of {rpc} rows: padding "
+              f"{gpu_profile_padding(lengths, rpc):.1%} (goal <= 10%)")
+    print(f"driver peak RSS {driver_rss:.0f} MB")
+    if args.out:
+        clean = {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} for k, v in results.items()}
+        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": clean,
+                                        "driver_peak_rss_mb": driver_rss}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
