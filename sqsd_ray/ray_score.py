@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import warnings
 from dataclasses import replace
 from typing import Any
@@ -72,7 +73,9 @@ def score_with_ray(cfg: ScoreJobConfig, store: ScoreStore, rows: list[dict], act
     import ray.data
 
     cluster = ray.cluster_resources()
-    resources = cfg.ray.resolved(cluster_gpus=float(cluster.get("GPU", 0)), cluster_cpus=float(cluster.get("CPU", 1)))
+    attached = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    resources = cfg.ray.resolved(cluster_gpus=float(cluster.get("GPU", 0)), cluster_cpus=float(cluster.get("CPU", 1)),
+                                 attached=attached)
     cfg = replace(cfg, ray=resources)
     rows_per_call = resources.rows_per_call
     n_blocks = max(1, -(-len(rows) // rows_per_call))

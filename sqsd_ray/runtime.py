@@ -53,8 +53,9 @@ class RayConfig:
         if self.num_actors is not None and self.num_actors < 1:
             raise ConfigError(f"ray.num_actors must be >= 1, got {self.num_actors}")
 
-    def resolved(self, cluster_gpus: float, cluster_cpus: float) -> RayConfig:
-        """Fill unset resource fields from the profile (GPU and CPU counts from the running cluster)."""
+    def resolved(self, cluster_gpus: float, cluster_cpus: float, attached: bool = False) -> RayConfig:
+        """Fill unset resource fields from the profile (GPU and CPU counts from the running cluster;
+        ``attached``: a cluster we joined rather than a private local Ray)."""
         if self.profile == "gpu":
             if cluster_gpus < 1 and self.num_gpus_per_actor is None:
                 raise ConfigError("ray.profile=gpu but the Ray cluster has no GPU; use ray.profile=local")
@@ -63,7 +64,7 @@ class RayConfig:
             defaults = dict(num_actors=1, num_cpus_per_actor=1.0, num_gpus_per_actor=0.0)
         out = replace(self, **{k: v if getattr(self, k) is None else getattr(self, k) for k, v in defaults.items()})
         if out.torch_threads_per_actor is None:
-            local_single = self.profile == "local" and out.num_actors == 1
+            local_single = self.profile == "local" and out.num_actors == 1 and not attached
             threads = int(cluster_cpus) if local_single else int(out.num_cpus_per_actor)
             out = replace(out, torch_threads_per_actor=max(1, threads))
         return out

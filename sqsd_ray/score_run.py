@@ -293,6 +293,8 @@ class BlockScorer:
         if len(skipped):
             out = pd.concat([out, pd.DataFrame({"sample_id": skipped["sample_id"], "status": STATUS_SKIPPED,
                                                 "skip_reason": skipped["skip_reason"]})], ignore_index=True)
+            # keep every column one Arrow type: skipped rows have no scores (NaN) and were not truncated
+            out["truncated"] = out["truncated"].fillna(False).astype(bool) if "truncated" in out else False
         out["model_weights"] = self.weights_fingerprint
         out["worker_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         elapsed = time.perf_counter() - started
@@ -322,6 +324,11 @@ def run_score(cfg: ScoreJobConfig) -> Path:
     from .summary import plot_histogram, render_summary
 
     started = time.time()
+    for d in DIRECTION_NAMES:  # fail on the driver, not after every actor has loaded the model
+        state = getattr(cfg.init_states, d)
+        if state.kind == "adapter" and not Path(state.path).exists():
+            raise ConfigError(f"init_states.{d}.path: adapter directory {state.path} does not exist "
+                              "(on a cluster it must be on storage every node mounts at the same path)")
     directions = {d: load_direction(getattr(cfg.directions, d), d) for d in DIRECTION_NAMES}
     identity = scoring_identity(cfg, directions)
     store = ScoreStore(cfg.output.dir)
@@ -381,8 +388,10 @@ def run_score(cfg: ScoreJobConfig) -> Path:
         from .fidelity import first_order_fidelity
 
         block_scorer = block_scorer or BlockScorer(cfg)
-        chosen = sorted(samples, key=lambda s: s.sample_id)[: cfg.fidelity.n_samples]
-        tokenized = [tokenize_sample(s, block_scorer.tokenizer, cfg.data.max_length) for s in chosen]
+        scored_ok = set(df.loc[df["status"] == "ok", "sample_id"])  # tokenisation skips have no gradient to check
+        chosen = sorted((s for s in samples if s.sample_id in scored_ok), key=lambda s: s.sample_id)
+        tokenized = [tokenize_sample(s, block_scorer.tokenizer, cfg.data.max_length)
+                     for s in chosen[: cfg.fidelity.n_samples]]
         fid = first_order_fidelity(block_scorer.scorer, block_scorer.directions[cfg.fidelity.direction],
                                    cfg.fidelity.direction, tokenized, block_scorer.pad_id, cfg.fidelity)
         (store.dir / "fidelity.json").write_text(json.dumps(fid, indent=2))

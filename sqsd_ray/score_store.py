@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 log = logging.getLogger(__name__)
 
 STATUS_SKIPPED = "skipped"  # a row that tokenisation skipped (reason in `skip_reason`); not a score
+INT_COLUMNS = ("n_response_tokens", "n_tokens", "n_prompt_tokens", "zero_norm_modules", "padded_length")
 INTERNAL_COLUMNS = ("skip_reason", "padded_length", "model_weights", "worker_peak_rss_mb")
 
 
@@ -121,7 +122,10 @@ class ScoreStore:
         skipped = df[df["status"] == STATUS_SKIPPED] if "status" in df else df.iloc[:0]
         facts["tokenisation_skips"] = skipped["skip_reason"].value_counts().to_dict() if len(skipped) else {}
         facts["tokenisation_skip_examples"] = skipped["sample_id"].head(5).tolist()
-        df = df[df["status"] != STATUS_SKIPPED]
+        df = df[df["status"] != STATUS_SKIPPED].copy()
+        for col in INT_COLUMNS:  # parts holding skipped rows carried NaN in these; the scored rows are whole
+            if col in df:
+                df[col] = df[col].astype("int32")
         if "padded_length" in df and len(df):
             facts["padding_fraction"] = float(1.0 - df["n_tokens"].sum() / df["padded_length"].sum())
         if "worker_peak_rss_mb" in df:

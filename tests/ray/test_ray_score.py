@@ -10,6 +10,7 @@ from pathlib import Path
 from ray import cloudpickle
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -69,6 +70,8 @@ def test_ray_pipeline_equals_in_process(job, local_ray):
     np.testing.assert_allclose(ray_df.loc[ref.index, cols].to_numpy(float), ref[cols].to_numpy(float), atol=1e-6)
     run = json.loads((job / "ray" / "run.json").read_text())
     assert run["execution"] == "ray" and run["data_report"]["tokenisation_skipped"] == {"prompt_too_long": 1}
+    for part in (job / "ray" / "parts").glob("*.parquet"):  # no pickled-object fallback for a skipped row
+        assert str(pq.read_schema(part).field("truncated").type) == "bool"
     assert 0.0 <= run["padding_fraction"] < 0.5
     assert run["fingerprints"]["model_weights"] == json.loads((job / "inproc" / "run.json").read_text())["fingerprints"]["model_weights"]
 

@@ -170,3 +170,20 @@ def test_cli_subprocess_exit_codes(job, tmp_path):
                           "--set", "data.path=/nonexistent/corpus.jsonl", "--set", f"output.dir={tmp_path}"],
                          capture_output=True, text=True, cwd=REPO_ROOT)
     assert bad.returncode == 2 and "/nonexistent/corpus.jsonl" in bad.stderr
+
+
+def test_tokenisation_skips_are_counted_and_keep_column_types(job, tmp_path):
+    """A prompt longer than max_length is skipped at tokenisation: counted in run.json, absent from the
+    scores, and the skipped row must not turn typed columns into Python objects in the parts."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in RECORDS + [{"instruction": "z" * 300, "input": "", "output": "ok"}]))
+    assert main(["score", "--config", str(job / "score.yaml"), "--set", f"data.path={corpus}",
+                 "--set", f"output.dir={tmp_path / 'out'}", "--set", "fidelity.enabled=false"]) == 0
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["data_report"]["tokenisation_skipped"] == {"prompt_too_long": 1}
+    table = pq.read_table(tmp_path / "out" / "scores.parquet")
+    assert table.num_rows == len(RECORDS)
+    assert str(table.schema.field("truncated").type) == "bool"
+    assert str(table.schema.field("n_tokens").type) == "int32"
+    for part in (tmp_path / "out" / "parts").glob("*.parquet"):
+        assert str(pq.read_schema(part).field("truncated").type) == "bool"
