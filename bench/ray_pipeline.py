@@ -59,7 +59,7 @@ def write_corpus(path: Path, n: int) -> int:
     return len(rows)
 
 
-def gpu_profile_padding(lengths: list[int], rows_per_call: int, batch_size: int = 16, max_tokens: int = 16384) -> float:
+def gpu_profile_padding(lengths: list[int], rows_per_call: int, batch_size: int = 16, max_tokens: int = 8192) -> float:
     """Padding a GPU batching profile pays when each block of ``rows_per_call`` rows is length-sorted."""
     real = padded = 0
     for start in range(0, len(lengths), rows_per_call):
@@ -139,7 +139,7 @@ def main() -> None:
         print(f"Ray / in-process throughput: {ratio:.2f} (goal >= 0.9); max |Δsqsd| between paths "
               f"{float((a - b.loc[a.index]).abs().max()):.2e}")
     for rpc in (64, 256, 1024):
-        print(f"GPU batching profile (bs 16, 16384 tokens), blocks of {rpc} rows: padding "
+        print(f"GPU batching profile (bs 16, 8192 tokens), blocks of {rpc} rows: padding "
               f"{gpu_profile_padding(lengths, rpc):.1%} (goal <= 10%)")
     print(f"driver peak RSS {driver_rss:.0f} MB")
     if args.out:
