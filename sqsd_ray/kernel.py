@@ -43,16 +43,16 @@ def per_sample_lora_grads(
     """
     dtype = accumulation_dtype(x.dtype)
     x, a, gu, B0 = x.to(dtype), a.to(dtype), gu.to(dtype), B0.to(dtype)
-    if token_mask is not None and not bool(token_mask.all()):
+    if token_mask is not None:
         # Padded positions get no gradient from the loss, but zero them explicitly (torch.where, not a product,
         # so a NaN/inf in a padded slot cannot leak): g_A and g_B are sums of gu-weighted terms, and a is
         # masked too because g_B pairs gu with a.
         keep = token_mask[..., None]
         gu = torch.where(keep, gu, 0.0)
         x = torch.where(keep, x, 0.0)
-    gu_B0 = gu @ B0  # (n, T, r) = (B0ᵀ gu_t)ᵀ per token
-    g_A = torch.einsum("ntr,nti->nri", gu_B0, x)
-    g_B = torch.einsum("nto,ntr->nor", gu, a)
+    # Products ordered so the thin rank-r side leads (CPU matmuls are ~2-3x slower the other way round).
+    g_A = (B0.T @ gu.transpose(1, 2)) @ x  # (r, d_out) @ (n, d_out, T) @ (n, T, d_in) -> (n, r, d_in)
+    g_B = (a.transpose(1, 2) @ gu).transpose(1, 2)  # ((n, r, T) @ (n, T, d_out))ᵀ -> (n, d_out, r)
     return g_A, g_B
 
 
