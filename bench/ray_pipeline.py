@@ -79,6 +79,9 @@ def main() -> None:
     parser.add_argument("--rows-per-call", type=int, default=256)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--skip-in-process", action="store_true", help="Ray path only (no ratio)")
+    parser.add_argument("--compare-n", type=int, default=0,
+                        help="measure the Ray/in-process ratio on the first N samples (both paths), then score the "
+                        "whole corpus on Ray; 0 = compare on the whole corpus")
     parser.add_argument("--out", type=Path, help="write all numbers as JSON here")
     args = parser.parse_args()
 
@@ -99,13 +102,20 @@ def main() -> None:
         "ray": {"rows_per_call": args.rows_per_call, "profile": "gpu" if args.device == "cuda" else "local"},
     }
     results: dict[str, dict] = {}
-    paths = ([] if args.skip_in_process else ["in_process"]) + ["ray"]
-    for path in paths:
+    compare_n = args.compare_n or n
+    runs = ([] if args.skip_in_process else [("in_process", compare_n)]) + [("ray", compare_n)]
+    if compare_n < n:
+        runs.append(("ray_full", n))
+    if compare_n < n:
+        write_corpus(work / "compare.jsonl", compare_n)
+    for path, size in runs:
         cfg_dict = json.loads(json.dumps(base))
         cfg_dict["output"] = {"dir": str(work / path), "overwrite": True}
-        cfg_dict["ray"]["enabled"] = path == "ray"
+        cfg_dict["ray"]["enabled"] = path.startswith("ray")
+        if size < n:
+            cfg_dict["data"]["path"] = str(work / "compare.jsonl")
         cfg = from_dict(ScoreJobConfig, cfg_dict)
-        if path == "ray" and not ray.is_initialized():
+        if path.startswith("ray") and not ray.is_initialized():
             ray.init(num_cpus=os.cpu_count(), object_store_memory=300_000_000, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
         t0 = time.perf_counter()
@@ -121,8 +131,10 @@ def main() -> None:
         results[path]["_scores"] = df
         print(f"{path:>10}: {len(df)} samples in {run['scoring_s']:.1f} s scoring ({wall:.1f} s wall): "
               f"{results[path]['samples_per_s']:.1f} samples/s, {results[path]['tokens_per_s']:.0f} tokens/s", flush=True)
+    paths = [p for p, _ in runs]
 
-    lengths = [int(x) for x in results["ray"]["_scores"].sort_values("sample_id")["n_tokens"]]
+    largest = results.get("ray_full", results["ray"])
+    lengths = [int(x) for x in largest["_scores"].sort_values("sample_id")["n_tokens"]]
     driver_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print()
     print(f"device {args.device}, dtype {args.dtype}, model {args.model}, {n} samples (templated responses), "
@@ -136,7 +148,8 @@ def main() -> None:
         ratio = results["ray"]["samples_per_s"] / results["in_process"]["samples_per_s"]
         a = results["ray"]["_scores"].set_index("sample_id")["sqsd"]
         b = results["in_process"]["_scores"].set_index("sample_id")["sqsd"]
-        print(f"Ray / in-process throughput: {ratio:.2f} (goal >= 0.9); max |Δsqsd| between paths "
+        print(f"Ray / in-process throughput on the same {compare_n} samples: {ratio:.2f} (goal >= 0.9); max |Δsqsd| "
+              f"between paths "
               f"{float((a - b.loc[a.index]).abs().max()):.2e}")
     for rpc in (64, 256, 1024):
         print(f"GPU batching profile (bs 16, 8192 tokens), blocks of {rpc} rows: padding "

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import warnings
 from dataclasses import replace
 from typing import Any
@@ -62,9 +61,16 @@ class ScoringActor(BlockScorer):
 
         _log_to_stderr()
         cfg = from_dict(ScoreJobConfig, cfg_dict)
-        # Ray pins OMP_NUM_THREADS to the actor's CPU reservation; the resolved profile says what torch may use.
-        torch.set_num_threads(cfg.ray.torch_threads_per_actor or 1)
+        self.torch_threads = cfg.ray.torch_threads_per_actor or 1
+        torch.set_num_threads(self.torch_threads)
         super().__init__(cfg)
+
+    def __call__(self, block):
+        import torch
+
+        # Ray Data runs the call on its own worker thread; the thread count is set where the work runs.
+        torch.set_num_threads(self.torch_threads)
+        return super().__call__(block)
 
 
 def score_with_ray(cfg: ScoreJobConfig, store: ScoreStore, rows: list[dict], actor_cls: type = ScoringActor) -> None:
@@ -73,9 +79,7 @@ def score_with_ray(cfg: ScoreJobConfig, store: ScoreStore, rows: list[dict], act
     import ray.data
 
     cluster = ray.cluster_resources()
-    attached = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
-    resources = cfg.ray.resolved(cluster_gpus=float(cluster.get("GPU", 0)), cluster_cpus=float(cluster.get("CPU", 1)),
-                                 attached=attached)
+    resources = cfg.ray.resolved(cluster_gpus=float(cluster.get("GPU", 0)))
     cfg = replace(cfg, ray=resources)
     rows_per_call = resources.rows_per_call
     n_blocks = max(1, -(-len(rows) // rows_per_call))
