@@ -38,3 +38,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def save_random_directions(root: Path, model: str, seeds: tuple[int, int] = (1, 2)) -> dict[str, Path]:
+    """Seeded random rank-8 danger and safety directions for a built-in model, saved as direction files."""
+    from sqsd_ray.directions import random_direction
+    from sqsd_ray.models import LoraSettings, ModelConfig, load_model, lora_module_shapes
+
+    shapes = lora_module_shapes(load_model(ModelConfig(name_or_path=model)), LoraSettings())
+    return {kind: random_direction(shapes, rank=8, seed=seed, kind=kind).save(root / f"{kind}.safetensors")
+            for kind, seed in zip(("danger", "safety"), seeds)}

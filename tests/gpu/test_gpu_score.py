@@ -11,8 +11,7 @@ import torch
 import yaml
 
 from sqsd_ray.cli import main
-from sqsd_ray.directions import random_direction
-from sqsd_ray.models import LoraSettings, ModelConfig, load_model, lora_module_shapes
+from tests.conftest import save_random_directions
 
 pytestmark = pytest.mark.gpu
 
@@ -25,9 +24,7 @@ def job(tmp_path_factory):
     records = [{"id": f"g{i:03d}", "prompt": " ".join(rng.choice(words, size=rng.integers(3, 20))) + "?",
                 "response": " ".join(rng.choice(words, size=rng.integers(1, 60))) + "."} for i in range(64)]
     (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    shapes = lora_module_shapes(load_model(ModelConfig(name_or_path="tiny-llama")), LoraSettings())
-    for kind, seed in (("danger", 1), ("safety", 2)):
-        random_direction(shapes, rank=8, seed=seed, kind=kind).save(root / f"{kind}.safetensors")
+    save_random_directions(root, "tiny-llama")
     config = {
         "model": {"name_or_path": "tiny-llama"},
         "data": {"path": str(root / "corpus.jsonl"), "max_length": 512},

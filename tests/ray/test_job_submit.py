@@ -23,9 +23,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from sqsd_ray.directions import random_direction
-from sqsd_ray.models import LoraSettings, ModelConfig, load_model, lora_module_shapes
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, save_random_directions
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -84,9 +82,7 @@ def test_ray_job_submit_scores_a_corpus(ray_head, tmp_path):
     url, env = ray_head
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"prompt": f"Question {i}?", "response": f"Answer number {i}."}) + "\n" for i in range(12)))
-    shapes = lora_module_shapes(load_model(ModelConfig(name_or_path="tiny-llama")), LoraSettings())
-    for kind, seed in (("danger", 1), ("safety", 2)):
-        random_direction(shapes, rank=8, seed=seed, kind=kind).save(tmp_path / f"{kind}.safetensors")
+    save_random_directions(tmp_path, "tiny-llama")
     config = {
         "model": {"name_or_path": "tiny-llama"},
         "data": {"path": str(corpus)},

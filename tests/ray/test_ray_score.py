@@ -16,12 +16,11 @@ import yaml
 
 from sqsd_ray.cli import main
 from sqsd_ray.config import load_config
-from sqsd_ray.directions import random_direction
-from sqsd_ray.models import LoraSettings, ModelConfig, load_model, lora_module_shapes
 from sqsd_ray.ray_score import ScoringActor, score_with_ray
 from sqsd_ray.score_run import ScoreJobConfig, run_score, sample_rows, scoring_identity, load_direction
 from sqsd_ray.score_store import ScoreStore
 from sqsd_ray.data import load_samples
+from tests.conftest import save_random_directions
 
 pytestmark = pytest.mark.ray
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers unpickle KillOnceActor by value
@@ -41,9 +40,7 @@ def job(tmp_path_factory):
         records.append({"id": f"r{i:03d}", "prompt": f"Q{i}: {prompt}?", "response": response.capitalize() + "."})
     records.append({"id": "too-long", "prompt": "x" * 400, "response": "y"})  # skipped at tokenisation
     (root / "corpus.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    shapes = lora_module_shapes(load_model(ModelConfig(name_or_path="tiny-qwen3")), LoraSettings())
-    for kind, seed in (("danger", 11), ("safety", 12)):
-        random_direction(shapes, rank=8, seed=seed, kind=kind).save(root / f"{kind}.safetensors")
+    save_random_directions(root, "tiny-qwen3", seeds=(11, 12))
     config = {
         "model": {"name_or_path": "tiny-qwen3"},
         "data": {"path": str(root / "corpus.jsonl"), "max_length": 256},

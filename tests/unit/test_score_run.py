@@ -18,7 +18,7 @@ from sqsd_ray.directions import random_direction
 from sqsd_ray.models import LoraSettings, ModelConfig, load_model
 from sqsd_ray.models import lora_module_shapes
 from sqsd_ray.score_run import ScoreJobConfig
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, save_random_directions
 
 RECORDS = [
     {"instruction": "Name a primary colour.", "input": "", "output": "Red."},
@@ -35,9 +35,7 @@ def job(tmp_path_factory):
     root = tmp_path_factory.mktemp("job")
     corpus = root / "corpus.jsonl"
     corpus.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
-    shapes = lora_module_shapes(load_model(ModelConfig(name_or_path="tiny-llama")), LoraSettings())
-    for kind, seed in (("danger", 1), ("safety", 2)):
-        random_direction(shapes, rank=8, seed=seed, kind=kind).save(root / f"{kind}.safetensors")
+    save_random_directions(root, "tiny-llama")
     config = {
         "model": {"name_or_path": "tiny-llama", "attn_implementation": "eager"},
         "data": {"path": str(corpus), "max_length": 256},
