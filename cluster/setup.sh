@@ -11,6 +11,8 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${SQSD_VENV:-$ROOT/.venv}
+# python -m venv refuses a symlinked directory (CI links a cached environment in as .venv): build at its target.
+if [ -L "$VENV" ]; then VENV=$(realpath -m "$VENV"); fi
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${SQSD_TORCH_SPEC:-torch==2.13.0}
 KEY="$(cat "$ROOT/pyproject.toml" "$ROOT/cluster/setup.sh" | sha256sum | cut -c1-16) $TORCH_SPEC"
