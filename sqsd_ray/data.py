@@ -36,7 +36,12 @@ Design
 Bad-record reasons (the keys of ``DataReport.skipped``): ``malformed_json``, ``malformed_csv``,
 ``not_an_object``, ``field_map_conflict``, ``missing_field``, ``empty_field``, ``wrong_type``,
 ``unknown_role``, ``no_prompt_turns``, ``no_final_assistant_turn``, ``duplicate``, ``duplicate_id_conflict``;
-at tokenisation: ``overlong``, ``prompt_too_long``.
+at tokenisation: ``overlong``, ``prompt_too_long``. Rows a ``preset`` or ``keep_if`` does not select are
+counted as ``not_selected`` (whatever ``on_bad_record`` says: they are not bad, just not wanted).
+
+Preference pairs (schema ``preference``: ``prompt`` or prompt-only ``messages``, plus ``chosen`` and
+``rejected``) are samples whose ``response`` is the chosen answer and ``rejected`` the other; their content id
+covers both. ``Sample.rejected_sample()`` gives the rejected side for tokenising.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ from sqsd_ray.config import ConfigError, help_field
 logger = logging.getLogger(__name__)
 
 DataFormat = Literal["auto", "jsonl", "json", "csv", "parquet", "hf"]
-DataSchema = Literal["auto", "alpaca", "dolly", "messages", "prompt_response"]
+DataSchema = Literal["auto", "alpaca", "dolly", "messages", "prompt_response", "preference"]
 OverlongPolicy = Literal["truncate", "skip", "error"]
 BadRecordPolicy = Literal["error", "skip"]
 DuplicatePolicy = Literal["error", "skip", "keep_first"]
@@ -87,7 +92,17 @@ class DataConfig:
     hf_subset: str | None = help_field(None, help="Subset (config name) to load when format is hf.")
     schema: DataSchema = help_field(
         "auto", help="Record layout; auto = detect from the first record's keys: alpaca (instruction/input/output),"
-        " dolly (instruction/context/response), messages (list of {role, content}), prompt_response."
+        " dolly (instruction/context/response), messages (list of {role, content}), prompt_response, preference"
+        " (prompt or messages, chosen, rejected: DPO pairs)."
+    )
+    preset: str | None = help_field(
+        None, help="A known data set's mapping (sqsd_ray.presets: beavertails_unsafe, aegis2_unsafe, "
+        "pku_saferlhf_pairs, advbench_harmful, advbench_refusal_pairs): row selection, field mapping, schema and, "
+        "with path empty, the HF dataset name and split."
+    )
+    keep_if: dict[str, Any] = help_field(
+        {}, help="Keep only records whose fields equal these values (after field_map), e.g. {is_safe: false}; the "
+        "others are counted as not_selected."
     )
     field_map: dict[str, str] = help_field(
         {}, help="Rename source fields before schema detection, e.g. {question: prompt, answer: response}."
@@ -231,22 +246,29 @@ class Sample:
     response: str
     source: str
     meta: dict[str, Any] = field(default_factory=dict)
+    rejected: str | None = None  # preference pairs: the dispreferred response (``response`` is the chosen one)
 
     def __hash__(self) -> int:
         return hash(self.sample_id)
+
+    def rejected_sample(self) -> Sample:
+        """The pair's rejected side as a sample with the same prompt and id (for tokenising it)."""
+        if self.rejected is None:
+            raise ValueError(f"sample {self.sample_id} ({self.source}) is not a preference pair")
+        return Sample(self.sample_id, self.messages, self.rejected, self.source, self.meta)
 
     def conversation(self) -> list[dict[str, str]]:
         """Prompt turns plus the response as the final assistant turn."""
         return [*self.messages, {"role": "assistant", "content": self.response}]
 
 
-def content_id(messages: Sequence[dict[str, str]], response: str) -> str:
-    """``h-`` + 16 hex of sha256 over the roles, contents and response; the same content gives the same id."""
-    payload = json.dumps(
-        {"messages": [[m["role"], m["content"]] for m in messages], "response": response},
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
+def content_id(messages: Sequence[dict[str, str]], response: str, rejected: str | None = None) -> str:
+    """``h-`` + 16 hex of sha256 over the roles, contents and response (and a pair's rejected response); the
+    same content gives the same id."""
+    content: dict[str, Any] = {"messages": [[m["role"], m["content"]] for m in messages], "response": response}
+    if rejected is not None:
+        content["rejected"] = rejected
+    payload = json.dumps(content, ensure_ascii=False, separators=(",", ":"))
     return "h-" + hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
@@ -412,6 +434,8 @@ def detect_schema(keys: Sequence[str] | set[str], where: str) -> str:
     instruction alone -> alpaca (prompt-only); prompt -> prompt_response.
     """
     keys = set(keys)
+    if {"chosen", "rejected"} <= keys:
+        return "preference"
     if "messages" in keys:
         return "messages"
     if "instruction" in keys:
@@ -480,6 +504,16 @@ def _normalise_fields(
     if schema == "messages":
         prompt, response = _normalise_messages(record, loc, require_response)
         return prompt, response, {"messages"}
+    if schema == "preference":
+        if "messages" in record:  # every turn is prompt: the responses are chosen / rejected
+            prompt, final = _normalise_messages(record, loc, require_response=False)
+            if final:
+                raise DataError("a preference record's messages are the prompt and must not end with an assistant "
+                                "turn; put the responses in chosen / rejected", reason="wrong_type", location=loc,
+                                field="messages")
+        else:
+            prompt = [{"role": "user", "content": _text(record, "prompt", loc, required=True)}]
+        return prompt, _text(record, "chosen", loc, required=True), {"prompt", "messages", "chosen"}
     raise ValueError(f"unknown schema {schema!r}")
 
 
@@ -528,11 +562,12 @@ def _normalise_messages(
 
 
 def _sample_id(
-    record: dict[str, Any], id_field: str, loc: Location, messages: list[dict[str, str]], response: str
+    record: dict[str, Any], id_field: str, loc: Location, messages: list[dict[str, str]], response: str,
+    rejected: str | None = None,
 ) -> str:
     value = record.get(id_field)
     if value is None:
-        return content_id(messages, response)
+        return content_id(messages, response, rejected)
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         message = f"id must be a string or integer, got {type(value).__name__} {_preview(value)}"
         raise DataError(message, reason="wrong_type", location=loc, field=id_field)
@@ -544,12 +579,17 @@ def _sample_id(
 def normalise_record(record: dict[str, Any], schema: str, loc: Location, record_index: int, cfg: DataConfig) -> Sample:
     """One record (already field-mapped) of ``schema`` -> Sample; a DataError for anything unusable."""
     prompt, response, consumed = _normalise_fields(record, schema, loc, cfg.require_response)
-    sample_id = _sample_id(record, cfg.id_field, loc, prompt, response)  # before the config system prompt
+    rejected = None
+    if schema == "preference":
+        rejected = _text(record, "rejected", loc, required=True)
+        consumed = consumed | {"rejected"}
+    sample_id = _sample_id(record, cfg.id_field, loc, prompt, response, rejected)  # before the system prompt
     if cfg.system_prompt is not None and prompt[0]["role"] != "system":
         prompt = [{"role": "system", "content": cfg.system_prompt}, *prompt]
     meta = {k: v for k, v in record.items() if k not in consumed and k != cfg.id_field}
     meta["record_index"] = record_index
-    return Sample(sample_id=sample_id, messages=tuple(prompt), response=response, source=loc.source, meta=meta)
+    return Sample(sample_id=sample_id, messages=tuple(prompt), response=response, source=loc.source, meta=meta,
+                  rejected=rejected)
 
 
 def load_samples(cfg: DataConfig) -> tuple[list[Sample], DataReport]:
@@ -558,12 +598,19 @@ def load_samples(cfg: DataConfig) -> tuple[list[Sample], DataReport]:
     JSONL is streamed line by line; other formats are read whole. The schema is detected (when ``auto``) from
     the first record that is an object. ``limit`` stops reading once that many samples are kept.
     """
+    transform = None
+    if cfg.preset:
+        from .presets import get_preset, resolve
+
+        cfg, transform = resolve(cfg), get_preset(cfg.preset).transform
     fmt = _resolve_format(cfg)
     file = f"{cfg.path} (HF subset {cfg.hf_subset}, split {cfg.hf_split})" if fmt == "hf" else cfg.path
     report = DataReport(source=file, format=fmt, schema="" if cfg.schema == "auto" else cfg.schema)
     skip_bad = cfg.on_bad_record == "skip"
     samples: list[Sample] = []
     first_by_id: dict[str, Sample] = {}
+    keep_if_seen = dict.fromkeys(cfg.keep_if, False)  # was each keep_if field in any record at all?
+    first_keys: list[str] = []
 
     def reject(err: DataError, skip: bool) -> None:
         if not skip:
@@ -576,9 +623,15 @@ def load_samples(cfg: DataConfig) -> tuple[list[Sample], DataReport]:
         report.records_read += 1
         try:
             record = _as_record(value, loc, cfg.field_map)
+            first_keys = first_keys or sorted(record)
+            selected = _select(record, loc, transform, cfg.keep_if, keep_if_seen)
         except DataError as err:
             reject(err, skip_bad)
             continue
+        if selected is None:
+            report.add_skip(DataError("not selected by the preset or data.keep_if", reason="not_selected", location=loc))
+            continue
+        record = selected
         if not report.schema:
             report.schema = detect_schema(record.keys(), file)  # a file-level error: never skipped
         try:
@@ -588,7 +641,8 @@ def load_samples(cfg: DataConfig) -> tuple[list[Sample], DataReport]:
             continue
         first = first_by_id.get(sample.sample_id)
         if first is not None:
-            same = (first.messages, first.response) == (sample.messages, sample.response)
+            same = (first.messages, first.response, first.rejected) == (sample.messages, sample.response,
+                                                                        sample.rejected)
             if cfg.on_duplicate == "skip" and not same:
                 reject(DataError(
                     f"sample_id {sample.sample_id!r} was already used by {first.source} for different content",
@@ -604,9 +658,30 @@ def load_samples(cfg: DataConfig) -> tuple[list[Sample], DataReport]:
         first_by_id[sample.sample_id] = sample
         samples.append(sample)
         report.kept += 1
+    never_seen = [name for name, seen in keep_if_seen.items() if not seen]
+    if never_seen and report.records_read:
+        raise ConfigError(f"data.keep_if field {never_seen[0]!r} is in no record of {file}; the first record has "
+                          f"the fields {first_keys}")
     if report.n_skipped:
-        logger.warning("%s", report.summary())
+        only_unselected = set(report.skipped) == {"not_selected"}
+        logger.log(logging.INFO if only_unselected else logging.WARNING, "%s", report.summary())
     return samples, report
+
+
+def _select(
+    record: dict[str, Any], loc: Location, transform: Any, keep_if: dict[str, Any], seen: dict[str, bool]
+) -> dict[str, Any] | None:
+    """The record after a preset's transform, or None when the preset or ``keep_if`` does not select it."""
+    if transform is not None:
+        record = transform(record, loc)
+        if record is None:
+            return None
+    for name, wanted in keep_if.items():
+        if name in record:
+            seen[name] = True
+        if name not in record or record[name] != wanted or type(record[name]) is not type(wanted):
+            return None
+    return record
 
 
 # ---------------------------------------------------------------------------------------------- tokenising
