@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import types
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -185,24 +186,40 @@ def _dataclass_in(hint: Any) -> type | None:
     return None
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """YAML file (optional) + overrides -> dataclass ``cls``."""
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(
+    cls: type[T], path: str | Path | Sequence[str | Path] | None = None, overrides: list[str] | None = None
+) -> T:
+    """YAML file(s) + overrides -> dataclass ``cls``. Several files merge key by key, later ones winning (a job
+    file plus a fragment such as ``init select``'s ``init_states.yaml``)."""
+    paths = [] if path is None else list(path) if isinstance(path, (list, tuple)) else [path]
     data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: top level must be a mapping")
-        data = loaded
-    data = apply_overrides(data, overrides or [], cls)
-    return from_dict(cls, data)
+    for one in paths:
+        data = _deep_merge(data, _read_yaml(Path(one)))
+    return from_dict(cls, apply_overrides(data, overrides or [], cls))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping")
+    return loaded
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:

@@ -325,6 +325,17 @@ def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
         model.config._is_quantized = False
 
 
+def with_absolute_paths(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with local file paths made absolute, for Ray workers that run in another working directory."""
+    from dataclasses import replace
+
+    def absolute(value: str | None) -> str | None:
+        return str(Path(value).resolve()) if value and Path(value).exists() else value
+
+    return replace(cfg, name_or_path=absolute(cfg.name_or_path), tokenizer=absolute(cfg.tokenizer),
+                   chat_template=absolute(cfg.chat_template))
+
+
 def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     return load_model(cfg), load_tokenizer(cfg)
 
@@ -650,6 +661,31 @@ def load_adapter_state(path: str | Path) -> tuple[FactorDict, AdapterInfo]:
     return factors, info
 
 
+def save_adapter(
+    factors: FactorDict, lora: LoraSettings, directory: str | Path, base_model_name_or_path: str | None = None
+) -> Path:
+    """Write (A, B) factors keyed by canonical name as a peft adapter dir (safetensors), with no model loaded.
+
+    The keys and ``adapter_config.json`` are peft's own (``PeftModel.from_pretrained`` loads the dir), so an
+    init state such as θ0 + α·V can be exported for ``score`` or any peft user without the base weights.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, (a, b) in sorted(factors.items()):
+        if a.shape[0] != lora.r or b.shape[1] != lora.r:
+            raise ValueError(f"save_adapter: module {name!r} has rank {a.shape[0]}, the adapter config says r={lora.r}")
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.detach().cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.detach().cpu().contiguous()
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = lora.peft_config()
+    config.base_model_name_or_path = base_model_name_or_path
+    config.save_pretrained(str(directory))
+    return directory
+
+
 # ------------------------------------------------------------------------------------- fingerprint
 
 FINGERPRINT_ELEMENTS = 256
@@ -743,6 +779,7 @@ __all__ = [
     "get_lora_factors",
     "get_lora_scalings",
     "load_adapter_state",
+    "save_adapter",
     "load_model",
     "load_model_and_tokenizer",
     "load_tokenizer",
@@ -751,4 +788,5 @@ __all__ = [
     "resolve_model_source",
     "set_lora_factors",
     "smollm2_gguf_path",
+    "with_absolute_paths",
 ]

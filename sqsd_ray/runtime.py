@@ -69,7 +69,30 @@ class RayConfig:
         return out
 
 
-def init_ray(cfg: RayConfig):
+@dataclass
+class WorkerScaling:
+    """Workers for training (Ray Train, data parallel: gloo on CPU, nccl on GPU) and for evaluating model states
+    (Ray tasks), or this process alone."""
+
+    use_ray: bool = help_field(True, help="false = run in this process (no Ray): same loop, same outputs")
+    address: str | None = help_field(None, help="Ray address; default RAY_ADDRESS, else a private local Ray")
+    num_workers: int = help_field(1, help="Ray workers: data-parallel training workers, or parallel evaluation tasks")
+    use_gpu: bool = help_field(False, help="one GPU per worker (training: nccl; CPU workers use gloo)")
+    cpus_per_worker: float = help_field(1.0, help="CPUs reserved per worker")
+    torch_threads: int | None = help_field(None, help="torch CPU threads per worker; default cpus_per_worker")
+    max_failures: int = help_field(0, help="training: restarts of the worker group after a failure (resumes from the last checkpoint)")
+    local_num_cpus: int | None = help_field(None, help="local Ray only: CPUs to give it (default: all)")
+    object_store_mb: int = help_field(256, help="local Ray only: object store size in MiB")
+    include_dashboard: bool = help_field(False, help="local Ray only: start the dashboard (bound to 127.0.0.1)")
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError(f"scaling.num_workers must be >= 1, got {self.num_workers}")
+        if not self.use_ray and self.num_workers != 1:
+            raise ConfigError("scaling.num_workers > 1 needs scaling.use_ray: true")
+
+
+def init_ray(cfg: RayConfig | WorkerScaling):
     """Start or attach to Ray; a no-op when Ray is already initialised (tests, notebooks)."""
     import ray
 

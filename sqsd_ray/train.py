@@ -1,0 +1,665 @@
+"""LoRA fine-tuning (SFT or DPO) as one train loop that runs in this process or on Ray Train workers.
+
+Directions (Eq. 3–4), pilot/benign trajectories (§3.2) and the S1–S5 fine-tunes all train through here::
+
+    run_training(cfg)                    driver: output dir, resume point, Ray Train ``TorchTrainer`` (or none)
+      └─ train_worker(config)            per worker: model + LoRA, data shard, ``LoraTrainer``, checkpoints
+           └─ LoraTrainer.train_step()   one global batch: micro-batches, loss (``objectives``), AdamW step
+
+Batching is deterministic and independent of the worker count: epoch ``e`` visits the samples in a seeded
+permutation, a step takes the next ``batch_size`` of them (the epoch's last batch is filled up from the
+epoch's start, so every step has a full batch), and worker ``k`` of ``W`` takes every W-th sample of it.
+Since the SFT token count of the global batch is known to every worker, each micro-batch contributes
+``Σ token NLL / global tokens`` and the summed gradient equals one big batch's, for any W and micro-batch size.
+
+A checkpoint is a directory ``step-000150/`` with ``adapter/`` (peft, safetensors), ``optimizer.safetensors``
+(AdamW moments, flattened; no pickle) and ``trainer_state.json`` (step, epoch, the metric history so far).
+Every ``checkpoint_every`` steps and at the end; a rerun of the same job resumes from the newest one, and a
+Ray Train worker restarted after a failure resumes from the last one reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+
+from .config import ConfigError, from_dict, help_field, stable_hash, to_dict
+from .data import (
+    DataConfig,
+    DataReport,
+    TokenizedSample,
+    collate,
+    load_samples,
+    tokenize_samples,
+)
+from .models import (
+    LoraSettings,
+    ModelConfig,
+    apply_lora,
+    load_adapter_state,
+    load_model_and_tokenizer,
+    set_lora_factors,
+    with_absolute_paths,
+)
+from .objectives import dpo_loss, sequence_logps, sft_loss
+from .runtime import WorkerScaling
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "train"  # checkpoints live in <output.dir>/train/step-XXXXXX
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+ADAPTER_DIR = "adapter"
+
+
+# ------------------------------------------------------------------------------------------- configs
+
+
+@dataclass
+class TrainSettings:
+    """The optimisation (paper §5.1 / App. A: AdamW, batch 8, 10 epochs, lr 5e-6 for directions/trajectories)."""
+
+    objective: Literal["sft", "dpo"] = help_field(
+        "sft", help="sft: response-token NLL (V_danger, benign fine-tunes); dpo: sigmoid DPO on chosen/rejected "
+        "pairs against the base model as reference (V_safety)."
+    )
+    lr: float = help_field(5e-6, help="peak learning rate (paper: 5e-6 directions and trajectories, 5e-5 S1-S5)")
+    batch_size: int = help_field(8, help="global batch: samples (or pairs) per optimizer step, over all workers")
+    micro_batch_size: int | None = help_field(
+        None, help="samples per forward on one worker (gradient accumulation); default batch_size / workers"
+    )
+    epochs: int = help_field(10, help="passes over the data (ignored when max_steps is set)")
+    max_steps: int | None = help_field(None, help="stop after this many optimizer steps")
+    checkpoint_every: int = help_field(
+        150, help="save a checkpoint every k steps (paper: 150 for trajectories); 0 = only the final one"
+    )
+    lr_schedule: Literal["cosine", "linear", "constant"] = help_field("cosine", help="decay after warm-up")
+    warmup_ratio: float = help_field(0.0, help="fraction of the steps with a linear warm-up from 0")
+    weight_decay: float = help_field(0.0, help="AdamW weight decay")
+    max_grad_norm: float | None = help_field(1.0, help="clip the global gradient norm (null = no clipping)")
+    beta: float = help_field(0.1, help="DPO β (paper: 0.1)")
+    seed: int = help_field(0, help="seed of the data order (and of LoRA's A initialisation)")
+    log_every: int = help_field(10, help="report metrics every k steps")
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise ConfigError(f"train.lr must be a positive number, got {self.lr}")
+        if self.batch_size < 1:
+            raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ConfigError(f"train.micro_batch_size must be >= 1 or null, got {self.micro_batch_size}")
+        if self.epochs < 1:
+            raise ConfigError(f"train.epochs must be >= 1, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.beta <= 0:
+            raise ConfigError(f"train.beta must be > 0, got {self.beta}")
+        if self.log_every < 1:
+            raise ConfigError(f"train.log_every must be >= 1, got {self.log_every}")
+
+
+@dataclass
+class TrainOutput:
+    dir: str = help_field("runs/train", help="run directory (checkpoints in <dir>/train/step-XXXXXX)")
+    overwrite: bool = help_field(False, help="delete an existing run directory first")
+    resume: bool = help_field(True, help="continue from the newest checkpoint of the same job in dir")
+
+
+@dataclass
+class TrainJobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    scaling: WorkerScaling = field(default_factory=WorkerScaling)
+    output: TrainOutput = field(default_factory=TrainOutput)
+
+
+def training_identity(cfg: TrainJobConfig) -> str:
+    """Hash of what determines the trained weights (not where they are written, nor how many workers)."""
+    return stable_hash({"model": to_dict(cfg.model), "lora": to_dict(cfg.lora), "data": to_dict(cfg.data),
+                        "train": to_dict(cfg.train)})
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class TrainingExample:
+    """One SFT sample, or one DPO pair (``rejected`` set; same prompt tokens)."""
+
+    chosen: TokenizedSample
+    rejected: TokenizedSample | None = None
+
+    @property
+    def sample_id(self) -> str:
+        return self.chosen.sample_id
+
+
+def load_training_examples(data: DataConfig, tokenizer: Any, objective: str) -> tuple[list[TrainingExample], DataReport]:
+    """Samples (SFT) or preference pairs (DPO) of ``data``, tokenised with response-only labels.
+
+    A DPO pair is kept only if both sides fit ``max_length`` under the data's overlong policy; a dropped
+    pair is counted in the report like any other skipped sample.
+    """
+    samples, report = load_samples(data)
+    if objective == "sft":
+        return [TrainingExample(t) for t in tokenize_samples(samples, tokenizer, data, report)], report
+    missing = [s for s in samples if s.rejected is None]
+    if missing:
+        raise ConfigError(
+            f"train.objective=dpo needs preference pairs (prompt, chosen, rejected), but {missing[0].source} has "
+            "no rejected response; use data.schema: preference or a preference preset (e.g. pku_saferlhf_pairs)"
+        )
+    chosen = {t.sample_id: t for t in tokenize_samples(samples, tokenizer, data, report)}
+    rejected_report = DataReport(source=report.source)
+    rejected_report.kept = len(samples)
+    rejected = {t.sample_id: t for t in tokenize_samples([s.rejected_sample() for s in samples], tokenizer, data,
+                                                         rejected_report)}
+    examples = []
+    for s in samples:
+        if s.sample_id in chosen and s.sample_id in rejected:
+            examples.append(TrainingExample(chosen[s.sample_id], rejected[s.sample_id]))
+        elif s.sample_id in chosen:  # the chosen side fit but the rejected one did not: the pair goes
+            report.kept -= 1
+            report.skipped["rejected_overlong"] = report.skipped.get("rejected_overlong", 0) + 1
+    report.truncated += rejected_report.truncated
+    return examples, report
+
+
+# ------------------------------------------------------------------------------------------- trainer
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak lr at ``step`` (0-based), as in transformers' schedules."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 1.0
+
+
+class LoraTrainer:
+    """AdamW on the trainable (LoRA) parameters of ``model`` over ``examples``; one ``train_step`` per batch.
+
+    ``model`` is the unwrapped peft model; ``train_step`` takes the module to run forwards through (the same
+    model, or its DistributedDataParallel wrapper).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        examples: Sequence[TrainingExample],
+        settings: TrainSettings,
+        pad_token_id: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if not examples:
+            raise ValueError("no training examples: the data set is empty after filtering and length checks")
+        if settings.batch_size % world_size:
+            raise ConfigError(f"train.batch_size {settings.batch_size} must be a multiple of the {world_size} workers")
+        self.model, self.examples, self.settings = model, list(examples), settings
+        self.pad_token_id, self.rank, self.world_size, self.device = pad_token_id, rank, world_size, torch.device(device)
+        self.is_dpo = settings.objective == "dpo"
+        if self.is_dpo and any(e.rejected is None for e in self.examples):
+            raise ValueError("train.objective=dpo needs preference pairs for every example")
+        self.named_params = sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)
+        if not self.named_params:
+            raise ValueError("the model has no trainable parameters (apply a LoRA adapter first)")
+        self.optimizer = torch.optim.AdamW([p for _, p in self.named_params], lr=settings.lr,
+                                           weight_decay=settings.weight_decay)
+        self.steps_per_epoch = math.ceil(len(self.examples) / settings.batch_size)
+        self.total_steps = settings.max_steps or settings.epochs * self.steps_per_epoch
+        self.warmup_steps = int(settings.warmup_ratio * self.total_steps)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    # -- batching
+
+    def global_batch(self, step: int) -> list[int]:
+        """Indices of the examples of optimizer step ``step`` (the same on every worker)."""
+        epoch, j = divmod(step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            generator = torch.Generator().manual_seed(self.settings.seed * 100_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.examples), generator=generator), epoch
+        size = self.settings.batch_size
+        idx = self._perm[j * size:(j + 1) * size].tolist()
+        while len(idx) < size:  # the epoch's last batch, filled up from the epoch's start
+            idx += self._perm[: size - len(idx)].tolist()
+        return idx
+
+    def _micro_batches(self, idx: list[int]) -> list[list[int]]:
+        mine = idx[self.rank::self.world_size]
+        size = self.settings.micro_batch_size or len(mine)
+        return [mine[i:i + size] for i in range(0, len(mine), size)]
+
+    def _collate(self, samples: list[TokenizedSample]) -> dict[str, torch.Tensor]:
+        batch = collate(samples, self.pad_token_id)
+        return {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels")}
+
+    # -- one step
+
+    # DistributedDataParallel averages gradients over the W workers, so each worker back-propagates W times its
+    # share of the global loss; the metrics are the plain shares, summed over workers afterwards.
+
+    def _sft_micro_step(self, forward: torch.nn.Module, items: list[TrainingExample], global_tokens: int) -> float:
+        batch = self._collate([e.chosen for e in items])
+        logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = sft_loss(logits, batch["labels"], global_tokens)
+        (loss * self.world_size).backward()
+        return float(loss.detach())
+
+    def _dpo_micro_step(self, forward: torch.nn.Module, items: list[TrainingExample]) -> dict[str, float]:
+        n = len(items)
+        batch = self._collate([e.chosen for e in items] + [e.rejected for e in items])  # type: ignore[misc]
+        with torch.no_grad(), self.model.disable_adapter():  # π_ref = the base model θ0
+            ref_logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            reference = sequence_logps(ref_logits, batch["labels"])
+        logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        policy = sequence_logps(logits, batch["labels"])
+        losses, rewards = dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], self.settings.beta)
+        size = self.settings.batch_size
+        (losses.sum() * (self.world_size / size)).backward()
+        margin = rewards["chosen_reward"] - rewards["rejected_reward"]
+        return {"loss": float(losses.sum()) / size, "reward_accuracy": float((margin > 0).sum()) / size,
+                "reward_margin": float(margin.sum()) / size}
+
+    def train_step(self, forward: torch.nn.Module | None = None) -> dict[str, float]:
+        forward = forward or self.model
+        idx = self.global_batch(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.settings.lr * lr_factor(self.step, self.total_steps, self.warmup_steps,
+                                                       self.settings.lr_schedule)
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics: dict[str, float] = {}
+        if self.is_dpo:
+            for items in self._micro_batches(idx):
+                for k, v in self._dpo_micro_step(forward, [self.examples[i] for i in items]).items():
+                    metrics[k] = metrics.get(k, 0.0) + v
+        else:
+            global_tokens = sum(self.examples[i].chosen.n_response_tokens for i in idx)
+            metrics["loss"] = sum(self._sft_micro_step(forward, [self.examples[i] for i in items], global_tokens)
+                                  for items in self._micro_batches(idx))
+        metrics = _sum_over_workers(metrics, self.world_size, self.device)
+        params = [p for _, p in self.named_params]
+        if self.settings.max_grad_norm is not None:
+            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm))
+        self.optimizer.step()
+        metrics.update(step=self.step + 1, epoch=self.step / self.steps_per_epoch, lr=self.optimizer.param_groups[0]["lr"])
+        self.step += 1
+        if not all(math.isfinite(v) for v in metrics.values()):
+            raise FloatingPointError(f"non-finite training metrics at step {self.step}: {metrics}")
+        self.history.append(metrics)
+        return metrics
+
+    # -- checkpoints
+
+    def save(self, directory: Path, identity: str) -> Path:
+        """Write adapter, optimizer moments and trainer state to ``directory`` (rank 0 only)."""
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(str(directory / ADAPTER_DIR), safe_serialization=True)
+        tensors: dict[str, torch.Tensor] = {}
+        for i, (name, _) in enumerate(self.named_params):
+            for key, value in self.optimizer.state[self.named_params[i][1]].items():
+                tensors[f"{name}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        save_file(tensors, str(directory / OPTIMIZER_FILE))
+        state = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "total_steps": self.total_steps,
+                 "steps_per_epoch": self.steps_per_epoch, "identity": identity, "history": self.history}
+        (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
+        return directory
+
+    def load(self, directory: Path, identity: str) -> None:
+        """Resume from a checkpoint written by ``save`` for the same job (``identity``)."""
+        from safetensors.torch import load_file
+
+        state = json.loads((directory / STATE_FILE).read_text())
+        if state["identity"] != identity:
+            raise ValueError(
+                f"checkpoint {directory} belongs to another training job (identity {state['identity']}, this job "
+                f"{identity}); use output.overwrite: true or another output.dir"
+            )
+        factors, _ = load_adapter_state(directory / ADAPTER_DIR)
+        set_lora_factors(self.model, factors)
+        tensors = load_file(str(directory / OPTIMIZER_FILE))
+        opt_state = self.optimizer.state_dict()
+        for i, (name, _) in enumerate(self.named_params):
+            entries = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == name}
+            if entries:
+                opt_state["state"][i] = {k: v.to(self.device) if k != "step" else v for k, v in entries.items()}
+        self.optimizer.load_state_dict(opt_state)
+        self.step, self.history = int(state["step"]), list(state["history"])
+
+
+def _sum_over_workers(metrics: dict[str, float], world_size: int, device: torch.device) -> dict[str, float]:
+    """Metrics summed over workers: each worker's values are its share of the global batch."""
+    if world_size == 1:
+        return metrics
+    import torch.distributed as dist
+
+    keys = sorted(metrics)
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    return dict(zip(keys, values.tolist()))
+
+
+# -------------------------------------------------------------------------------------------- worker
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run directory (``<dir>/train/step-*`` with a trainer state), oldest first."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file() and (p / ADAPTER_DIR).is_dir()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+class _LocalSession:
+    """Rank 0 of 1 in this process: checkpoints are moved into the run directory as they are saved."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, run_dir: Path, resume_from: str | None) -> None:
+        self.run_dir, self.resume_from = run_dir, resume_from
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def restore_point(self) -> Path | None:
+        return Path(self.resume_from) if self.resume_from else None
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, name: str | None) -> None:
+        if checkpoint_dir is not None:
+            target = self.run_dir / CHECKPOINT_DIR / str(name)
+            partial = target.with_name(target.name + ".partial")  # a crash mid-copy leaves no half checkpoint
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(checkpoint_dir, partial)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(partial, target)
+
+
+class _RaySession:
+    """A Ray Train worker: DDP wrapping, the restored checkpoint, ``ray.train.report``."""
+
+    def __init__(self, resume_from: str | None) -> None:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.resume_from = resume_from
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def restore_point(self) -> Path | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()  # set after a worker-group restart (fault tolerance)
+        if checkpoint is not None:
+            return Path(checkpoint.to_directory())
+        return Path(self.resume_from) if self.resume_from else None
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, name: str | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """The per-worker loop (Ray Train's ``train_loop_per_worker``; also called directly without Ray)."""
+    cfg = from_dict(TrainJobConfig, config["job"])
+    session = _RaySession(config.get("resume_from")) if config.get("ray", False) else _LocalSession(
+        Path(cfg.output.dir), config.get("resume_from"))
+    previous_threads = torch.get_num_threads()
+    if session.device.type == "cpu" and (config.get("ray", False) or cfg.scaling.torch_threads):
+        # a Ray worker uses its CPU reservation; a run in this process keeps torch's default unless told
+        torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
+    try:
+        _train(cfg, config["identity"], session)
+    finally:
+        torch.set_num_threads(previous_threads)  # in-process runs leave the caller's setting as it was
+
+
+def _train(cfg: TrainJobConfig, identity: str, session: _LocalSession | _RaySession) -> None:
+    torch.manual_seed(cfg.train.seed)  # same LoRA A init on every worker
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    model = apply_lora(model, cfg.lora)
+    model.to(session.device)
+    model.train()
+    examples, report = load_training_examples(cfg.data, tokenizer, cfg.train.objective)
+    if session.rank == 0:
+        log.info("training on %d %s (%d read, %d skipped: %s)", len(examples),
+                 "pairs" if cfg.train.objective == "dpo" else "samples", report.records_read, report.n_skipped,
+                 report.skipped or "none")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    trainer = LoraTrainer(model, examples, cfg.train, pad, session.rank, session.world_size, session.device)
+    restore = session.restore_point()
+    if restore is not None:
+        trainer.load(restore, identity)
+        log.info("resumed at step %d from %s", trainer.step, restore)
+    forward = session.prepare(model)
+    every = cfg.train.checkpoint_every
+    progress = _progress(trainer, session.rank)
+    while trainer.step < trainer.total_steps:
+        metrics = trainer.train_step(forward)
+        progress.update(1)
+        progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+        step = trainer.step
+        if (every and step % every == 0) or step == trainer.total_steps:
+            with tempfile.TemporaryDirectory() as tmp:
+                directory = trainer.save(Path(tmp), identity) if session.rank == 0 else None
+                session.report(metrics, directory, checkpoint_name(step))
+        elif step % cfg.train.log_every == 0:
+            session.report(metrics, None, None)
+    progress.close()
+
+
+def _progress(trainer: LoraTrainer, rank: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=trainer.total_steps, initial=trainer.step, desc=f"LoRA {trainer.settings.objective}",
+                unit="step", disable=rank != 0, mininterval=2.0)
+
+
+# -------------------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class TrainRun:
+    """What a finished training run left in its directory."""
+
+    dir: Path
+    checkpoints: list[Path]
+    history: list[dict[str, float]]
+    seconds: float
+
+    @property
+    def final(self) -> Path:
+        return self.checkpoints[-1]
+
+    def checkpoint(self, step: int | None) -> Path:
+        """The checkpoint of ``step`` (None = the final one); an error listing the steps that exist."""
+        if step is None:
+            return self.final
+        for path in self.checkpoints:
+            if int(path.name.split("-")[1]) == step:
+                return path
+        steps = [int(p.name.split("-")[1]) for p in self.checkpoints]
+        raise ValueError(f"{self.dir}: no checkpoint at step {step}; saved steps: {steps}")
+
+
+def load_run(run_dir: str | Path) -> TrainRun:
+    """A finished run's checkpoints and metric history (from the newest checkpoint's trainer state)."""
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise FileNotFoundError(f"{run_dir}: no checkpoints under {Path(run_dir) / CHECKPOINT_DIR}")
+    state = json.loads((checkpoints[-1] / STATE_FILE).read_text())
+    return TrainRun(Path(run_dir), checkpoints, state["history"], 0.0)
+
+
+def _prepare_output(cfg: TrainJobConfig, identity: str) -> Path | None:
+    """Create the run directory; return the checkpoint to resume from, if any."""
+    out = Path(cfg.output.dir)
+    if out.exists() and cfg.output.overwrite:
+        shutil.rmtree(out)
+    checkpoints = list_checkpoints(out)
+    if checkpoints:
+        state = json.loads((checkpoints[-1] / STATE_FILE).read_text())
+        if not cfg.output.resume or state["identity"] != identity:
+            why = "output.resume is false" if not cfg.output.resume else "they belong to a different job"
+            raise FileExistsError(
+                f"{out} already holds checkpoints and {why}; set output.overwrite: true or choose another output.dir"
+            )
+        return checkpoints[-1]
+    out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def run_training(cfg: TrainJobConfig) -> TrainRun:
+    """Train ``cfg`` to completion (resuming if possible) and return the run's checkpoints and history."""
+    identity = training_identity(cfg)
+    resume = _prepare_output(cfg, identity)
+    out = Path(cfg.output.dir).resolve()
+    # only the training job's own keys (cfg may be a subclass, e.g. a direction build), as an absolute path
+    # since workers may run in another working directory
+    cfg_dict = {f.name: to_dict(getattr(cfg, f.name)) for f in fields(TrainJobConfig)}
+    cfg_dict["output"]["dir"] = str(out)
+    cfg_dict["model"] = to_dict(with_absolute_paths(cfg.model))
+    if cfg.data.format != "hf" and Path(cfg.data.path).exists():
+        cfg_dict["data"]["path"] = str(Path(cfg.data.path).resolve())
+    (out / "train_config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+    if resume is not None and (resume / STATE_FILE).is_file():
+        done = json.loads((resume / STATE_FILE).read_text())
+        log.info("resuming %s from %s (step %d of %d)", out, resume.name, done["step"], done["total_steps"])
+        if done["step"] >= done["total_steps"]:
+            return load_run(out)
+    config = {"job": cfg_dict, "identity": identity, "resume_from": str(resume) if resume else None}
+    start = time.perf_counter()
+    if cfg.scaling.use_ray:
+        _fit_with_ray_train(cfg, config, out)
+    else:
+        train_worker({**config, "ray": False})
+    run = load_run(out)
+    run.seconds = time.perf_counter() - start
+    _write_run_files(run, cfg)
+    return run
+
+
+def _fit_with_ray_train(cfg: TrainJobConfig, config: dict[str, Any], out: Path) -> None:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .runtime import init_ray
+
+    init_ray(cfg.scaling)
+    scaling = ScalingConfig(
+        num_workers=cfg.scaling.num_workers,
+        use_gpu=cfg.scaling.use_gpu,
+        resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
+    )
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={**config, "ray": True},
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=scaling,
+        run_config=RunConfig(
+            name=CHECKPOINT_DIR,
+            storage_path=str(out),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),  # every checkpoint is a trajectory point
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+
+
+def _write_run_files(run: TrainRun, cfg: TrainJobConfig) -> None:
+    index = [{"step": int(p.name.split("-")[1]), "path": str(p),
+              **{k: v for k, v in json.loads((p / STATE_FILE).read_text()).items() if k in ("epoch",)}}
+             for p in run.checkpoints]
+    (run.dir / "checkpoints.json").write_text(json.dumps(index, indent=1))
+    with (run.dir / "train_log.jsonl").open("w") as f:
+        for row in run.history:
+            f.write(json.dumps(row) + "\n")
+    plot_training_curve(run.history, run.dir / "train_loss.png", cfg.train.objective)
+    last = run.history[-1] if run.history else {}
+    log.info("trained %d steps in %.1f s; final loss %.4f; %d checkpoints in %s", len(run.history), run.seconds,
+             last.get("loss", float("nan")), len(run.checkpoints), run.dir / CHECKPOINT_DIR)
+
+
+def plot_training_curve(history: list[dict[str, float]], path: Path, objective: str) -> Path | None:
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [h["loss"] for h in history], lw=1.2, label=f"{objective} loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    if objective == "dpo":
+        twin = ax.twinx()
+        twin.plot(steps, [h["reward_accuracy"] for h in history], color="tab:green", lw=1, alpha=0.7,
+                  label="reward accuracy")
+        twin.set_ylabel("reward accuracy")
+        twin.set_ylim(-0.05, 1.05)
+    ax.set_title(f"LoRA {objective.upper()} training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = [
+    "LoraTrainer",
+    "TrainJobConfig",
+    "TrainOutput",
+    "TrainRun",
+    "TrainSettings",
+    "TrainingExample",
+    "list_checkpoints",
+    "load_run",
+    "load_training_examples",
+    "lr_factor",
+    "run_training",
+    "train_worker",
+]

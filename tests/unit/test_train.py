@@ -1,0 +1,240 @@
+"""The train loop against independent oracles: HF's own causal-LM loss, token-by-token log-probabilities, the
+DPO formula, batch-size invariance of gradient accumulation, and exact resumption from a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from sqsd_ray.config import ConfigError
+from sqsd_ray.data import DataConfig, Sample, content_id, tokenize_sample
+from sqsd_ray.models import (
+    LoraSettings,
+    ModelConfig,
+    apply_lora,
+    get_lora_factors,
+    load_model_and_tokenizer,
+)
+from sqsd_ray.objectives import dpo_loss, sequence_logps, sft_loss
+from sqsd_ray.runtime import WorkerScaling
+from sqsd_ray.train import (
+    LoraTrainer,
+    TrainingExample,
+    TrainJobConfig,
+    TrainOutput,
+    TrainSettings,
+    list_checkpoints,
+    lr_factor,
+    run_training,
+)
+
+PROMPTS = [
+    ("Name a colour.", "Blue."),
+    ("What is two plus two?", "Two plus two is four."),
+    ("Write a haiku about rain.", "Soft rain on the roof\nwhispers to the sleeping town\nmorning smells of earth"),
+    ("Say hi.", "Hi!"),
+    ("List three fruits.", "Apple, pear and plum."),
+    ("Translate 'cat' to French.", "Chat."),
+    ("Give a synonym for big.", "Large."),
+    ("Who wrote Hamlet?", "William Shakespeare wrote Hamlet around 1600."),
+    ("Count to five.", "One, two, three, four, five."),
+    ("What colour is the sky?", "Usually blue during a clear day."),
+]
+
+
+def _sample(prompt: str, response: str) -> Sample:
+    messages = ({"role": "user", "content": prompt},)
+    return Sample(sample_id=content_id(messages, response), messages=messages, response=response, source="test")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path="tiny-llama"))
+    return model, tokenizer
+
+
+def _examples(tokenizer, pairs=PROMPTS, rejected: bool = False):
+    out = []
+    for prompt, response in pairs:
+        chosen = tokenize_sample(_sample(prompt, response), tokenizer, 256)
+        other = tokenize_sample(_sample(prompt, "I cannot help with that."), tokenizer, 256) if rejected else None
+        out.append(TrainingExample(chosen, other))
+    return out
+
+
+def _peft(tiny, seed: int = 0):
+    import copy
+
+    torch.manual_seed(seed)
+    model = apply_lora(copy.deepcopy(tiny[0]), LoraSettings())
+    # a non-zero B so that both factors get gradients and a step moves the outputs
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return model
+
+
+def test_sft_loss_is_hf_token_mean_loss(tiny):
+    model, tokenizer = tiny
+    from sqsd_ray.data import collate
+
+    batch = collate([e.chosen for e in _examples(tokenizer)[:4]], tokenizer.pad_token_id)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    tokens = int((batch["labels"][:, 1:] != -100).sum())
+    ours = sft_loss(out.logits, batch["labels"], tokens)
+    assert torch.allclose(ours, out.loss, rtol=1e-6, atol=1e-6)
+
+
+def test_sequence_logps_match_token_by_token_sum(tiny):
+    model, tokenizer = tiny
+    from sqsd_ray.data import collate
+
+    examples = _examples(tokenizer)[:3]
+    batch = collate([e.chosen for e in examples], tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ours = sequence_logps(logits, batch["labels"])
+    for row, example in enumerate(examples):
+        ids, labels = example.chosen.input_ids, example.chosen.labels
+        expected = 0.0
+        for t in range(1, len(ids)):
+            if labels[t] != -100:
+                expected += float(torch.log_softmax(logits[row, t - 1].double(), -1)[ids[t]])
+        assert math.isclose(float(ours[row]), expected, rel_tol=1e-5)
+
+
+def test_dpo_loss_formula_and_start_value():
+    pc, pr, rc, rr = (torch.tensor([-10.0, -3.0]), torch.tensor([-12.0, -2.0]), torch.tensor([-11.0, -3.5]),
+                      torch.tensor([-11.5, -2.5]))
+    losses, rewards = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    for i in range(2):
+        z = 0.1 * ((pc[i] - rc[i]) - (pr[i] - rr[i]))
+        assert math.isclose(float(losses[i]), math.log1p(math.exp(-float(z))), rel_tol=1e-6)
+    assert torch.allclose(rewards["chosen_reward"], 0.1 * (pc - rc))
+    same, _ = dpo_loss(pc, pr, pc, pr, beta=0.1)  # policy == reference: log 2, whatever the log-probs
+    assert torch.allclose(same, torch.full_like(same, math.log(2)))
+
+
+def test_dpo_reference_is_the_base_model_and_training_prefers_chosen(tiny):
+    _, tokenizer = tiny
+    model = _peft(tiny)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.zero_()  # fresh adapter: policy == reference
+    trainer = LoraTrainer(model, _examples(tokenizer, rejected=True), TrainSettings(objective="dpo", lr=5e-3,
+                          batch_size=4, max_steps=8, lr_schedule="constant", max_grad_norm=None), tokenizer.pad_token_id)
+    first = trainer.train_step()
+    assert math.isclose(first["loss"], math.log(2), rel_tol=1e-5)
+    for _ in range(7):
+        last = trainer.train_step()
+    assert last["loss"] < first["loss"] - 0.05
+    assert last["reward_margin"] > 0
+
+
+def _grads_after_step(tiny, micro: int | None):
+    _, tokenizer = tiny
+    model = _peft(tiny)
+    trainer = LoraTrainer(model, _examples(tokenizer), TrainSettings(lr=1e-3, batch_size=8, micro_batch_size=micro,
+                          max_steps=1, max_grad_norm=None), tokenizer.pad_token_id)
+    trainer.train_step()
+    return {n: p.grad.clone() for n, p in trainer.named_params}
+
+
+def test_micro_batching_does_not_change_the_gradient(tiny):
+    whole, split = _grads_after_step(tiny, None), _grads_after_step(tiny, 3)
+    for name in whole:
+        assert torch.allclose(whole[name], split[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_batches_cover_each_epoch_and_are_seeded(tiny):
+    _, tokenizer = tiny
+    settings = TrainSettings(batch_size=4, epochs=2)
+    trainer = LoraTrainer(_peft(tiny), _examples(tokenizer), settings, tokenizer.pad_token_id)
+    assert trainer.steps_per_epoch == 3 and trainer.total_steps == 6
+    epoch0 = [i for s in range(3) for i in trainer.global_batch(s)]
+    assert len(epoch0) == 12 and set(epoch0) == set(range(10))  # the last batch is filled from the start
+    again = LoraTrainer(_peft(tiny), _examples(tokenizer), settings, tokenizer.pad_token_id)
+    assert [again.global_batch(s) for s in range(6)] == [trainer.global_batch(s) for s in range(6)]
+    assert trainer.global_batch(3) != trainer.global_batch(0)  # a new order each epoch
+
+
+def test_resume_from_checkpoint_is_exact(tiny, tmp_path):
+    _, tokenizer = tiny
+    settings = TrainSettings(lr=2e-3, batch_size=4, max_steps=6, lr_schedule="cosine", warmup_ratio=0.2)
+    straight = LoraTrainer(_peft(tiny), _examples(tokenizer), settings, tokenizer.pad_token_id)
+    for _ in range(6):
+        straight.train_step()
+    first = LoraTrainer(_peft(tiny), _examples(tokenizer), settings, tokenizer.pad_token_id)
+    for _ in range(3):
+        first.train_step()
+    first.save(tmp_path / "ckpt", identity="job")
+    resumed = LoraTrainer(_peft(tiny, seed=1), _examples(tokenizer), settings, tokenizer.pad_token_id)
+    resumed.load(tmp_path / "ckpt", identity="job")
+    assert resumed.step == 3 and len(resumed.history) == 3
+    for _ in range(3):
+        resumed.train_step()
+    a, b = get_lora_factors(straight.model), get_lora_factors(resumed.model)
+    for name in a:
+        assert torch.allclose(a[name][0], b[name][0], atol=1e-7) and torch.allclose(a[name][1], b[name][1], atol=1e-7)
+    with pytest.raises(ValueError, match="another training job"):
+        resumed.load(tmp_path / "ckpt", identity="other")
+
+
+def test_lr_schedules():
+    assert lr_factor(0, 10, 0, "constant") == 1.0
+    assert lr_factor(0, 10, 0, "cosine") == 1.0 and math.isclose(lr_factor(5, 10, 0, "cosine"), 0.5)
+    assert math.isclose(lr_factor(5, 10, 0, "linear"), 0.5)
+    assert lr_factor(0, 10, 4, "cosine") == pytest.approx(1 / 5)  # warm-up from near 0
+
+
+def test_settings_are_checked():
+    with pytest.raises(ConfigError, match="train.lr"):
+        TrainSettings(lr=0)
+    with pytest.raises(ConfigError, match="use_ray"):
+        WorkerScaling(use_ray=False, num_workers=2)
+
+
+def _write_jsonl(path, pairs):
+    with path.open("w") as f:
+        for prompt, response in pairs:
+            f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+    return path
+
+
+def test_run_training_in_process_writes_checkpoints_and_resumes(tmp_path):
+    data = _write_jsonl(tmp_path / "d.jsonl", PROMPTS)
+    cfg = TrainJobConfig(
+        model=ModelConfig(name_or_path="tiny-llama"),
+        data=DataConfig(path=str(data), max_length=128),
+        train=TrainSettings(lr=1e-3, batch_size=4, max_steps=5, checkpoint_every=2, log_every=1),
+        scaling=WorkerScaling(use_ray=False),
+        output=TrainOutput(dir=str(tmp_path / "run")),
+    )
+    run = run_training(cfg)
+    assert [p.name for p in run.checkpoints] == ["step-000002", "step-000004", "step-000005"]
+    assert len(run.history) == 5 and [h["step"] for h in run.history] == [1, 2, 3, 4, 5]
+    for name in ("checkpoints.json", "train_log.jsonl", "train_loss.png", "train_config.yaml"):
+        assert (tmp_path / "run" / name).is_file(), name
+    adapter = run.final / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and not list(adapter.glob("*.bin"))
+    again = run_training(cfg)  # the same finished job: nothing to do, same checkpoints
+    assert [p.name for p in again.checkpoints] == [p.name for p in run.checkpoints]
+    cfg.train.lr = 2e-3  # another job in the same directory is refused
+    with pytest.raises(FileExistsError, match="different job"):
+        run_training(cfg)
+    assert len(list_checkpoints(tmp_path / "run")) == 3
+
+
+def test_cli_names_what_is_missing(tmp_path, capsys):
+    from sqsd_ray.cli import main
+
+    code = main(["init", "select", "--set", f"validate_dir={tmp_path}", "--set", f"trajectory_dir={tmp_path}"])
+    assert code == 2 and "sensitivity_linear.csv is missing" in capsys.readouterr().err
+    assert main(["directions", "build", "--set", "train.lr=-1"]) == 2
+    assert "train.lr must be a positive number" in capsys.readouterr().err
+    assert main(["trajectory", "--help-config"]) == 0 and "checkpoint_every" in capsys.readouterr().out
