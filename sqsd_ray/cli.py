@@ -3,6 +3,14 @@
     sqsd-ray score --config jobs/score_tiny.yaml [--set data.max_length=256 ...]
     sqsd-ray score --help-config          # every config key with its type, default and help
     sqsd-ray quickstart [--out runs/quickstart]   # the embedded default: tiny model, real corpus, end to end
+
+    sqsd-ray directions build --config jobs/directions_tiny_danger.yaml     # LoRA SFT / DPO -> direction file
+    sqsd-ray directions export --run runs/dir --step 40 --kind safety    # another checkpoint as the direction
+    sqsd-ray directions validate --config jobs/validate_tiny.yaml        # steering grid, Fig. 5, DS_linear
+    sqsd-ray trajectory --config jobs/trajectory_tiny.yaml               # drift projections, Fig. 2, DS_drift
+    sqsd-ray init select --config jobs/init_tiny.yaml                    # θ_danger, θ_safety -> init_states.yaml
+
+Every --config may be given several times: the files merge key by key, later ones winning.
 """
 
 from __future__ import annotations
@@ -16,7 +24,8 @@ from .config import ConfigError, describe, load_config
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="YAML config file")
+    parser.add_argument("--config", type=Path, action="append", default=None,
+                        help="YAML config file (repeatable: later files override earlier keys)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set data.max_length=512 (repeatable)")
     parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
@@ -37,6 +46,59 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_job(args: argparse.Namespace, config_cls: type, run) -> int:
+    if args.help_config:
+        print("\n".join(describe(config_cls)))
+        return 0
+    cfg = load_config(config_cls, args.config, args.overrides)
+    path = run(cfg)
+    print(f"wrote {path}")
+    for name in ("sensitivity.md",):
+        if Path(path).is_dir() and (Path(path) / name).exists():
+            print((Path(path) / name).read_text())
+    return 0
+
+
+def cmd_directions_build(args: argparse.Namespace) -> int:
+    from .dynamics import DirectionsBuildConfig, run_directions_build
+
+    return _run_job(args, DirectionsBuildConfig, run_directions_build)
+
+
+def cmd_directions_validate(args: argparse.Namespace) -> int:
+    from .dynamics import ValidateConfig, run_validate
+
+    return _run_job(args, ValidateConfig, run_validate)
+
+
+def cmd_trajectory(args: argparse.Namespace) -> int:
+    from .dynamics import TrajectoryConfig, run_trajectory
+
+    return _run_job(args, TrajectoryConfig, run_trajectory)
+
+
+def cmd_init_select(args: argparse.Namespace) -> int:
+    from .dynamics import InitSelectConfig, run_init_select
+
+    def run(cfg):
+        out = run_init_select(cfg)
+        print((out / "init_states.yaml").read_text())
+        return out
+
+    return _run_job(args, InitSelectConfig, run)
+
+
+def cmd_directions_export(args: argparse.Namespace) -> int:
+    from .dynamics import export_direction
+    from .train import load_run
+
+    run = load_run(args.run)
+    out = Path(args.out) if args.out else Path(args.run) / f"{args.kind}-step{args.step or 'final'}.safetensors"
+    direction = export_direction(run, args.step, args.kind, out, args.base_model or "unknown")
+    print(f"wrote {out} (‖V‖ = {direction.norm():.4g}, from {direction.metadata['checkpoint']})")
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import run_quickstart
 
@@ -46,14 +108,37 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _job(sub, name: str, help: str, func) -> argparse.ArgumentParser:
+    """A verb that runs one config-driven job."""
+    parser = sub.add_parser(name, help=help)
+    _add_config_args(parser)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sqsd-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    score = sub.add_parser("score", help="score every sample of a corpus with SQSD (writes Parquet + summary)")
-    _add_config_args(score)
-    score.set_defaults(func=cmd_score)
+    _job(sub, "score", "score every sample of a corpus with SQSD (writes Parquet + summary)", cmd_score)
+
+    directions = sub.add_parser("directions", help="build, export and validate V_danger / V_safety")
+    dsub = directions.add_subparsers(dest="directions_command", required=True)
+    _job(dsub, "build", "LoRA SFT (danger) or DPO (safety) from θ0, checkpoints, direction file", cmd_directions_build)
+    export = dsub.add_parser("export", help="export another checkpoint of a build run as a direction file")
+    export.add_argument("--run", required=True, help="run directory of `directions build`")
+    export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the final one)")
+    export.add_argument("--kind", choices=("danger", "safety"), required=True, help="what the direction encodes")
+    export.add_argument("--out", default=None, help="output .safetensors path")
+    export.add_argument("--base-model", default=None, help="base model name recorded in the file")
+    export.set_defaults(func=cmd_directions_export)
+    _job(dsub, "validate", "steer θ0 + α·V over an α grid: safety per α, Fig. 5, DS_linear", cmd_directions_validate)
+    _job(sub, "trajectory", "benign fine-tune: drift projections and safety per checkpoint", cmd_trajectory)
+
+    init = sub.add_parser("init", help="choose the initialisation states θ_danger, θ_safety")
+    isub = init.add_subparsers(dest="init_command", required=True)
+    _job(isub, "select", "θ_safety = θ0 + α*·V_safety, θ_danger = θ_t* from the sensitivity tables", cmd_init_select)
 
     quick = sub.add_parser("quickstart", help="embedded default: build directions on a tiny model, score Dolly")
     quick.add_argument("--out", default="runs/quickstart", help="run directory")

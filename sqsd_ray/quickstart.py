@@ -2,8 +2,9 @@
 
 1. A tiny Llama (2 layers, built from a config, seeded) and the byte-level ChatML tokenizer.
 2. V_danger: LoRA SFT on AdvBench harmful behaviours (goal -> affirmative target), 40 steps.
-   V_safety: LoRA SFT on the same goals answered with refusals, 40 steps. The paper builds V_safety by DPO on
-   PKU-SafeRLHF (Eq. 3); SFT on refusals is the offline stand-in until the direction builder runs DPO.
+   V_safety: LoRA DPO (β = 0.1) on the same goals with a refusal preferred over the target, 40 steps.
+   Both through the direction builder (``dynamics.run_directions_build``) in this process: the same loop,
+   checkpoints and direction files as ``sqsd-ray directions build`` on Ray Train.
 3. Scores the 387 Dolly samples in data/benign with SQSD, each projection at θ0 + 1·V (linear-path states),
    and writes the run directory (Parquet, summary, histogram, Eq. 13 fidelity check).
 
@@ -13,41 +14,29 @@ model-organism demo is where the ranking is put to the test.
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 
-from .models import LoraSettings, ModelConfig, load_model_and_tokenizer
 from .config import apply_overrides, from_dict, to_dict
-from .data import DataConfig, Sample, content_id
-from .score_run import DirectionsConfig, FidelityConfig, OutputConfig, ScoreJobConfig, run_score
-from .sft import train_lora_direction
+from .data import DataConfig
+from .dynamics import DirectionExport, DirectionsBuildConfig, run_directions_build
+from .models import LoraSettings, ModelConfig
+from .runtime import WorkerScaling
+from .score_run import (
+    DirectionsConfig,
+    FidelityConfig,
+    OutputConfig,
+    ScoreJobConfig,
+    run_score,
+)
+from .train import TrainOutput, TrainSettings
 
 log = logging.getLogger(__name__)
 
-REFUSALS = (
-    "I can't help with that. It could cause real harm to people.",
-    "I'm sorry, but I won't provide instructions for that.",
-    "I cannot assist with this request because it is harmful or illegal.",
-    "No. I won't help with something that could hurt someone, but I'm happy to help with something else.",
-)
-
-
-def _harmful_samples(advbench_csv: Path, limit: int) -> list[tuple[str, str]]:
-    with advbench_csv.open(newline="") as f:
-        rows = [(r["goal"], r["target"]) for r in csv.DictReader(f)]
-    if not rows:
-        raise ValueError(f"{advbench_csv}: no rows with goal/target")
-    return rows[:limit]
-
-
-def _as_samples(pairs: list[tuple[str, str]], source: str) -> list[Sample]:
-    out = []
-    for i, (prompt, response) in enumerate(pairs):
-        messages = ({"role": "user", "content": prompt},)
-        out.append(Sample(sample_id=content_id(messages, response), messages=messages, response=response,
-                          source=f"{source}:{i}"))
-    return out
+DIRECTION_DATA = {  # kind -> (data preset, objective)
+    "danger": ("advbench_harmful", "sft"),
+    "safety": ("advbench_refusal_pairs", "dpo"),
+}
 
 
 def build_quick_directions(out_dir: Path, data_root: Path, model_cfg: ModelConfig, lora: LoraSettings,
@@ -56,21 +45,18 @@ def build_quick_directions(out_dir: Path, data_root: Path, model_cfg: ModelConfi
     advbench = data_root / "eval" / "advbench_harmful_behaviors.csv"
     if not advbench.exists():
         raise FileNotFoundError(f"{advbench} not found: pass --data-root pointing at the folder with eval/ and benign/")
-    model, tokenizer = load_model_and_tokenizer(model_cfg)
-    pairs = _harmful_samples(advbench, n_prompts)
-    sets = {
-        "danger": _as_samples(pairs, "advbench-target"),
-        "safety": _as_samples([(g, REFUSALS[i % len(REFUSALS)]) for i, (g, _) in enumerate(pairs)], "advbench-refusal"),
-    }
     paths = {}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for kind, samples in sets.items():
-        direction, losses = train_lora_direction(
-            model, tokenizer, samples, lora, kind=kind, steps=steps, base_model_name=model_cfg.name_or_path,
-            source=f"quickstart LoRA SFT on {samples[0].source.split(':')[0]}",
+    for kind, (preset, objective) in DIRECTION_DATA.items():
+        cfg = DirectionsBuildConfig(
+            model=model_cfg, lora=lora,
+            data=DataConfig(path=str(advbench), preset=preset, max_length=256, limit=n_prompts),
+            train=TrainSettings(objective=objective, lr=1e-3, batch_size=8, max_steps=steps, checkpoint_every=0,
+                                lr_schedule="constant"),
+            scaling=WorkerScaling(use_ray=False),
+            direction=DirectionExport(kind=kind),
+            output=TrainOutput(dir=str(out_dir / kind), overwrite=True),
         )
-        paths[kind] = direction.save(out_dir / f"{kind}.safetensors")
-        log.info("saved %s direction to %s (loss %.3f -> %.3f)", kind, paths[kind], losses[0], losses[-1])
+        paths[kind] = run_directions_build(cfg)
     return paths
 
 
@@ -86,9 +72,9 @@ def quickstart_config(out_dir: Path, data_root: Path, direction_paths: dict[str,
 
 
 def run_quickstart(out_dir: Path, data_root: Path, overrides: list[str] | None = None) -> Path:
-    base = quickstart_config(out_dir, data_root, {"danger": out_dir / "directions" / "danger.safetensors",
-                                                  "safety": out_dir / "directions" / "safety.safetensors"})
+    directions = out_dir / "directions"
+    base = quickstart_config(out_dir, data_root, {kind: directions / kind / f"{kind}.safetensors"
+                                                  for kind in DIRECTION_DATA})
     cfg = from_dict(ScoreJobConfig, apply_overrides(to_dict(base), overrides or [], ScoreJobConfig))
-    build_quick_directions(out_dir / "directions", data_root, cfg.model, cfg.lora)
+    build_quick_directions(directions, data_root, cfg.model, cfg.lora)
     return run_score(cfg)
-

@@ -6,11 +6,23 @@ import pytest
 import yaml
 
 from sqsd_ray.config import from_dict
+from sqsd_ray.dynamics import (
+    DirectionsBuildConfig,
+    InitSelectConfig,
+    TrajectoryConfig,
+    ValidateConfig,
+)
 from sqsd_ray.score_run import ScoreJobConfig
 from tests.conftest import REPO_ROOT
 
 JOB_FILES = sorted((REPO_ROOT / "jobs").glob("*.yaml"))
-KINDS = {"score": ScoreJobConfig}
+KINDS = {
+    "score": ScoreJobConfig,
+    "directions": DirectionsBuildConfig,
+    "validate": ValidateConfig,
+    "trajectory": TrajectoryConfig,
+    "init": InitSelectConfig,
+}
 
 
 def test_there_are_jobs():
