@@ -8,6 +8,7 @@
     sqsd-ray directions export --run runs/dir --step 40 --kind safety    # another checkpoint as the direction
     sqsd-ray directions validate --config jobs/validate_tiny.yaml        # steering grid, Fig. 5, DS_linear
     sqsd-ray trajectory --config jobs/trajectory_tiny.yaml               # drift projections, Fig. 2, DS_drift
+    sqsd-ray trajectory --compare runs/a runs/b --out fig3.png           # several runs side by side (Fig. 3)
     sqsd-ray init select --config jobs/init_tiny.yaml                    # θ_danger, θ_safety -> init_states.yaml
 
 Every --config may be given several times: the files merge key by key, later ones winning.
@@ -72,8 +73,11 @@ def cmd_directions_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_trajectory(args: argparse.Namespace) -> int:
-    from .dynamics import TrajectoryConfig, run_trajectory
+    from .dynamics import TrajectoryConfig, plot_trajectory_grid, run_trajectory
 
+    if args.compare:
+        print(f"wrote {plot_trajectory_grid([Path(d) for d in args.compare], Path(args.out))}")
+        return 0
     return _run_job(args, TrajectoryConfig, run_trajectory)
 
 
@@ -134,7 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--base-model", default=None, help="base model name recorded in the file")
     export.set_defaults(func=cmd_directions_export)
     _job(dsub, "validate", "steer θ0 + α·V over an α grid: safety per α, Fig. 5, DS_linear", cmd_directions_validate)
-    _job(sub, "trajectory", "benign fine-tune: drift projections and safety per checkpoint", cmd_trajectory)
+    trajectory = _job(sub, "trajectory", "benign fine-tune: drift projections and safety per checkpoint",
+                      cmd_trajectory)
+    trajectory.add_argument("--compare", nargs="+", metavar="RUN_DIR", default=None,
+                            help="instead of running: plot these trajectory runs side by side (Fig. 3) to --out")
+    trajectory.add_argument("--out", default="trajectories.png", help="figure written by --compare")
 
     init = sub.add_parser("init", help="choose the initialisation states θ_danger, θ_safety")
     isub = init.add_subparsers(dest="init_command", required=True)

@@ -303,6 +303,23 @@ def _drift_table_md(table: list[dict], top_k: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _draw_trajectory(ax, points: list[dict], names: list[str], title: str) -> None:
+    steps = [p["step"] for p in points]
+    for name in names:
+        ax.plot(steps, [p[f"proj_{name}"] for p in points], marker="o", ms=3, label=f"⟨Δθ, V̂_{name}⟩")
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("projection of the drift")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", fontsize=7)
+    if "safety" in points[0]:
+        twin = ax.twinx()
+        twin.plot(steps, [p["safety"] for p in points], color="black", lw=1.5, ls=":", label="safety")
+        twin.set_ylabel("safety: refusal rate % (100 − keyword ASR)", fontsize=8)
+        twin.set_ylim(-3, 103)
+        twin.legend(loc="lower right", fontsize=7)
+
+
 def plot_trajectory(points: list[dict], names: list[str], path: Path) -> Path:
     """Fig. 2: ⟨θ_t − θ0, V̂⟩ per direction against the step, and safety on a second axis."""
     import matplotlib
@@ -310,21 +327,34 @@ def plot_trajectory(points: list[dict], names: list[str], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [p["step"] for p in points]
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name in names:
-        ax.plot(steps, [p[f"proj_{name}"] for p in points], marker="o", ms=3, label=f"⟨Δθ, V̂_{name}⟩")
-    ax.axhline(0, color="grey", lw=0.6)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("projection of the drift")
-    if "safety" in points[0]:
-        twin = ax.twinx()
-        twin.plot(steps, [p["safety"] for p in points], color="black", lw=1.5, ls=":", label="safety")
-        twin.set_ylabel("safety: refusal rate % (100 − keyword ASR)")
-        twin.set_ylim(-3, 103)
-        twin.legend(loc="lower right", fontsize=8)
-    ax.legend(loc="upper left", fontsize=8)
-    ax.set_title("Parameter drift along safety-related directions")
+    _draw_trajectory(ax, points, names, "Parameter drift along safety-related directions")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_trajectory_grid(run_dirs: list[Path], path: Path, columns: int = 2) -> Path:
+    """Fig. 3: the trajectories of several runs (models × data sets) side by side, one panel per run."""
+    import matplotlib
+    import pandas as pd
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = -(-len(run_dirs) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 4 * rows), squeeze=False)
+    for ax, run_dir in zip(axes.flat, run_dirs):
+        table = run_dir / "trajectory.csv"
+        if not table.is_file():
+            raise FileNotFoundError(f"{table} is missing: {run_dir} is not a trajectory run directory")
+        points = pd.read_csv(table).to_dict("records")
+        names = [c.removeprefix("proj_") for c in points[0] if c.startswith("proj_")]
+        config = yaml.safe_load((run_dir / "trajectory_config.yaml").read_text())
+        _draw_trajectory(ax, points, names, f"{config['model']['name_or_path']} · {Path(config['data']['path']).name}")
+    for ax in list(axes.flat)[len(run_dirs):]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -423,6 +453,10 @@ def run_init_select(cfg: InitSelectConfig) -> Path:
         "validate_dir": str(validate_dir), "trajectory_dir": str(trajectory_dir),
     }
     (out / "selection.json").write_text(json.dumps(selection, indent=1, default=float))
+    for side in ("safety", "danger"):  # each adapter carries its own provenance
+        record = {k: v for k, v in selection[side].items() if k != "candidates"}
+        (out / f"init_{side}" / "sqsd_init_state.json").write_text(json.dumps({**record, "rule": SELECTION_RULE},
+                                                                              indent=1, default=float))
     fragment = {
         "directions": {"danger": selection["danger"]["path"], "safety": selection["safety"]["path"]},
         "init_states": {"danger": {"kind": "adapter", "path": str((out / "init_danger").resolve())},
@@ -447,6 +481,7 @@ __all__ = [
     "TrajectoryConfig",
     "ValidateConfig",
     "export_direction",
+    "plot_trajectory_grid",
     "run_directions_build",
     "run_init_select",
     "run_trajectory",

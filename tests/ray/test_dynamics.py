@@ -104,7 +104,7 @@ def test_validate_outputs_curve_and_linear_sensitivity(chain):
     assert (out / "steering.png").stat().st_size > 0 and "DS_linear" in (out / "sensitivity.md").read_text()
 
 
-def test_trajectory_projections_safety_and_drift_sensitivity(chain):
+def test_trajectory_projections_safety_and_drift_sensitivity(chain, tmp_path):
     out = chain["trajectory"]
     points = pd.read_csv(out / "trajectory.csv")
     assert list(points["step"]) == [0, 2, 4, 6, 8]
@@ -117,6 +117,10 @@ def test_trajectory_projections_safety_and_drift_sensitivity(chain):
     expected = (p.loc[4, "safety"] - p.loc[2, "safety"]) / (p.loc[4, "proj_danger"] - p.loc[2, "proj_danger"])
     assert math.isclose(first["ds"], expected) or (math.isnan(first["ds"]) and math.isnan(expected))
     assert (out / "trajectory.png").stat().st_size > 0
+    from sqsd_ray.cli import main
+
+    assert main(["trajectory", "--compare", str(out), str(out), str(out), "--out", str(tmp_path / "fig3.png")]) == 0
+    assert (tmp_path / "fig3.png").stat().st_size > 0
 
 
 def _fake_sensitivity(chain, tmp_path):
@@ -147,6 +151,8 @@ def test_init_select_exports_the_chosen_states_and_score_takes_them(chain, tmp_p
     assert selection["safety"]["alpha"] == 1.0 and selection["safety"]["direction"] == "safety"
     assert selection["danger"]["step"] == 4  # step 0 (DS -9) is never chosen
     assert "θ_danger" in selection["rule"]
+    provenance = json.loads((out / "init_danger" / "sqsd_init_state.json").read_text())
+    assert provenance["step"] == 4 and provenance["ds_drift"] == -5.0
     safety = Direction.load(chain["safety"] / "safety.safetensors")
     expected = init_state_from_direction(safety, 1.0, 2.0, 8)
     exported, _ = load_adapter_state(out / "init_safety")
