@@ -84,6 +84,10 @@ class WorkerScaling:
     local_num_cpus: int | None = help_field(None, help="local Ray only: CPUs to give it (default: all)")
     object_store_mb: int = help_field(256, help="local Ray only: object store size in MiB")
     include_dashboard: bool = help_field(False, help="local Ray only: start the dashboard (bound to 127.0.0.1)")
+    fail_at_step: int | None = help_field(
+        None, help="fault drill: training worker rank 0 kills its own process once at this step (checks that "
+        "scaling.max_failures restarts the workers from the last checkpoint)"
+    )
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Sequence
@@ -48,8 +49,10 @@ from .models import (
     LoraSettings,
     ModelConfig,
     apply_lora,
+    get_lora_factors,
     load_adapter_state,
     load_model_and_tokenizer,
+    save_adapter,
     set_lora_factors,
     with_absolute_paths,
 )
@@ -62,6 +65,7 @@ CHECKPOINT_DIR = "train"  # checkpoints live in <output.dir>/train/step-XXXXXX
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"  # full fine-tuning checkpoints
 
 
 # ------------------------------------------------------------------------------------------- configs
@@ -74,6 +78,18 @@ class TrainSettings:
     objective: Literal["sft", "dpo"] = help_field(
         "sft", help="sft: response-token NLL (V_danger, benign fine-tunes); dpo: sigmoid DPO on chosen/rejected "
         "pairs against the base model as reference (V_safety)."
+    )
+    method: Literal["lora", "full"] = help_field(
+        "lora", help="lora: train a LoRA adapter (checkpoints are peft adapters); full: every weight (checkpoints are "
+        "whole models; paper lr 5e-6). DPO needs lora (the reference is the model with the adapter off)."
+    )
+    zero_stage: Literal[0, 2, 3] = help_field(
+        0, help="0: plain data parallel (DDP); 2 or 3: DeepSpeed ZeRO (3 partitions the weights too: for models "
+        "that do not fit one device, e.g. full fine-tuning of 14B/32B)"
+    )
+    offload_optimizer: bool = help_field(False, help="ZeRO only: keep optimizer states in CPU memory")
+    stage3_param_persistence_threshold: int | None = help_field(
+        None, help="ZeRO-3: parameters smaller than this stay unpartitioned (DeepSpeed default 1e5; 0 partitions all)"
     )
     lr: float = help_field(5e-6, help="peak learning rate (paper: 5e-6 directions and trajectories, 5e-5 S1-S5)")
     batch_size: int = help_field(8, help="global batch: samples (or pairs) per optimizer step, over all workers")
@@ -112,6 +128,10 @@ class TrainSettings:
             raise ConfigError(f"train.beta must be > 0, got {self.beta}")
         if self.log_every < 1:
             raise ConfigError(f"train.log_every must be >= 1, got {self.log_every}")
+        if self.objective == "dpo" and self.method == "full":
+            raise ConfigError("train.objective=dpo needs train.method=lora (the reference model is the adapter-off model)")
+        if self.offload_optimizer and not self.zero_stage:
+            raise ConfigError("train.offload_optimizer needs train.zero_stage 2 or 3")
 
 
 @dataclass
@@ -198,11 +218,13 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 1.0
 
 
-class LoraTrainer:
-    """AdamW on the trainable (LoRA) parameters of ``model`` over ``examples``; one ``train_step`` per batch.
+class Trainer:
+    """AdamW on the trainable parameters of ``model`` (a LoRA adapter, or every weight) over ``examples``.
 
-    ``model`` is the unwrapped peft model; ``train_step`` takes the module to run forwards through (the same
-    model, or its DistributedDataParallel wrapper).
+    ``model`` is the unwrapped model (a peft model for LoRA). Without ZeRO, ``train_step`` runs forwards
+    through the module it is given (the model itself, or its DistributedDataParallel wrapper); with
+    ``settings.zero_stage`` 2 or 3 the trainer builds a DeepSpeed engine around the model and runs through it.
+    Every rank calls ``save`` (ZeRO-3 must gather the partitioned weights); only rank 0 writes.
     """
 
     def __init__(
@@ -214,27 +236,64 @@ class LoraTrainer:
         rank: int = 0,
         world_size: int = 1,
         device: torch.device | str = "cpu",
+        lora: LoraSettings | None = None,
     ) -> None:
         if not examples:
             raise ValueError("no training examples: the data set is empty after filtering and length checks")
         if settings.batch_size % world_size:
             raise ConfigError(f"train.batch_size {settings.batch_size} must be a multiple of the {world_size} workers")
-        self.model, self.examples, self.settings = model, list(examples), settings
+        self.model, self.examples, self.settings, self.lora = model, list(examples), settings, lora
         self.pad_token_id, self.rank, self.world_size, self.device = pad_token_id, rank, world_size, torch.device(device)
         self.is_dpo = settings.objective == "dpo"
         if self.is_dpo and any(e.rejected is None for e in self.examples):
             raise ValueError("train.objective=dpo needs preference pairs for every example")
+        if settings.method == "lora" and lora is None:
+            lora = _lora_settings_of(model)
+            self.lora = lora
         self.named_params = sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)
         if not self.named_params:
             raise ValueError("the model has no trainable parameters (apply a LoRA adapter first)")
-        self.optimizer = torch.optim.AdamW([p for _, p in self.named_params], lr=settings.lr,
-                                           weight_decay=settings.weight_decay)
         self.steps_per_epoch = math.ceil(len(self.examples) / settings.batch_size)
         self.total_steps = settings.max_steps or settings.epochs * self.steps_per_epoch
         self.warmup_steps = int(settings.warmup_ratio * self.total_steps)
         self.step = 0
         self.history: list[dict[str, float]] = []
         self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+        self.engine = None
+        if settings.zero_stage:
+            self.engine, self.optimizer = self._deepspeed_engine()
+        else:
+            self.optimizer = torch.optim.AdamW([p for _, p in self.named_params], lr=settings.lr,
+                                               weight_decay=settings.weight_decay)
+
+    def _deepspeed_engine(self):
+        import deepspeed
+
+        share = self.settings.batch_size // self.world_size
+        micro = self.settings.micro_batch_size or share
+        if share % micro:
+            raise ConfigError(f"with ZeRO, each worker's {share} samples per step must split into whole micro-batches "
+                              f"of train.micro_batch_size {micro}")
+        zero: dict[str, Any] = {"stage": self.settings.zero_stage}
+        if self.settings.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        if self.settings.zero_stage == 3 and self.settings.stage3_param_persistence_threshold is not None:
+            zero["stage3_param_persistence_threshold"] = self.settings.stage3_param_persistence_threshold
+        config = {
+            "train_batch_size": self.settings.batch_size,
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": share // micro,
+            "optimizer": {"type": "AdamW", "params": {"lr": self.settings.lr, "weight_decay": self.settings.weight_decay,
+                                                     "torch_adam": not self.settings.offload_optimizer}},
+            "zero_optimization": zero,
+            "bf16": {"enabled": next(self.model.parameters()).dtype == torch.bfloat16},
+            "steps_per_print": 10**9,
+        }
+        if self.settings.max_grad_norm is not None:
+            config["gradient_clipping"] = self.settings.max_grad_norm
+        engine, optimizer, _, _ = deepspeed.initialize(model=self.model, config=config,
+                                                       model_parameters=[p for _, p in self.named_params])
+        return engine, optimizer
 
     # -- batching
 
@@ -261,14 +320,21 @@ class LoraTrainer:
 
     # -- one step
 
-    # DistributedDataParallel averages gradients over the W workers, so each worker back-propagates W times its
-    # share of the global loss; the metrics are the plain shares, summed over workers afterwards.
+    # Data parallelism (DDP or ZeRO) averages gradients over the W workers, so each worker back-propagates W times
+    # its share of the global loss; the metrics are the plain shares, summed over workers afterwards.
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.engine is not None:
+            self.engine.backward(loss, scale_wrt_gas=False)  # the loss is already normalised by the global batch
+            self.engine.step()  # DeepSpeed updates at the accumulation boundary only
+        else:
+            loss.backward()
 
     def _sft_micro_step(self, forward: torch.nn.Module, items: list[TrainingExample], global_tokens: int) -> float:
         batch = self._collate([e.chosen for e in items])
         logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = sft_loss(logits, batch["labels"], global_tokens)
-        (loss * self.world_size).backward()
+        self._backward(loss * self.world_size)
         return float(loss.detach())
 
     def _dpo_micro_step(self, forward: torch.nn.Module, items: list[TrainingExample]) -> dict[str, float]:
@@ -281,18 +347,19 @@ class LoraTrainer:
         policy = sequence_logps(logits, batch["labels"])
         losses, rewards = dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], self.settings.beta)
         size = self.settings.batch_size
-        (losses.sum() * (self.world_size / size)).backward()
+        self._backward(losses.sum() * (self.world_size / size))
         margin = rewards["chosen_reward"] - rewards["rejected_reward"]
-        return {"loss": float(losses.sum()) / size, "reward_accuracy": float((margin > 0).sum()) / size,
+        return {"loss": float(losses.detach().sum()) / size, "reward_accuracy": float((margin > 0).sum()) / size,
                 "reward_margin": float(margin.sum()) / size}
 
     def train_step(self, forward: torch.nn.Module | None = None) -> dict[str, float]:
-        forward = forward or self.model
+        forward = self.engine or forward or self.model
         idx = self.global_batch(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = self.settings.lr * lr_factor(self.step, self.total_steps, self.warmup_steps,
                                                        self.settings.lr_schedule)
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.engine is None:
+            self.optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, float] = {}
         if self.is_dpo:
             for items in self._micro_batches(idx):
@@ -303,10 +370,15 @@ class LoraTrainer:
             metrics["loss"] = sum(self._sft_micro_step(forward, [self.examples[i] for i in items], global_tokens)
                                   for items in self._micro_batches(idx))
         metrics = _sum_over_workers(metrics, self.world_size, self.device)
-        params = [p for _, p in self.named_params]
-        if self.settings.max_grad_norm is not None:
-            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm))
-        self.optimizer.step()
+        if self.engine is not None:  # clipped and stepped inside DeepSpeed
+            norm = self.engine.get_global_grad_norm()
+            if norm is not None:
+                metrics["grad_norm"] = float(norm)
+        else:
+            params = [p for _, p in self.named_params]
+            if self.settings.max_grad_norm is not None:
+                metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm))
+            self.optimizer.step()
         metrics.update(step=self.step + 1, epoch=self.step / self.steps_per_epoch, lr=self.optimizer.param_groups[0]["lr"])
         self.step += 1
         if not all(math.isfinite(v) for v in metrics.values()):
@@ -316,24 +388,56 @@ class LoraTrainer:
 
     # -- checkpoints
 
-    def save(self, directory: Path, identity: str) -> Path:
-        """Write adapter, optimizer moments and trainer state to ``directory`` (rank 0 only)."""
+    def _full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights on rank 0 (None elsewhere); ZeRO-3 gathers them from every rank."""
+        if self.engine is not None and self.settings.zero_stage == 3:
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()} if self.rank == 0 else None
+
+    def _lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The adapter's factors, gathered first under ZeRO-3 (whose partitioned weights read as empty)."""
+        if self.engine is not None and self.settings.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p for _, p in self.named_params], modifier_rank=None):
+                return get_lora_factors(self.model)
+        return get_lora_factors(self.model)
+
+    def save(self, directory: Path, identity: str) -> Path | None:
+        """Write the weights (adapter or whole model), optimizer moments (without ZeRO) and trainer state.
+
+        Called on every rank; returns the directory on rank 0 and None elsewhere.
+        """
         from safetensors.torch import save_file
 
+        if self.settings.method == "lora":
+            factors = self._lora_factors()  # collective under ZeRO-3
+            if self.rank == 0:
+                if any(a.numel() == 0 or b.numel() == 0 for a, b in factors.values()):
+                    raise RuntimeError("gathered LoRA factors are empty: the adapter would be saved without weights")
+                save_adapter(factors, self.lora, directory / ADAPTER_DIR)
+        else:
+            state = self._full_state_dict()  # collective under ZeRO-3
+            if self.rank == 0:
+                self.model.save_pretrained(str(directory / MODEL_DIR), state_dict=state, safe_serialization=True)
+        if self.rank != 0:
+            return None
         directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(str(directory / ADAPTER_DIR), safe_serialization=True)
-        tensors: dict[str, torch.Tensor] = {}
-        for i, (name, _) in enumerate(self.named_params):
-            for key, value in self.optimizer.state[self.named_params[i][1]].items():
-                tensors[f"{name}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-        save_file(tensors, str(directory / OPTIMIZER_FILE))
+        if self.engine is None:
+            tensors: dict[str, torch.Tensor] = {}
+            for name, param in self.named_params:
+                for key, value in self.optimizer.state[param].items():
+                    tensors[f"{name}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+            save_file(tensors, str(directory / OPTIMIZER_FILE))
         state = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "total_steps": self.total_steps,
-                 "steps_per_epoch": self.steps_per_epoch, "identity": identity, "history": self.history}
+                 "steps_per_epoch": self.steps_per_epoch, "identity": identity, "method": self.settings.method,
+                 "optimizer_state": self.engine is None, "history": self.history}
         (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
         return directory
 
-    def load(self, directory: Path, identity: str) -> None:
-        """Resume from a checkpoint written by ``save`` for the same job (``identity``)."""
+    def load_state(self, directory: Path, identity: str) -> None:
+        """Step, metric history and (without ZeRO) AdamW moments of a checkpoint of the same job. The weights are
+        loaded before the trainer is built (``load_weights``), since ZeRO partitions them at construction."""
         from safetensors.torch import load_file
 
         state = json.loads((directory / STATE_FILE).read_text())
@@ -342,16 +446,58 @@ class LoraTrainer:
                 f"checkpoint {directory} belongs to another training job (identity {state['identity']}, this job "
                 f"{identity}); use output.overwrite: true or another output.dir"
             )
-        factors, _ = load_adapter_state(directory / ADAPTER_DIR)
-        set_lora_factors(self.model, factors)
-        tensors = load_file(str(directory / OPTIMIZER_FILE))
-        opt_state = self.optimizer.state_dict()
-        for i, (name, _) in enumerate(self.named_params):
-            entries = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == name}
-            if entries:
-                opt_state["state"][i] = {k: v.to(self.device) if k != "step" else v for k, v in entries.items()}
-        self.optimizer.load_state_dict(opt_state)
+        if self.engine is None and (directory / OPTIMIZER_FILE).is_file():
+            tensors = load_file(str(directory / OPTIMIZER_FILE))
+            opt_state = self.optimizer.state_dict()
+            for i, (name, _) in enumerate(self.named_params):
+                entries = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == name}
+                if entries:
+                    opt_state["state"][i] = {k: v.to(self.device) if k != "step" else v for k, v in entries.items()}
+            self.optimizer.load_state_dict(opt_state)
+        else:
+            log.warning("resuming %s without optimizer moments (ZeRO checkpoints keep weights and step only); "
+                        "AdamW restarts its moment estimates", directory.name)
         self.step, self.history = int(state["step"]), list(state["history"])
+
+    def load(self, directory: Path, identity: str) -> None:
+        """Weights and state of a checkpoint (no ZeRO: the weights can still be written in place)."""
+        if self.engine is not None:
+            raise RuntimeError("with ZeRO, load the weights before building the trainer (load_weights)")
+        load_weights(self.model, directory, self.settings.method)
+        self.load_state(directory, identity)
+
+
+LoraTrainer = Trainer  # the name under which the LoRA-only version was introduced
+
+
+def _lora_settings_of(model: torch.nn.Module) -> LoraSettings:
+    """The LoraSettings of a peft model's active adapter (what its checkpoints' adapter_config.json records)."""
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    if config is None:
+        raise ValueError("method=lora but the model has no LoRA adapter (apply_lora first)")
+    targets = config.target_modules
+    return LoraSettings(r=config.r, alpha=float(config.lora_alpha), target_modules=sorted(targets),
+                        dropout=float(config.lora_dropout), use_rslora=bool(config.use_rslora))
+
+
+def load_weights(model: torch.nn.Module, directory: Path, method: str) -> None:
+    """Put a checkpoint's weights into ``model``: the adapter factors (LoRA) or the whole state dict (full)."""
+    if method == "lora":
+        factors, _ = load_adapter_state(directory / ADAPTER_DIR)
+        set_lora_factors(model, factors)
+        return
+    from safetensors.torch import load_file
+
+    files = sorted((directory / MODEL_DIR).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{directory / MODEL_DIR} has no safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if not m.endswith("lm_head.weight")]:  # tied lm_head is not saved
+        raise ValueError(f"{directory / MODEL_DIR} does not match the model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
 
 
 def _sum_over_workers(metrics: dict[str, float], world_size: int, device: torch.device) -> dict[str, float]:
@@ -369,6 +515,14 @@ def _sum_over_workers(metrics: dict[str, float], world_size: int, device: torch.
 # -------------------------------------------------------------------------------------------- worker
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
@@ -378,7 +532,8 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file() and (p / ADAPTER_DIR).is_dir()]
+    found = [p for p in root.glob("step-*")
+             if (p / STATE_FILE).is_file() and ((p / ADAPTER_DIR).is_dir() or (p / MODEL_DIR).is_dir())]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -393,6 +548,17 @@ class _LocalSession:
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
+
+    def init_deepspeed(self) -> None:
+        """DeepSpeed needs a process group even for one process."""
+        import deepspeed
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+            deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
 
     def restore_point(self) -> Path | None:
         return Path(self.resume_from) if self.resume_from else None
@@ -424,6 +590,11 @@ class _RaySession:
         import ray.train.torch
 
         return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def init_deepspeed(self) -> None:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")  # Ray's group
 
     def restore_point(self) -> Path | None:
         import ray.train
@@ -458,7 +629,9 @@ def train_worker(config: dict[str, Any]) -> None:
 def _train(cfg: TrainJobConfig, identity: str, session: _LocalSession | _RaySession) -> None:
     torch.manual_seed(cfg.train.seed)  # same LoRA A init on every worker
     model, tokenizer = load_model_and_tokenizer(cfg.model)
-    model = apply_lora(model, cfg.lora)
+    lora = cfg.lora if cfg.train.method == "lora" else None
+    if lora is not None:
+        model = apply_lora(model, lora)
     model.to(session.device)
     model.train()
     examples, report = load_training_examples(cfg.data, tokenizer, cfg.train.objective)
@@ -466,13 +639,17 @@ def _train(cfg: TrainJobConfig, identity: str, session: _LocalSession | _RaySess
         log.info("training on %d %s (%d read, %d skipped: %s)", len(examples),
                  "pairs" if cfg.train.objective == "dpo" else "samples", report.records_read, report.n_skipped,
                  report.skipped or "none")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    trainer = LoraTrainer(model, examples, cfg.train, pad, session.rank, session.world_size, session.device)
     restore = session.restore_point()
+    if restore is not None:  # weights first: ZeRO partitions them when the trainer is built
+        load_weights(model, restore, cfg.train.method)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if cfg.train.zero_stage:
+        session.init_deepspeed()
+    trainer = Trainer(model, examples, cfg.train, pad, session.rank, session.world_size, session.device, lora)
     if restore is not None:
-        trainer.load(restore, identity)
+        trainer.load_state(restore, identity)
         log.info("resumed at step %d from %s", trainer.step, restore)
-    forward = session.prepare(model)
+    forward = trainer.engine or session.prepare(model)
     every = cfg.train.checkpoint_every
     progress = _progress(trainer, session.rank)
     while trainer.step < trainer.total_steps:
@@ -480,16 +657,29 @@ def _train(cfg: TrainJobConfig, identity: str, session: _LocalSession | _RaySess
         progress.update(1)
         progress.set_postfix(loss=f"{metrics['loss']:.4f}")
         step = trainer.step
+        _maybe_fail(cfg, session, step)
         if (every and step % every == 0) or step == trainer.total_steps:
             with tempfile.TemporaryDirectory() as tmp:
-                directory = trainer.save(Path(tmp), identity) if session.rank == 0 else None
+                directory = trainer.save(Path(tmp), identity)  # every rank: ZeRO-3 gathers collectively
                 session.report(metrics, directory, checkpoint_name(step))
         elif step % cfg.train.log_every == 0:
             session.report(metrics, None, None)
     progress.close()
 
 
-def _progress(trainer: LoraTrainer, rank: int):
+def _maybe_fail(cfg: TrainJobConfig, session: _LocalSession | _RaySession, step: int) -> None:
+    """Fault drill (``scaling.fail_at_step``): rank 0 kills its own process once, at that step."""
+    if cfg.scaling.fail_at_step != step or session.rank != 0:
+        return
+    marker = Path(cfg.output.dir) / ".fault_drill_done"
+    if marker.exists():
+        return
+    marker.write_text(f"killed at step {step}\n")
+    log.warning("fault drill: killing training worker rank 0 at step %d", step)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _progress(trainer: Trainer, rank: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=trainer.total_steps, initial=trainer.step, desc=f"LoRA {trainer.settings.objective}",
@@ -651,6 +841,8 @@ def plot_training_curve(history: list[dict[str, float]], path: Path, objective: 
 
 __all__ = [
     "LoraTrainer",
+    "Trainer",
+    "load_weights",
     "TrainJobConfig",
     "TrainOutput",
     "TrainRun",
