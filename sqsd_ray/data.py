@@ -4,13 +4,14 @@ Pipeline::
 
     load_samples(cfg)                     file or HF dataset -> list[Sample], DataReport
     tokenize_samples(samples, tok, cfg, report)    -> list[TokenizedSample] (labels -100 on the prompt)
+    encode_prompt(sample, tok)                     -> prompt ids for generation (the same render as training)
     length_sorted_batches(...), collate(...)       -> padded torch batches
 
 Design
 ------
 * One canonical record, :class:`Sample`: the prompt turns (system/user/..., up to but not including the final
-  assistant turn) and the response text. Every source schema (alpaca, dolly, messages, prompt_response)
-  normalises to it, so later stages never see source-specific fields.
+  assistant turn) and the response text. Every source schema (alpaca, dolly, messages, prompt_response,
+  preference) normalises to it, so later stages never see source-specific fields.
   Single-turn schemas give one user turn: alpaca ``instruction + "\n\n" + input``, dolly
   ``instruction + "\n\n" + context`` (the extra text is simply appended after a blank line when non-empty,
   so both schemas read alike and no template-specific "### Input:" header is baked into the data);
@@ -39,9 +40,15 @@ Bad-record reasons (the keys of ``DataReport.skipped``): ``malformed_json``, ``m
 at tokenisation: ``overlong``, ``prompt_too_long``. Rows a ``preset`` or ``keep_if`` does not select are
 counted as ``not_selected`` (whatever ``on_bad_record`` says: they are not bad, just not wanted).
 
-Preference pairs (schema ``preference``: ``prompt`` or prompt-only ``messages``, plus ``chosen`` and
-``rejected``) are samples whose ``response`` is the chosen answer and ``rejected`` the other; their content id
-covers both. ``Sample.rejected_sample()`` gives the rejected side for tokenising.
+Row selection. Each record goes: ``field_map`` -> the preset's transform (:mod:`sqsd_ray.presets`; it maps
+the data set's fields and returns None for rows it does not select) -> ``keep_if`` (every listed field present
+and equal; a bool only equals a bool) -> schema normalisation. A record lacking a ``keep_if`` field is not
+selected; a ``keep_if`` field that *no* record has is a ConfigError after reading (most likely a typo).
+
+Preference pairs (schema ``preference``: ``prompt``, or ``messages`` that are all prompt and do not end with an
+assistant turn, plus non-blank ``chosen`` and ``rejected`` strings) are samples whose ``response`` is the
+chosen answer and ``rejected`` the other; their content id covers both (ids of other samples are unchanged).
+``Sample.rejected_sample()`` gives the rejected side, with the same prompt and id, for tokenising.
 """
 
 from __future__ import annotations
@@ -101,8 +108,8 @@ class DataConfig:
         "with path empty, the HF dataset name and split."
     )
     keep_if: dict[str, Any] = help_field(
-        {}, help="Keep only records whose fields equal these values (after field_map), e.g. {is_safe: false}; the "
-        "others are counted as not_selected."
+        {}, help="Keep only records whose fields equal these values (after field_map and the preset), e.g. "
+        "{is_safe: false}; the others, and records lacking a field, are counted as not_selected."
     )
     field_map: dict[str, str] = help_field(
         {}, help="Rename source fields before schema detection, e.g. {question: prompt, answer: response}."
@@ -141,6 +148,12 @@ class DataConfig:
             raise ConfigError(f"data.max_length must be >= 2 (a prompt and a response token), got {self.max_length}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"data.limit must be >= 1 or null, got {self.limit}")
+        if not isinstance(self.keep_if, dict):
+            raise ConfigError(f"data.keep_if must be a mapping of field -> value, got {self.keep_if!r}")
+        if self.preset is not None:  # an unknown name fails here, listing the known ones, not at load time
+            from .presets import get_preset
+
+            get_preset(self.preset)
 
 
 @dataclass(frozen=True)
@@ -430,8 +443,9 @@ def _as_record(value: Any, loc: Location, field_map: dict[str, str]) -> dict[str
 def detect_schema(keys: Sequence[str] | set[str], where: str) -> str:
     """Schema from one record's keys (after field_map); a DataError naming ``where`` and the keys if none fits.
 
-    Order: ``messages``; instruction with output/input -> alpaca; instruction with response/context -> dolly;
-    instruction alone -> alpaca (prompt-only); prompt -> prompt_response.
+    Order: chosen with rejected -> preference (such records also have prompt or messages); ``messages``;
+    instruction with output/input -> alpaca; instruction with response/context -> dolly; instruction alone ->
+    alpaca (prompt-only); prompt -> prompt_response.
     """
     keys = set(keys)
     if {"chosen", "rejected"} <= keys:
@@ -448,7 +462,8 @@ def detect_schema(keys: Sequence[str] | set[str], where: str) -> str:
         return "prompt_response"
     raise DataError(
         f"{where}: cannot detect the record schema from the first record's keys {sorted(keys)}; expected "
-        "instruction/input/output (alpaca), instruction/context/response (dolly), messages, or prompt/response. "
+        "instruction/input/output (alpaca), instruction/context/response (dolly), messages, prompt/response, "
+        "or prompt (or messages) with chosen/rejected (preference). "
         "Set data.schema, or rename fields with data.field_map",
         reason="schema_detection",
     )
@@ -506,11 +521,14 @@ def _normalise_fields(
         return prompt, response, {"messages"}
     if schema == "preference":
         if "messages" in record:  # every turn is prompt: the responses are chosen / rejected
-            prompt, final = _normalise_messages(record, loc, require_response=False)
-            if final:
+            # checked on the raw turns: _normalise_messages would take even an empty final assistant turn as
+            # the response, and it would vanish from the prompt unnoticed
+            last = record["messages"][-1] if isinstance(record["messages"], list) and record["messages"] else None
+            if isinstance(last, dict) and last.get("role") == "assistant":
                 raise DataError("a preference record's messages are the prompt and must not end with an assistant "
                                 "turn; put the responses in chosen / rejected", reason="wrong_type", location=loc,
                                 field="messages")
+            prompt, _ = _normalise_messages(record, loc, require_response=False)
         else:
             prompt = [{"role": "user", "content": _text(record, "prompt", loc, required=True)}]
         return prompt, _text(record, "chosen", loc, required=True), {"prompt", "messages", "chosen"}
@@ -609,8 +627,8 @@ def load_samples(cfg: DataConfig) -> tuple[list[Sample], DataReport]:
     skip_bad = cfg.on_bad_record == "skip"
     samples: list[Sample] = []
     first_by_id: dict[str, Sample] = {}
-    keep_if_seen = dict.fromkeys(cfg.keep_if, False)  # was each keep_if field in any record at all?
-    first_keys: list[str] = []
+    keep_if_seen = dict.fromkeys(cfg.keep_if, False)  # was each keep_if field in any record it checked?
+    keep_if_keys: list[str] | None = None  # the fields of the first record keep_if checked, for its error
 
     def reject(err: DataError, skip: bool) -> None:
         if not skip:
@@ -623,15 +641,19 @@ def load_samples(cfg: DataConfig) -> tuple[list[Sample], DataReport]:
         report.records_read += 1
         try:
             record = _as_record(value, loc, cfg.field_map)
-            first_keys = first_keys or sorted(record)
-            selected = _select(record, loc, transform, cfg.keep_if, keep_if_seen)
+            if transform is not None:
+                record = transform(record, loc)  # None: the preset does not select the row
         except DataError as err:
             reject(err, skip_bad)
             continue
-        if selected is None:
-            report.add_skip(DataError("not selected by the preset or data.keep_if", reason="not_selected", location=loc))
+        if record is not None and cfg.keep_if:
+            keep_if_keys = sorted(record) if keep_if_keys is None else keep_if_keys
+            if not _keep(record, cfg.keep_if, keep_if_seen):
+                record = None
+        if record is None:  # not a bad record, so counted whatever on_bad_record says
+            by = "data.keep_if" if transform is None else f"data.preset {cfg.preset} or data.keep_if"
+            report.add_skip(DataError(f"not selected by {by}", reason="not_selected", location=loc))
             continue
-        record = selected
         if not report.schema:
             report.schema = detect_schema(record.keys(), file)  # a file-level error: never skipped
         try:
@@ -658,30 +680,32 @@ def load_samples(cfg: DataConfig) -> tuple[list[Sample], DataReport]:
         first_by_id[sample.sample_id] = sample
         samples.append(sample)
         report.kept += 1
+    # A field no record has is more likely a typo than a filter that rightly keeps nothing.
     never_seen = [name for name, seen in keep_if_seen.items() if not seen]
-    if never_seen and report.records_read:
-        raise ConfigError(f"data.keep_if field {never_seen[0]!r} is in no record of {file}; the first record has "
-                          f"the fields {first_keys}")
+    if never_seen and keep_if_keys is not None:
+        after = " after the preset's transform" if transform is not None else ""
+        raise ConfigError(f"data.keep_if field {never_seen[0]!r} is in no record of {file}, so none was selected; "
+                          f"the first record has the fields {keep_if_keys}{after}")
     if report.n_skipped:
         only_unselected = set(report.skipped) == {"not_selected"}
         logger.log(logging.INFO if only_unselected else logging.WARNING, "%s", report.summary())
     return samples, report
 
 
-def _select(
-    record: dict[str, Any], loc: Location, transform: Any, keep_if: dict[str, Any], seen: dict[str, bool]
-) -> dict[str, Any] | None:
-    """The record after a preset's transform, or None when the preset or ``keep_if`` does not select it."""
-    if transform is not None:
-        record = transform(record, loc)
-        if record is None:
-            return None
-    for name, wanted in keep_if.items():
-        if name in record:
-            seen[name] = True
-        if name not in record or record[name] != wanted or type(record[name]) is not type(wanted):
-            return None
-    return record
+def _keep(record: dict[str, Any], keep_if: dict[str, Any], seen: dict[str, bool]) -> bool:
+    """Whether every ``keep_if`` field is present and equal; marks in ``seen`` the fields the record has.
+
+    A bool only equals a bool (``is_safe: false`` must not select a 0 score), while ``1`` still equals ``1.0``.
+    """
+    keep = True
+    for name, wanted in keep_if.items():  # no early exit: every field present is marked seen
+        if name not in record:
+            keep = False
+            continue
+        seen[name] = True
+        value = record[name]
+        keep = keep and isinstance(value, bool) == isinstance(wanted, bool) and value == wanted
+    return keep
 
 
 # ---------------------------------------------------------------------------------------------- tokenising
@@ -730,6 +754,24 @@ def _tokenizer_name(tokenizer: Any) -> str:
     return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
 
 
+def _has_chat_template(tokenizer: Any) -> bool:
+    global _warned_no_template
+    if getattr(tokenizer, "chat_template", None):
+        return True
+    if not _warned_no_template:
+        logger.warning("tokenizer %s has no chat template; using the plain fallback format: %s",
+                       _tokenizer_name(tokenizer), FALLBACK_FORMAT_DOC)
+        _warned_no_template = True
+    return False
+
+
+def _render_prompt(sample: Sample, tokenizer: Any) -> str:
+    """The prompt turns as text ending with the generation prompt (the prompt half of the training render)."""
+    if not _has_chat_template(tokenizer):
+        return _render_fallback(sample, tokenizer.eos_token or "")[0]
+    return tokenizer.apply_chat_template(list(sample.messages), add_generation_prompt=True, tokenize=False)
+
+
 def render_prompt_and_response(sample: Sample, tokenizer: Any) -> tuple[str, str]:
     """(prompt text ending with the generation prompt, response text including the end-of-turn token).
 
@@ -739,15 +781,10 @@ def render_prompt_and_response(sample: Sample, tokenizer: Any) -> tuple[str, str
     the model stops at eos and never generates it, so it would only add a meaningless near-zero-loss token.
     Without a chat template, the plain format in ``FALLBACK_FORMAT_DOC`` is used (warned once per process).
     """
-    global _warned_no_template
     eos = tokenizer.eos_token or ""
-    if not getattr(tokenizer, "chat_template", None):
-        if not _warned_no_template:
-            logger.warning("tokenizer %s has no chat template; using the plain fallback format: %s",
-                           _tokenizer_name(tokenizer), FALLBACK_FORMAT_DOC)
-            _warned_no_template = True
+    if not _has_chat_template(tokenizer):
         return _render_fallback(sample, eos)
-    prompt_text = tokenizer.apply_chat_template(list(sample.messages), add_generation_prompt=True, tokenize=False)
+    prompt_text = _render_prompt(sample, tokenizer)
     full_text = tokenizer.apply_chat_template(sample.conversation(), tokenize=False)
     if not full_text.startswith(prompt_text):
         at = next((i for i, (a, b) in enumerate(zip(prompt_text, full_text)) if a != b), len(prompt_text))
@@ -769,6 +806,15 @@ def encode_prompt_and_response(sample: Sample, tokenizer: Any) -> tuple[list[int
     prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
     response_ids = list(tokenizer(response_text, add_special_tokens=False)["input_ids"])
     return prompt_ids, response_ids
+
+
+def encode_prompt(sample: Sample, tokenizer: Any) -> list[int]:
+    """Token ids of the prompt alone, ending with the generation prompt: what a model is given to generate.
+
+    The same text and tokenisation as the prompt part of :func:`tokenize_sample`, so a generated response
+    continues exactly the context it was trained in. The response is not rendered (it may be '').
+    """
+    return list(tokenizer(_render_prompt(sample, tokenizer), add_special_tokens=False)["input_ids"])
 
 
 def _assemble(sample: Sample, prompt_ids: list[int], response_ids: list[int], max_length: int) -> TokenizedSample:
@@ -898,6 +944,7 @@ __all__ = [
     "collate",
     "content_id",
     "detect_schema",
+    "encode_prompt",
     "encode_prompt_and_response",
     "length_sorted_batches",
     "load_samples",

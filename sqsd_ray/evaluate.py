@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 
 from .config import ConfigError, help_field
-from .data import Sample, render_prompt_and_response
+from .data import Sample, encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +128,6 @@ def _prompt_sample(prompt: EvalPrompt, system_prompt: str | None) -> Sample:
     messages = ({"role": "system", "content": system_prompt},) if system_prompt else ()
     messages += ({"role": "user", "content": prompt.prompt},)
     return Sample(sample_id=prompt.prompt_id, messages=messages, response="", source="eval")
-
-
-def encode_prompt(sample: Sample, tokenizer: Any) -> list[int]:
-    """Token ids of the prompt turns ending with the generation prompt, rendered as in training."""
-    prompt_text, _ = render_prompt_and_response(sample, tokenizer)
-    return list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
 
 
 @torch.no_grad()
