@@ -907,6 +907,21 @@ def collate(
     }
 
 
+def pad_sequences(sequences: Sequence[Sequence[int]], pad_token_id: int, side: Literal["left", "right"] = "left"):
+    """(input_ids, attention_mask) long tensors for token lists of different lengths. Left padding makes every
+    row end at the last column (generation continues there); right padding keeps each row's start aligned."""
+    import torch
+
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        cols = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        ids[row, cols] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, cols] = 1
+    return ids, mask
+
+
 def length_sorted_batches(
     samples: Sequence[TokenizedSample] | Sequence[int], max_batch_size: int, max_tokens: int
 ) -> list[list[int]]:
@@ -949,6 +964,7 @@ __all__ = [
     "length_sorted_batches",
     "load_samples",
     "normalise_record",
+    "pad_sequences",
     "render_prompt_and_response",
     "tokenize_sample",
     "tokenize_samples",

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 
 from .config import ConfigError, help_field
-from .data import Sample, encode_prompt
+from .data import Sample, encode_prompt, pad_sequences
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +145,8 @@ def generate_responses(
     model.eval()
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in rows)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):  # left padding: every prompt ends where generation starts
-            input_ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            attention[r, width - len(encoded[i]):] = 1
+        input_ids, attention = pad_sequences([encoded[i] for i in rows], pad, "left")
+        width = input_ids.shape[1]
         out = model.generate(
             input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
