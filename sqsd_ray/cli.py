@@ -10,6 +10,7 @@
     sqsd-ray trajectory --config jobs/trajectory_tiny.yaml               # drift projections, Fig. 2, DS_drift
     sqsd-ray trajectory --compare runs/a runs/b --out fig3.png           # several runs side by side (Fig. 3)
     sqsd-ray init select --config jobs/init_tiny.yaml                    # θ_danger, θ_safety -> init_states.yaml
+    sqsd-ray evaluate --config jobs/evaluate_tiny.yaml                   # generate + judge model states
     sqsd-ray partition --set scores=runs/x/scores.parquet --set data.path=corpus.jsonl   # S1 ... S5 subsets
 
 Every --config may be given several times: the files merge key by key, later ones winning.
@@ -110,6 +111,17 @@ def cmd_partition(args: argparse.Namespace) -> int:
     return _run_job(args, PartitionConfig, run_partition)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .eval_run import EvalJobConfig, run_evaluate
+
+    def run(cfg):
+        out = run_evaluate(cfg)
+        print((out / "metrics.csv").read_text())
+        return out
+
+    return _run_job(args, EvalJobConfig, run)
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import run_quickstart
 
@@ -151,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="instead of running: plot these trajectory runs side by side (Fig. 3) to --out")
     trajectory.add_argument("--out", default="trajectories.png", help="figure written by --compare")
 
+    _job(sub, "evaluate", "generate on harmful prompts and judge: ASR (LlamaGuard / keywords), Safety Score",
+         cmd_evaluate)
     _job(sub, "partition", "cut a score file into risk bands S1 (riskiest) ... S5 as fine-tuning sets", cmd_partition)
 
     init = sub.add_parser("init", help="choose the initialisation states θ_danger, θ_safety")

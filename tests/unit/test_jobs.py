@@ -12,6 +12,7 @@ from sqsd_ray.dynamics import (
     TrajectoryConfig,
     ValidateConfig,
 )
+from sqsd_ray.eval_run import EvalJobConfig
 from sqsd_ray.score_run import ScoreJobConfig
 from tests.conftest import REPO_ROOT
 
@@ -22,6 +23,7 @@ KINDS = {
     "validate": ValidateConfig,
     "trajectory": TrajectoryConfig,
     "init": InitSelectConfig,
+    "evaluate": EvalJobConfig,
 }
 
 
