@@ -11,6 +11,7 @@
     sqsd-ray trajectory --compare runs/a runs/b --out fig3.png           # several runs side by side (Fig. 3)
     sqsd-ray init select --config jobs/init_tiny.yaml                    # θ_danger, θ_safety -> init_states.yaml
     sqsd-ray evaluate --config jobs/evaluate_tiny.yaml                   # generate + judge model states
+    sqsd-ray experiment effectiveness --config jobs/experiment_effectiveness_tiny.yaml   # Table 1 on CPU
     sqsd-ray partition --set scores=runs/x/scores.parquet --set data.path=corpus.jsonl   # S1 ... S5 subsets
 
 Every --config may be given several times: the files merge key by key, later ones winning.
@@ -122,6 +123,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return _run_job(args, EvalJobConfig, run)
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiments import ExperimentConfig, run_experiment
+
+    args.overrides = [f"kind={args.kind}", *args.overrides]
+
+    def run(cfg):
+        out = run_experiment(cfg)
+        print((out / "report.md").read_text())
+        return out
+
+    return _run_job(args, ExperimentConfig, run)
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import run_quickstart
 
@@ -166,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     _job(sub, "evaluate", "generate on harmful prompts and judge: ASR (LlamaGuard / keywords), Safety Score",
          cmd_evaluate)
     _job(sub, "partition", "cut a score file into risk bands S1 (riskiest) ... S5 as fine-tuning sets", cmd_partition)
+
+    experiment = sub.add_parser("experiment", help="score -> S1..S5 -> fine-tunes -> evaluation -> report (Tables 1-3)")
+    esub = experiment.add_subparsers(dest="kind", required=True)
+    for kind, what in (("effectiveness", "Table 1: ASR per risk band for each scoring method / direction"),
+                       ("transfer", "Table 2: ranked under one model, fine-tuned under another / at scale / full"),
+                       ("ablation", "Table 3: w/o norm, danger only, safety only, insensitive init"),
+                       ("lr-sweep", "App. F: the ranking under other fine-tuning learning rates")):
+        _job(esub, kind, what, cmd_experiment)
 
     init = sub.add_parser("init", help="choose the initialisation states θ_danger, θ_safety")
     isub = init.add_subparsers(dest="init_command", required=True)

@@ -1,7 +1,7 @@
 """S1…S5: risk bands of a scored corpus, written as fine-tuning sets (paper §5.3.1, Table 1).
 
 The scored samples are ranked by a score column (``sqsd`` by default, highest risk first; an ablation column
-such as ``danger_norm`` or a baseline's score works the same) and cut into ``n_bands`` contiguous rank bands
+such as ``danger_proj`` or a baseline's score works the same) and cut into ``n_bands`` contiguous rank bands
 of equal size. From each band ``subset_size`` samples are drawn: ``uniform`` takes evenly spaced ranks (the
 paper: "uniformly sampled from highest to lowest risk rankings"; with a 5k corpus and 1000 per band it is the
 whole band), ``random`` a seeded random subset, ``top`` the band's head. Samples without a finite score
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PartitionSettings:
-    column: str = help_field("sqsd", help="score column to rank by (sqsd, sqsd_raw, danger_norm, -safety_norm, ...)")
+    column: str = help_field("sqsd", help="score column to rank by (sqsd, sqsd_raw, danger_proj, ...; experiments add neg_safety_proj)")
     higher_is_riskier: bool = help_field(True, help="rank descending (true for SQSD and the danger projection)")
     n_bands: int = help_field(5, help="number of rank bands S1 (riskiest) ... Sn")
     subset_size: int | None = help_field(None, help="samples per band (paper: 1000); default the whole band")

@@ -635,6 +635,8 @@ def _train(cfg: TrainJobConfig, identity: str, session: _LocalSession | _RaySess
     model.to(session.device)
     model.train()
     examples, report = load_training_examples(cfg.data, tokenizer, cfg.train.objective)
+    if not examples:
+        raise ValueError(f"no training examples left in {cfg.data.path}:\n{report.summary()}")
     if session.rank == 0:
         log.info("training on %d %s (%d read, %d skipped: %s)", len(examples),
                  "pairs" if cfg.train.objective == "dpo" else "samples", report.records_read, report.n_skipped,

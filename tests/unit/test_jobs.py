@@ -13,6 +13,7 @@ from sqsd_ray.dynamics import (
     ValidateConfig,
 )
 from sqsd_ray.eval_run import EvalJobConfig
+from sqsd_ray.experiments import ExperimentConfig
 from sqsd_ray.score_run import ScoreJobConfig
 from tests.conftest import REPO_ROOT
 
@@ -24,6 +25,7 @@ KINDS = {
     "trajectory": TrajectoryConfig,
     "init": InitSelectConfig,
     "evaluate": EvalJobConfig,
+    "experiment": ExperimentConfig,
 }
 
 
