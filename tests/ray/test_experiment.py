@@ -63,3 +63,31 @@ def test_band_table_mono_and_delta():
     table = band_table(cfg, metrics)
     assert list(table["mono"]) == ["✓", "✗"] and list(table["delta"]) == [40, 20]
     assert table.attrs["base"] == 5.0
+
+
+@pytest.mark.ray
+def test_band_fine_tunes_run_side_by_side_on_ray_train(tmp_path, shared_data, local_ray):
+    directions = save_random_directions(tmp_path, "tiny-llama")
+    scores_cfg = [
+        "score.model.name_or_path=tiny-llama", f"score.data.path={shared_data / 'benign' / 'alpaca_1904.json'}",
+        "score.data.limit=8", "score.data.max_length=512",
+        f"score.directions.danger={directions['danger']}", f"score.directions.safety={directions['safety']}",
+        f"score.output.dir={tmp_path / 'scores'}", "score.ray.enabled=false", "score.fidelity.enabled=false"]
+    cfg = load_config(ExperimentConfig, None, [
+        *scores_cfg, "partition.n_bands=2", "partition.subset_size=3", "finetune.model.name_or_path=tiny-llama",
+        "finetune.data.max_length=512", "finetune.train.batch_size=3", "finetune.train.max_steps=2",
+        "finetune.train.checkpoint_every=0", "finetune.scaling.num_workers=1", "finetune.scaling.torch_threads=1",
+        "max_concurrent_finetunes=2", "evaluation.include_base=false", "evaluation.workers.use_ray=false",
+        f"evaluation.benchmarks=[{{benchmark: catqa, path: {shared_data / 'eval' / 'catqa_english.json'}, limit: 2, "
+        "max_new_tokens: 4}]", f"output_dir={tmp_path / 'exp'}"])
+    out = run_experiment(cfg)
+    table = pd.read_csv(out / "table.csv")
+    assert list(table.columns)[:3] == ["arm", "S1", "S2"] and len(table) == 1
+    spans = {}
+    for band in ("S1", "S2"):  # each band trained by Ray Train, its checkpoint reported into its run directory
+        run = out / "SQSD" / band
+        state = run / "train" / "step-000002" / "trainer_state.json"
+        assert state.is_file()
+        spans[band] = ((run / "train_config.yaml").stat().st_mtime, state.stat().st_mtime)
+    # side by side: each run started before the other one finished
+    assert spans["S1"][0] < spans["S2"][1] and spans["S2"][0] < spans["S1"][1]
