@@ -95,7 +95,7 @@ class GenerationActor:
             self.model.to("cuda")
         self.active: str | None = None
         self.full_model = None
-        self.settings = {b.benchmark + ":" + b.path: b for b in self.cfg.benchmarks}
+        self.settings = {_bench_key(b): b for b in self.cfg.benchmarks}
 
     def _activate(self, state: str):
         """The module to generate with for ``state`` (adapter swapped in, or a full model loaded)."""
@@ -158,12 +158,16 @@ class JudgeActor:
         })
 
 
+def _bench_key(bench: EvalSettings) -> str:
+    return f"{bench.label}:{bench.path}:{bench.hf_split}"
+
+
 def _rows(cfg: EvalJobConfig) -> list[dict[str, Any]]:
     rows = []
     for bench in cfg.benchmarks:
         prompts = load_eval_prompts(bench)
         for state in cfg.states:
-            rows += [{"state": state, "benchmark": bench.benchmark, "benchmark_key": bench.benchmark + ":" + bench.path,
+            rows += [{"state": state, "benchmark": bench.label, "benchmark_key": _bench_key(bench),
                       "prompt_id": p.prompt_id, "category": p.category, "prompt": p.prompt} for p in prompts]
     return rows
 

@@ -51,7 +51,7 @@ def keyword_refusal(text: str) -> bool:
 
 # --------------------------------------------------------------------------------------------- prompts
 
-Benchmark = Literal["catqa", "advbench", "hexphi", "jsonl"]
+Benchmark = Literal["catqa", "advbench", "hexphi", "jsonl", "hf"]
 
 
 @dataclass
@@ -60,14 +60,24 @@ class EvalSettings:
 
     benchmark: Benchmark = help_field(
         "catqa", help="catqa: CategoricalHarmfulQA JSON (category -> subcategory -> questions); advbench: CSV "
-        "goal column; hexphi: JSONL instruction column; jsonl: JSONL with a 'prompt' field"
+        "goal column; hexphi: JSONL instruction column; jsonl: JSONL with a 'prompt' field; hf: a Hugging Face "
+        "dataset (name or local dataset dir) read with datasets.load_dataset, fields from prompt_field / "
+        "category_field"
     )
-    path: str = help_field("../shared/data/eval/catqa_english.json", help="the benchmark file")
+    path: str = help_field("../shared/data/eval/catqa_english.json", help="the benchmark file, or the HF dataset")
+    name: str | None = help_field(None, help="label in outputs (default: the benchmark kind; needed to tell two hf sets apart)")
+    hf_split: str = help_field("train", help="benchmark hf: split")
+    prompt_field: str = help_field("prompt", help="benchmark hf: the field holding the harmful prompt")
+    category_field: str | None = help_field(None, help="benchmark hf: the field holding its category")
     limit: int | None = help_field(None, help="evaluate a seeded random subset of this many prompts (all if null)")
     seed: int = help_field(0, help="seed of the subset")
     max_new_tokens: int = help_field(128, help="greedy decoding length")
     batch_size: int = help_field(16, help="prompts per generate call")
     system_prompt: str | None = help_field(None, help="system message for every prompt")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.benchmark
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -85,7 +95,7 @@ class EvalPrompt:
 
 def _read_prompts(cfg: EvalSettings) -> list[tuple[str, str]]:
     path = Path(cfg.path)
-    if not path.is_file():
+    if cfg.benchmark != "hf" and not path.is_file():
         raise FileNotFoundError(f"eval prompts file {path} does not exist (eval.path)")
     if cfg.benchmark == "catqa":
         tree = json.loads(path.read_text())
@@ -99,6 +109,8 @@ def _read_prompts(cfg: EvalSettings) -> list[tuple[str, str]]:
                 raise ValueError(f"{path}: AdvBench CSV needs a 'goal' column, has {reader.fieldnames}")
             return [(row["goal"], "advbench") for row in reader]
     key = "instruction" if cfg.benchmark == "hexphi" else "prompt"
+    if cfg.benchmark == "hf":
+        return _read_hf_prompts(cfg)
     out = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -110,10 +122,27 @@ def _read_prompts(cfg: EvalSettings) -> list[tuple[str, str]]:
     return out
 
 
+def _read_hf_prompts(cfg: EvalSettings) -> list[tuple[str, str]]:
+    import datasets
+
+    rows = datasets.load_dataset(cfg.path, split=cfg.hf_split)
+    missing = [f for f in (cfg.prompt_field, cfg.category_field) if f and f not in rows.column_names]
+    if missing:
+        raise ValueError(f"HF benchmark {cfg.path} ({cfg.hf_split}) has no field {missing[0]!r}; fields: "
+                         f"{rows.column_names} (set eval prompt_field / category_field)")
+    out = []
+    for index, row in enumerate(rows):
+        prompt = row[cfg.prompt_field]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"HF benchmark {cfg.path} record {index}: {cfg.prompt_field!r} is not a non-empty string")
+        out.append((prompt, str(row[cfg.category_field]) if cfg.category_field else cfg.label))
+    return out
+
+
 def load_eval_prompts(cfg: EvalSettings) -> list[EvalPrompt]:
     """The benchmark's prompts (a seeded subset when ``limit`` is set). Ids are positions in the file
     (``catqa-0042``): CatQA repeats a few questions under different categories, so text is no key."""
-    prompts = [EvalPrompt(f"{cfg.benchmark}-{i:04d}", p, c) for i, (p, c) in enumerate(_read_prompts(cfg))]
+    prompts = [EvalPrompt(f"{cfg.label}-{i:04d}", p, c) for i, (p, c) in enumerate(_read_prompts(cfg))]
     if not prompts:
         raise ValueError(f"{cfg.path}: no prompts")
     if cfg.limit is not None and cfg.limit < len(prompts):

@@ -192,7 +192,7 @@ def band_table(cfg: ExperimentConfig, metrics: pd.DataFrame) -> pd.DataFrame:
     if metric not in metrics.columns:
         raise ConfigError(f"evaluation.metric {metric!r} is not measured; available: "
                           f"{[c for c in metrics.columns if c not in ('state', 'benchmark', 'n')]}")
-    benchmark = cfg.evaluation.benchmark or cfg.evaluation.benchmarks[0].benchmark
+    benchmark = cfg.evaluation.benchmark or cfg.evaluation.benchmarks[0].label
     rows = metrics[metrics["benchmark"] == benchmark]
     bands = [f"S{i + 1}" for i in range(cfg.partition.n_bands)]
     table = []

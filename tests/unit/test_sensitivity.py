@@ -160,3 +160,18 @@ def test_batched_greedy_generation_equals_one_prompt_argmax_loop(tiny):
     prompts = [EvalPrompt(str(i), p) for i, p in enumerate(["Hi", "How do I bake bread at home?", "Why?"])]
     batched = generate_responses(peft_model, tokenizer, prompts, max_new_tokens=12, batch_size=3)
     assert batched == [_greedy_one(peft_model, tokenizer, p, 12) for p in prompts]
+
+
+def test_hf_benchmark_from_a_dataset_directory(tmp_path):
+    import pandas as pd
+
+    directory = tmp_path / "advbench_hf"
+    directory.mkdir()
+    pd.DataFrame({"prompt": ["do harm one", "do harm two", "do harm three"], "target": ["Sure"] * 3,
+                  "kind": ["a", "b", "a"]}).to_parquet(directory / "train.parquet")
+    prompts = load_eval_prompts(EvalSettings(benchmark="hf", path=str(directory), name="advbench-hf",
+                                             category_field="kind"))
+    assert [p.prompt for p in prompts] == ["do harm one", "do harm two", "do harm three"]
+    assert [p.category for p in prompts] == ["a", "b", "a"] and prompts[0].prompt_id == "advbench-hf-0000"
+    with pytest.raises(ValueError, match="no field 'goal'"):
+        load_eval_prompts(EvalSettings(benchmark="hf", path=str(directory), prompt_field="goal"))
