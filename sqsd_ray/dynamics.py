@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -133,6 +133,9 @@ class ValidateConfig:
         {}, help="name -> direction file (or peft adapter dir); kind (danger/safety) from the file's metadata. "
         "Several safety directions (e.g. DPO checkpoints 7000/8000/9000) give Table 4's candidates."
     )
+    direction_kinds: dict[str, Literal["danger", "safety"]] = help_field(
+        {}, help="name -> kind, required for peft adapter dirs (which do not record it); overrides file metadata"
+    )
     alphas: list[float] = help_field(
         [round(0.1 * i, 1) for i in range(0, 21)], help="steering grid α (Eq. 14); holds α ± delta for DS_linear"
     )
@@ -149,11 +152,19 @@ class ValidateConfig:
             raise ConfigError("alphas: give at least two steering magnitudes")
 
 
-def _direction_kind(path: str) -> str:
+def _direction_kind(path: str, name: str = "", kinds: dict[str, str] | None = None) -> str:
+    if kinds and name in kinds:
+        return kinds[name]
     p = Path(path)
     if p.suffix == ".safetensors":
         return Direction.read_header(p)["metadata"].get("kind", "danger")
-    return "danger"
+    raise ConfigError(f"direction {name!r} is a peft adapter dir, which does not record whether it is a danger or a "
+                      f"safety direction: set direction_kinds.{name}, or export it with `sqsd-ray directions export`")
+
+
+def _absolute(paths: dict[str, str]) -> dict[str, str]:
+    """Direction paths as absolute paths: run configs are read later, maybe from another directory."""
+    return {name: str(Path(p).resolve()) for name, p in paths.items()}
 
 
 def run_validate(cfg: ValidateConfig) -> Path:
@@ -161,8 +172,10 @@ def run_validate(cfg: ValidateConfig) -> Path:
     from .directions import init_state_from_direction
 
     out = _prepare_dir(cfg.output.dir, cfg.output.overwrite)
+    cfg = replace(cfg, directions=_absolute(cfg.directions))
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    directions = {name: load_direction(path, _direction_kind(path)) for name, path in cfg.directions.items()}
+    directions = {name: load_direction(path, _direction_kind(path, name, cfg.direction_kinds))
+                  for name, path in cfg.directions.items()}
     alphas = sorted(set(cfg.alphas))
     states: dict[str, dict | None] = {"alpha=0": None}  # θ0 is shared by every direction
     for name, direction in directions.items():
@@ -253,8 +266,9 @@ def run_trajectory(cfg: TrajectoryConfig) -> Path:
     run = load_run(cfg.from_run) if cfg.from_run else run_training(cfg)
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
+    cfg = replace(cfg, directions=_absolute(cfg.directions))
     (out / "trajectory_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    directions = {name: load_direction(path, _direction_kind(path)) for name, path in cfg.directions.items()}
+    directions = {name: load_direction(path, _direction_kind(path, name)) for name, path in cfg.directions.items()}
     states: dict[str, dict | None] = {"step-000000": None}
     points = [{"step": 0, "checkpoint": "", "drift_norm": 0.0, **{f"proj_{n}": 0.0 for n in directions}}]
     for checkpoint in run.checkpoints:

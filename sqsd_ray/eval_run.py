@@ -63,6 +63,9 @@ class EvalJobConfig:
             raise ConfigError("states: name at least one model state to evaluate")
         if not self.benchmarks or not self.judges:
             raise ConfigError("benchmarks and judges must not be empty")
+        labels = [b.label for b in self.benchmarks]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"benchmarks: two entries are both labelled {labels}; give each a distinct name")
 
 
 def state_kind(spec: str) -> str:
@@ -99,18 +102,33 @@ class GenerationActor:
 
     def _activate(self, state: str):
         """The module to generate with for ``state`` (adapter swapped in, or a full model loaded)."""
-        from .models import load_adapter_state, load_model, set_lora_factors
+        import torch
+
+        from .models import (
+            get_lora_scalings,
+            load_adapter_state,
+            load_model,
+            set_lora_factors,
+        )
 
         spec = self.cfg.states[state]
         kind = state_kind(spec)
         if kind == "full":
             if self.active != state:
+                self.full_model = None  # free the previous one first
                 self.full_model = load_model(replace(self.cfg.model, name_or_path=spec))
+                if torch.cuda.is_available():
+                    self.full_model.to("cuda")
                 self.active = state
             return self.full_model
         if self.active != state:
             if kind == "adapter":
-                set_lora_factors(self.model, load_adapter_state(spec)[0])
+                factors, info = load_adapter_state(spec)
+                # ΔW = s·B·A: an adapter trained with another α/r (or rsLoRA) keeps its ΔW when B is rescaled to
+                # this model's scaling s
+                ours = get_lora_scalings(self.model)
+                factors = {m: (a, b * (info.module_scalings[m] / ours[m])) for m, (a, b) in factors.items()}
+                set_lora_factors(self.model, factors)
             self.active, self.full_model = state, None
         return self.model
 
@@ -204,11 +222,13 @@ def generate_and_judge(cfg: EvalJobConfig) -> pd.DataFrame:
     ds = ds.map_batches(GenerationActor, fn_constructor_kwargs={"cfg_dict": to_dict(cfg), "threads": threads},
                         compute=ray.data.ActorPoolStrategy(size=workers.generators), **common)
     for name, judge in cfg.judges.items():
+        # the keyword judge is string matching: it never holds a GPU
+        judge_resources = {**common, "num_gpus": 0 if judge.kind == "keyword" else workers.gpus_per_actor}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             ds = ds.map_batches(JudgeActor, fn_constructor_kwargs={"name": name, "settings_dict": to_dict(judge),
                                                                    "threads": threads},
-                                compute=ray.data.ActorPoolStrategy(size=workers.judges), **common)
+                                compute=ray.data.ActorPoolStrategy(size=workers.judges), **judge_resources)
     return ds.to_pandas()
 
 

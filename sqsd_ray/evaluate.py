@@ -159,6 +159,16 @@ def _prompt_sample(prompt: EvalPrompt, system_prompt: str | None) -> Sample:
     return Sample(sample_id=prompt.prompt_id, messages=messages, response="", source="eval")
 
 
+def _stop_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    """The model's own stop tokens (a generation config may list several, e.g. end-of-turn and end-of-text) plus
+    the tokenizer's eos: replacing them by one would let generation run past the end of the turn."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = configured if isinstance(configured, list) else [configured] if configured is not None else []
+    if tokenizer.eos_token_id is not None:
+        ids = [*ids, tokenizer.eos_token_id]
+    return sorted(set(int(i) for i in ids))
+
+
 @torch.no_grad()
 def generate_responses(
     model: torch.nn.Module, tokenizer: Any, prompts: Sequence[EvalPrompt], max_new_tokens: int = 128,
@@ -169,6 +179,7 @@ def generate_responses(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    stop_ids = _stop_token_ids(model, tokenizer)
     responses: list[str] = [""] * len(encoded)
     was_training = model.training
     model.eval()
@@ -178,7 +189,7 @@ def generate_responses(
         width = input_ids.shape[1]
         out = model.generate(
             input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+            do_sample=False, pad_token_id=pad, eos_token_id=stop_ids,
         )
         for r, i in enumerate(rows):
             responses[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True)

@@ -145,14 +145,23 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     jobs = _finetune_jobs(cfg, out)
     log.info("experiment %s: %d arms x %d bands = %d fine-tunes", cfg.kind, len(cfg.arms), cfg.partition.n_bands,
              len(jobs))
-    with ThreadPoolExecutor(max_workers=cfg.max_concurrent_finetunes) as pool:
+    concurrent = cfg.max_concurrent_finetunes
+    if concurrent > 1 and not all(job.scaling.use_ray for job in jobs.values()):
+        # in-process runs share this process's torch RNG, thread count and process group
+        log.warning("max_concurrent_finetunes=%d needs finetune.scaling.use_ray; running them one at a time", concurrent)
+        concurrent = 1
+    if concurrent > 1:
+        from .runtime import init_ray
+
+        init_ray(next(iter(jobs.values())).scaling)  # once, before the threads (each would race to start it)
+    with ThreadPoolExecutor(max_workers=concurrent) as pool:
         runs = dict(zip(jobs, pool.map(run_training, jobs.values())))
     states = {f"{arm}/{band}": _final_state(run.dir, jobs[(arm, band)].train.method)
               for (arm, band), run in runs.items()}
     if cfg.evaluation.include_base:
         states = {"base": "base", **states}
-    models = {job.model.name_or_path for job in jobs.values()}
-    if len(models) > 1 or any(job.train.method == "full" for job in jobs.values()):
+    bases = {json.dumps([to_dict(job.model), to_dict(job.lora)], sort_keys=True) for job in jobs.values()}
+    if len(bases) > 1 or any(job.train.method == "full" for job in jobs.values()):
         # adapters of another base model, or whole models: one evaluation per arm, on its own base
         eval_dirs = _evaluate_per_arm(cfg, jobs, states, out)
     else:
@@ -205,8 +214,9 @@ def band_table(cfg: ExperimentConfig, metrics: pd.DataFrame) -> pd.DataFrame:
         higher_is_worse = not metric.endswith("safety_score")
         steps = np.diff(values)
         mono = bool(np.all(steps <= 1e-9) if higher_is_worse else np.all(steps >= -1e-9))
+        complete = bool(np.all(np.isfinite(values)))  # a missing band leaves Mono undecided, not ✗
         table.append({"arm": arm.name, **dict(zip(bands, values)), "delta": values[0] - values[-1],
-                      "mono": "✓" if mono else "✗"})
+                      "mono": ("✓" if mono else "✗") if complete else "n/a"})
     base = rows[rows["state"].str.endswith("base")]
     frame = pd.DataFrame(table)
     frame.attrs["base"] = float(base[metric].iloc[0]) if len(base) else None

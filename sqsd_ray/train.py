@@ -151,10 +151,37 @@ class TrainJobConfig:
     output: TrainOutput = field(default_factory=TrainOutput)
 
 
+# Settings that change how a run is laid out or logged, not the weights it produces: a resume may change them
+# (e.g. a smaller micro-batch after running out of memory).
+LAYOUT_KEYS = {"train": ("micro_batch_size", "zero_stage", "offload_optimizer", "stage3_param_persistence_threshold",
+                         "log_every", "checkpoint_every"),
+               "model": ("attn_implementation",)}
+
+
+def data_fingerprint(data: DataConfig) -> str:
+    """Content hash of a local data file (the same path may be rewritten, e.g. S1.jsonl of a new partition);
+    an HF dataset is identified by its name, subset and split."""
+    path = Path(data.path)
+    if data.format == "hf" or not path.is_file():
+        return f"{data.path}|{data.hf_subset}|{data.hf_split}"
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def training_identity(cfg: TrainJobConfig) -> str:
-    """Hash of what determines the trained weights (not where they are written, nor how many workers)."""
-    return stable_hash({"model": to_dict(cfg.model), "lora": to_dict(cfg.lora), "data": to_dict(cfg.data),
-                        "train": to_dict(cfg.train)})
+    """Hash of what determines the trained weights: model, LoRA, data (config and file content) and the
+    optimisation; not where they are written, how many workers share the work, or how it is logged."""
+    sections = {name: to_dict(getattr(cfg, name)) for name in ("model", "lora", "data", "train")}
+    for section, keys in LAYOUT_KEYS.items():
+        for key in keys:
+            sections[section].pop(key, None)
+    sections["data_content"] = data_fingerprint(cfg.data)
+    return stable_hash(sections)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -192,13 +219,17 @@ def load_training_examples(data: DataConfig, tokenizer: Any, objective: str) -> 
     rejected_report.kept = len(samples)
     rejected = {t.sample_id: t for t in tokenize_samples([s.rejected_sample() for s in samples], tokenizer, data,
                                                          rejected_report)}
-    examples = []
-    for s in samples:
-        if s.sample_id in chosen and s.sample_id in rejected:
-            examples.append(TrainingExample(chosen[s.sample_id], rejected[s.sample_id]))
-        elif s.sample_id in chosen:  # the chosen side fit but the rejected one did not: the pair goes
-            report.kept -= 1
-            report.skipped["rejected_overlong"] = report.skipped.get("rejected_overlong", 0) + 1
+    examples = [TrainingExample(chosen[s.sample_id], rejected[s.sample_id])
+                for s in samples if s.sample_id in chosen and s.sample_id in rejected]
+    # a pair whose chosen side fit but whose rejected side did not goes too, counted under the rejected side's
+    # reason (rejected_overlong, rejected_prompt_too_long) with its message
+    dropped = len(chosen) - len(examples)
+    if dropped:
+        report.kept -= dropped
+        for reason, count in rejected_report.skipped.items():
+            report.skipped[f"rejected_{reason}"] = report.skipped.get(f"rejected_{reason}", 0) + count
+            report.examples.setdefault(f"rejected_{reason}", []).extend(rejected_report.examples.get(reason, []))
+        report.skipped = {k: v for k, v in report.skipped.items() if v}
     report.truncated += rejected_report.truncated
     return examples, report
 
@@ -555,13 +586,33 @@ class _LocalSession:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+            self._saved_env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK",
+                                                               "WORLD_SIZE")}
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
+                              WORLD_SIZE="1")
             deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+
+    def close(self) -> None:
+        """Undo init_deepspeed: the process group and the environment (runs in this process come and go)."""
+        saved = getattr(self, "_saved_env", None)
+        if saved is None:
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._saved_env = None
 
     def restore_point(self) -> Path | None:
         return Path(self.resume_from) if self.resume_from else None
+
+    def release_restore(self) -> None:
+        pass
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, name: str | None) -> None:
         if checkpoint_dir is not None:
@@ -601,8 +652,17 @@ class _RaySession:
 
         checkpoint = ray.train.get_checkpoint()  # set after a worker-group restart (fault tolerance)
         if checkpoint is not None:
-            return Path(checkpoint.to_directory())
+            self._copy = Path(checkpoint.to_directory())  # a local copy: removed once loaded (release_restore)
+            return self._copy
         return Path(self.resume_from) if self.resume_from else None
+
+    def close(self) -> None:
+        pass  # Ray Train owns the process group
+
+    def release_restore(self) -> None:
+        copy = getattr(self, "_copy", None)
+        if copy is not None and self.resume_from != str(copy):
+            shutil.rmtree(copy, ignore_errors=True)
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, name: str | None) -> None:
         import ray.train
@@ -623,6 +683,7 @@ def train_worker(config: dict[str, Any]) -> None:
     try:
         _train(cfg, config["identity"], session)
     finally:
+        session.close()
         torch.set_num_threads(previous_threads)  # in-process runs leave the caller's setting as it was
 
 
@@ -650,8 +711,18 @@ def _train(cfg: TrainJobConfig, identity: str, session: _LocalSession | _RaySess
     trainer = Trainer(model, examples, cfg.train, pad, session.rank, session.world_size, session.device, lora)
     if restore is not None:
         trainer.load_state(restore, identity)
+        session.release_restore()
         log.info("resumed at step %d from %s", trainer.step, restore)
     forward = trainer.engine or session.prepare(model)
+    try:
+        _loop(cfg, identity, session, trainer, forward)
+    finally:
+        if trainer.engine is not None:
+            trainer.engine.destroy()  # ZeRO-3 hooks and buffers hold memory until released
+
+
+def _loop(cfg: TrainJobConfig, identity: str, session: _LocalSession | _RaySession, trainer: Trainer,
+          forward: torch.nn.Module) -> None:
     every = cfg.train.checkpoint_every
     progress = _progress(trainer, session.rank)
     while trainer.step < trainer.total_steps:
@@ -744,6 +815,9 @@ def _prepare_output(cfg: TrainJobConfig, identity: str) -> Path | None:
 
 def run_training(cfg: TrainJobConfig) -> TrainRun:
     """Train ``cfg`` to completion (resuming if possible) and return the run's checkpoints and history."""
+    if cfg.train.batch_size % cfg.scaling.num_workers:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} must be a multiple of scaling.num_workers "
+                          f"{cfg.scaling.num_workers}")
     identity = training_identity(cfg)
     resume = _prepare_output(cfg, identity)
     out = Path(cfg.output.dir).resolve()

@@ -63,6 +63,8 @@ def test_band_table_mono_and_delta():
     table = band_table(cfg, metrics)
     assert list(table["mono"]) == ["✓", "✗"] and list(table["delta"]) == [40, 20]
     assert table.attrs["base"] == 5.0
+    partial = band_table(cfg, metrics[metrics["state"] != "b/S3"])
+    assert list(partial["mono"]) == ["✓", "n/a"]  # a missing band leaves Mono undecided
 
 
 @pytest.mark.ray

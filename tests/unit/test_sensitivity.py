@@ -175,3 +175,13 @@ def test_hf_benchmark_from_a_dataset_directory(tmp_path):
     assert [p.category for p in prompts] == ["a", "b", "a"] and prompts[0].prompt_id == "advbench-hf-0000"
     with pytest.raises(ValueError, match="no field 'goal'"):
         load_eval_prompts(EvalSettings(benchmark="hf", path=str(directory), prompt_field="goal"))
+
+
+def test_an_adapter_dir_direction_needs_its_kind(tmp_path):
+    from sqsd_ray.config import ConfigError
+    from sqsd_ray.dynamics import _direction_kind
+
+    (tmp_path / "adapter").mkdir()
+    with pytest.raises(ConfigError, match="direction_kinds.dpo"):
+        _direction_kind(str(tmp_path / "adapter"), "dpo")
+    assert _direction_kind(str(tmp_path / "adapter"), "dpo", {"dpo": "safety"}) == "safety"

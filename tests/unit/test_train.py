@@ -224,6 +224,13 @@ def test_run_training_in_process_writes_checkpoints_and_resumes(tmp_path):
     assert (adapter / "adapter_model.safetensors").is_file() and not list(adapter.glob("*.bin"))
     again = run_training(cfg)  # the same finished job: nothing to do, same checkpoints
     assert [p.name for p in again.checkpoints] == [p.name for p in run.checkpoints]
+    cfg.train.micro_batch_size = 2  # how the work is laid out is not part of the job: still the same run
+    assert [p.name for p in run_training(cfg).checkpoints] == [p.name for p in run.checkpoints]
+    cfg.train.micro_batch_size = None
+    _write_jsonl(data, PROMPTS[:9])  # same path, new content: another job, refused rather than silently reused
+    with pytest.raises(FileExistsError, match="different job"):
+        run_training(cfg)
+    _write_jsonl(data, PROMPTS)
     cfg.train.lr = 2e-3  # another job in the same directory is refused
     with pytest.raises(FileExistsError, match="different job"):
         run_training(cfg)
