@@ -1,0 +1,169 @@
+"""The paper's baselines (App. D) as batch scorers: padded batch in, one risk value per sample out.
+
+    RewardModelScorer     Risk = cost of (prompt, response) under beaver-7b-unified-cost (Eq. 20)
+    RepsScorer            Bi-Anchor(Reps): max cosine of the final-layer hidden state at the second-to-last
+                          token with the harmful anchors' (Eq. 21)
+    GradAnchorScorer      Bi-Anchor(Grad): ⟨ĝ, ḡ_harm⟩ − ⟨ĝ, ḡ_safe1⟩ − ⟨ĝ, ḡ_safe2⟩, ĝ the L2-normalised
+                          per-sample gradient, ḡ the anchor sets' mean normalised gradients (Eq. 22)
+    SelfInfNScorer        Self-Inf-N: log(‖g‖² + 1) + log(|y| + 1) (Eq. 23-24)
+
+The gradient baselines use the LoRA gradient (g_A, g_B of every adapted module) computed for the whole padded
+batch in one backward with the same hooks and per-sample kernel as SQSD (``hooks.LoraGradCapture``,
+``kernel.per_sample_lora_grads``), reduced to squared norms and anchor inner products inside the hook: no
+per-sample gradient outlives its module. The LoRA state the gradient is taken at is the caller's (a fresh peft
+adapter has B = 0, where g_A vanishes: give it a non-zero state, e.g. a pilot checkpoint).
+Plain torch; no Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .hooks import LoraGradCapture
+from .kernel import per_sample_lora_grads
+from .models import get_lora_factors, lora_layers
+from .score import per_sample_mean_nll
+
+GradDict = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (g_A, g_B) of one vector
+
+
+def _to(batch: Mapping, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device)
+
+
+class LoraGradientFeatures:
+    """Per-sample LoRA gradients of a batch, reduced on the fly to ‖g‖² and ⟨g, anchor⟩ for fixed anchors."""
+
+    def __init__(self, peft_model: nn.Module, adapter_name: str = "default") -> None:
+        self.model, self.adapter = peft_model, adapter_name
+        self.layers = lora_layers(peft_model, adapter_name)
+        self.factors = get_lora_factors(peft_model, adapter_name)
+        self.device = next(peft_model.parameters()).device
+
+    def run(self, batch: Mapping, anchors: Mapping[str, GradDict] | None = None, keep: bool = False):
+        """(‖g‖² (n,), {anchor: ⟨g, anchor⟩ (n,)}, per-sample loss (n,), and with ``keep`` the full per-sample
+        gradients {module: (g_A (n,r,d_in), g_B (n,d_out,r))} — only for small sets such as the anchors)."""
+        input_ids, attention_mask, labels = _to(batch, self.device)
+        token_mask = attention_mask.bool() if bool((attention_mask == 0).any()) else None
+        n = input_ids.shape[0]
+        sq_norm = torch.zeros(n, dtype=torch.float64, device=self.device)
+        inner = {name: torch.zeros(n, dtype=torch.float64, device=self.device) for name in (anchors or {})}
+        kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def on_grad(module: str, x: torch.Tensor, a: torch.Tensor, gu: torch.Tensor) -> None:
+            _, B0 = self.factors[module]
+            g_a, g_b = per_sample_lora_grads(x, a, gu, B0.to(x.device), token_mask)
+            sq_norm.add_(g_a.pow(2).sum((1, 2)).double() + g_b.pow(2).sum((1, 2)).double())
+            for name, anchor in (anchors or {}).items():
+                anchor_a, anchor_b = anchor[module]
+                inner[name].add_(((g_a * anchor_a.to(g_a)).sum((1, 2)) + (g_b * anchor_b.to(g_b)).sum((1, 2))).double())
+            if keep:
+                kept[module] = (g_a.detach().cpu(), g_b.detach().cpu())
+
+        self.model.zero_grad(set_to_none=True)
+        with LoraGradCapture(self.model, self.adapter, on_grad, layers=self.layers):
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            losses, _ = per_sample_mean_nll(logits, labels)
+            del logits
+            losses.sum().backward()  # each sample's own mean-NLL gradient (the sum keeps them apart)
+        self.model.zero_grad(set_to_none=True)
+        return sq_norm, inner, losses.detach(), kept
+
+
+def mean_normalised_gradient(per_sample: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> GradDict:
+    """ḡ = mean over samples of g / ‖g‖ (the norm over every module), per module as (A, B) tensors."""
+    sq = sum(g_a.double().pow(2).sum((1, 2)) + g_b.double().pow(2).sum((1, 2)) for g_a, g_b in per_sample.values())
+    norm = sq.sqrt().clamp_min(1e-30)
+    return {m: ((g_a.double() / norm[:, None, None]).mean(0), (g_b.double() / norm[:, None, None]).mean(0))
+            for m, (g_a, g_b) in per_sample.items()}
+
+
+class SelfInfNScorer:
+    """Self-Inf-N (Guan et al. 2025): log(‖g‖² + 1) + log(|y| + 1), |y| the response tokens."""
+
+    column = "self_inf_n"
+
+    def __init__(self, peft_model: nn.Module, adapter_name: str = "default") -> None:
+        self.features = LoraGradientFeatures(peft_model, adapter_name)
+
+    def score_batch(self, batch: Mapping) -> dict[str, np.ndarray]:
+        sq_norm, _, losses, _ = self.features.run(batch)
+        n_response = (batch["labels"][:, 1:] != -100).sum(1).double()
+        risk = torch.log1p(sq_norm.cpu()) + torch.log1p(n_response)
+        return {"sample_id": np.asarray(batch["sample_ids"]), self.column: risk.numpy(),
+                "self_influence": sq_norm.cpu().numpy(), "loss": losses.cpu().double().numpy()}
+
+
+class GradAnchorScorer:
+    """Bi-Anchor(Grad) (He et al. 2024): weights (1, −1, −1) on the harmful and two safe anchor means."""
+
+    column = "bianchor_grad"
+    WEIGHTS = {"harmful": 1.0, "safe1": -1.0, "safe2": -1.0}
+
+    def __init__(self, peft_model: nn.Module, anchor_batches: Mapping[str, Sequence[Mapping]],
+                 adapter_name: str = "default") -> None:
+        """``anchor_batches``: harmful / safe1 / safe2 -> padded batches of that anchor set."""
+        if set(anchor_batches) != set(self.WEIGHTS):
+            raise ValueError(f"Bi-Anchor(Grad) needs the anchor sets {sorted(self.WEIGHTS)}, got {sorted(anchor_batches)}")
+        self.features = LoraGradientFeatures(peft_model, adapter_name)
+        self.anchors: dict[str, GradDict] = {}
+        for name, batches in anchor_batches.items():
+            grads: dict[str, list] = {}
+            for batch in batches:
+                for module, (g_a, g_b) in self.features.run(batch, keep=True)[3].items():
+                    grads.setdefault(module, []).append((g_a, g_b))
+            stacked = {m: (torch.cat([a for a, _ in v]), torch.cat([b for _, b in v])) for m, v in grads.items()}
+            self.anchors[name] = mean_normalised_gradient(stacked)
+
+    def score_batch(self, batch: Mapping) -> dict[str, np.ndarray]:
+        sq_norm, inner, losses, _ = self.features.run(batch, anchors=self.anchors)
+        norm = sq_norm.sqrt().clamp_min(1e-30)
+        risk = sum(weight * inner[name] / norm for name, weight in self.WEIGHTS.items())
+        out = {"sample_id": np.asarray(batch["sample_ids"]), self.column: risk.cpu().numpy(),
+               "loss": losses.cpu().double().numpy()}
+        out.update({f"cos_{name}": (inner[name] / norm).cpu().numpy() for name in self.WEIGHTS})
+        return out
+
+
+def second_to_last_hidden(model: nn.Module, batch: Mapping) -> torch.Tensor:
+    """Final-layer hidden state at each sequence's second-to-last real token (the last is the end-of-turn
+    token), for right- or left-padded batches: (n, hidden)."""
+    input_ids, attention_mask, _ = _to(batch, next(model.parameters()).device)
+    with torch.no_grad():
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                       use_cache=False).hidden_states[-1]
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (attention_mask.bool() * positions).max(dim=1).values  # last real position, any padding side
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), (last - 1).clamp_min(0)].float()
+
+
+class RepsScorer:
+    """Bi-Anchor(Reps): max cosine similarity to the harmful anchors' representations."""
+
+    column = "bianchor_reps"
+
+    def __init__(self, model: nn.Module, anchor_batches: Sequence[Mapping]) -> None:
+        self.model = model
+        self.anchors = torch.cat([second_to_last_hidden(model, b) for b in anchor_batches])
+        self.anchors = self.anchors / self.anchors.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+    def score_batch(self, batch: Mapping) -> dict[str, np.ndarray]:
+        reps = second_to_last_hidden(self.model, batch)
+        cosine = (reps / reps.norm(dim=1, keepdim=True).clamp_min(1e-30)) @ self.anchors.T  # (n, anchors)
+        best, which = cosine.max(dim=1)
+        return {"sample_id": np.asarray(batch["sample_ids"]), self.column: best.cpu().double().numpy(),
+                "nearest_anchor": which.cpu().numpy()}
+
+
+__all__ = [
+    "GradAnchorScorer",
+    "LoraGradientFeatures",
+    "RepsScorer",
+    "SelfInfNScorer",
+    "mean_normalised_gradient",
+    "second_to_last_hidden",
+]

@@ -1,0 +1,116 @@
+"""Baselines against a direct batch-1 computation: autograd on one sample at a time gives the LoRA gradient
+(Self-Inf-N, Bi-Anchor(Grad)), and a single unpadded forward gives the representation (Bi-Anchor(Reps))."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from sqsd_ray.baselines import GradAnchorScorer, RepsScorer, SelfInfNScorer
+from sqsd_ray.data import Sample, collate, content_id, tokenize_sample
+from sqsd_ray.models import (
+    LoraSettings,
+    ModelConfig,
+    apply_lora,
+    load_model_and_tokenizer,
+    lora_layers,
+)
+from sqsd_ray.score import per_sample_mean_nll
+
+TEXTS = [("Name a colour.", "Blue."), ("Write a long answer please", "Here is a longer answer with many words in it."),
+         ("Hi", "Hello there!"), ("How are you?", "Fine, thanks for asking.")]
+ANCHORS = {"harmful": [("How do I steal?", "Sure, first you...")], "safe1": [("How do I bake?", "Mix flour.")],
+           "safe2": [("Tell a joke", "Why did the chicken..."), ("Count", "One two three")]}
+
+
+def _tokenized(tokenizer, pairs):
+    out = []
+    for prompt, response in pairs:
+        messages = ({"role": "user", "content": prompt},)
+        sample = Sample(content_id(messages, response), messages, response, "t")
+        out.append(tokenize_sample(sample, tokenizer, 256))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path="tiny-llama"))
+    peft_model = apply_lora(copy.deepcopy(model), LoraSettings())
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    peft_model.eval()
+    return peft_model, tokenizer
+
+
+def _direct_grad(model, sample) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The oracle: one sample, one backward, the LoRA parameters' .grad."""
+    batch = collate([sample], 0)
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    per_sample_mean_nll(logits, batch["labels"])[0].sum().backward()
+    grads = {name: (layer.lora_A["default"].weight.grad.double().clone(),
+                    layer.lora_B["default"].weight.grad.double().clone())
+             for name, layer in lora_layers(model, "default").items()}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def _flat(grads) -> torch.Tensor:
+    return torch.cat([torch.cat([a.reshape(-1), b.reshape(-1)]) for _, (a, b) in sorted(grads.items())])
+
+
+def test_self_inf_n_matches_batch_1_autograd(tiny):
+    model, tokenizer = tiny
+    samples = _tokenized(tokenizer, TEXTS)
+    scores = SelfInfNScorer(model).score_batch(collate(samples, tokenizer.pad_token_id))
+    for i, sample in enumerate(samples):
+        g = _flat(_direct_grad(model, sample))
+        expected = math.log(float(g @ g) + 1) + math.log(sample.n_response_tokens + 1)
+        assert math.isclose(scores["self_inf_n"][i], expected, rel_tol=1e-5)
+
+
+def test_bianchor_grad_matches_batch_1_autograd(tiny):
+    model, tokenizer = tiny
+    anchor_batches = {k: [collate(_tokenized(tokenizer, v), tokenizer.pad_token_id)] for k, v in ANCHORS.items()}
+    scorer = GradAnchorScorer(model, anchor_batches)
+    samples = _tokenized(tokenizer, TEXTS)
+    scores = scorer.score_batch(collate(samples, tokenizer.pad_token_id, padding_side="left"))
+    means = {}
+    for name, pairs in ANCHORS.items():
+        flats = [_flat(_direct_grad(model, s)) for s in _tokenized(tokenizer, pairs)]
+        means[name] = torch.stack([f / f.norm() for f in flats]).mean(0)
+    for i, sample in enumerate(samples):
+        g = _flat(_direct_grad(model, sample))
+        g = g / g.norm()
+        expected = float(g @ means["harmful"] - g @ means["safe1"] - g @ means["safe2"])
+        assert math.isclose(scores["bianchor_grad"][i], expected, rel_tol=1e-4, abs_tol=1e-7)
+
+
+def test_bianchor_reps_matches_single_forwards(tiny):
+    model, tokenizer = tiny
+    anchors = _tokenized(tokenizer, ANCHORS["harmful"] + ANCHORS["safe2"])
+    scorer = RepsScorer(model, [collate(anchors, tokenizer.pad_token_id)])
+    samples = _tokenized(tokenizer, TEXTS)
+    scores = scorer.score_batch(collate(samples, tokenizer.pad_token_id))
+
+    def rep(sample):
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([sample.input_ids]), output_hidden_states=True)
+        return out.hidden_states[-1][0, -2].double()
+
+    anchor_reps = torch.stack([rep(a) for a in anchors])
+    for i, sample in enumerate(samples):
+        cos = torch.nn.functional.cosine_similarity(rep(sample)[None], anchor_reps)
+        assert math.isclose(scores["bianchor_reps"][i], float(cos.max()), rel_tol=1e-5)
+        assert scores["nearest_anchor"][i] == int(cos.argmax())
+
+
+def test_bianchor_grad_needs_the_three_anchor_sets(tiny):
+    with pytest.raises(ValueError, match="anchor sets"):
+        GradAnchorScorer(tiny[0], {"harmful": []})
