@@ -136,6 +136,14 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return _run_job(args, ExperimentConfig, run)
 
 
+def cmd_length_bias(args: argparse.Namespace) -> int:
+    from .length_bias import run_length_bias
+
+    out = run_length_bias(args.scores, args.columns, args.out, args.bands, args.experiment_table)
+    print((out / "length_bias.md").read_text())
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import run_quickstart
 
@@ -188,6 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
                        ("ablation", "Table 3: w/o norm, danger only, safety only, insensitive init"),
                        ("lr-sweep", "App. F: the ranking under other fine-tuning learning rates")):
         _job(esub, kind, what, cmd_experiment)
+
+    bias = sub.add_parser("length-bias", help="App. H: response length per rank band and score-length correlation")
+    bias.add_argument("--scores", required=True, help="scores.parquet")
+    bias.add_argument("--columns", nargs="+", default=["sqsd", "sqsd_raw", "n_response_tokens"],
+                      help="score columns (methods) to analyse")
+    bias.add_argument("--bands", type=int, default=5, help="rank bands")
+    bias.add_argument("--experiment-table", default=None, help="an experiment's table.csv to draw beside (Fig. 7)")
+    bias.add_argument("--out", default="runs/length_bias", help="output directory")
+    bias.set_defaults(func=cmd_length_bias)
 
     init = sub.add_parser("init", help="choose the initialisation states θ_danger, θ_safety")
     isub = init.add_subparsers(dest="init_command", required=True)
