@@ -28,11 +28,30 @@ import torch
 import yaml
 
 from . import __version__
+from .baseline_run import BaselineSettings
 from .config import ConfigError, help_field, stable_hash, to_dict
-from .data import DataConfig, DataReport, Sample, collate, length_sorted_batches, load_samples, tokenize_samples
+from .data import (
+    DataConfig,
+    DataReport,
+    Sample,
+    collate,
+    length_sorted_batches,
+    load_samples,
+    tokenize_samples,
+)
 from .directions import Direction, init_state_from_direction
-from .models import LoraSettings, ModelConfig, apply_lora, add_adapter, load_adapter_state, load_model_and_tokenizer
-from .models import lora_module_shapes, model_fingerprint, model_identity, set_lora_factors
+from .models import (
+    LoraSettings,
+    ModelConfig,
+    add_adapter,
+    apply_lora,
+    load_adapter_state,
+    load_model_and_tokenizer,
+    lora_module_shapes,
+    model_fingerprint,
+    model_identity,
+    set_lora_factors,
+)
 from .runtime import RayConfig
 from .score import InitState, SqsdScorer, plan_passes
 from .score_store import STATUS_SKIPPED, ScoreStore
@@ -139,8 +158,15 @@ class ScoreJobConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    method: Literal["sqsd", "self_inf_n", "bianchor_grad", "bianchor_reps"] = help_field(
+        "sqsd", help="sqsd, or a baseline of App. D through the same pipeline: self_inf_n, bianchor_grad, "
+        "bianchor_reps (the score column is named after the method)"
+    )
+    baseline: BaselineSettings = field(default_factory=BaselineSettings)
 
     def __post_init__(self) -> None:
+        if self.method != "sqsd":
+            return  # the baselines use no directions
         for name in DIRECTION_NAMES:
             if not getattr(self.directions, name):
                 raise ConfigError(f"directions.{name} is required: a direction file or peft adapter dir")
@@ -209,6 +235,13 @@ def build_scorer(base_model, cfg: ScoreJobConfig, directions: dict[str, Directio
 
 def scoring_identity(cfg: ScoreJobConfig, directions: dict[str, Direction]) -> dict:
     """What a score file depends on (resume refuses on any difference): not batching, resources or paths out."""
+    if cfg.method != "sqsd":
+        from .baseline_run import baseline_identity
+
+        return {"sqsd_ray_version": __version__, "method": cfg.method,
+                "config": {"model": to_dict(cfg.model), "lora": to_dict(cfg.lora), "data": to_dict(cfg.data),
+                           "baseline": to_dict(cfg.baseline)},
+                "model": model_identity(cfg.model), **baseline_identity(cfg)}
     return {
         "sqsd_ray_version": __version__,
         "config": {
@@ -260,8 +293,14 @@ class BlockScorer:
         model, self.tokenizer = load_model_and_tokenizer(cfg.model)
         model.to(self.device)
         self.weights_fingerprint = model_fingerprint(model, cfg.model)
-        self.directions = {d: load_direction(getattr(cfg.directions, d), d) for d in DIRECTION_NAMES}
-        self.scorer, self.states = build_scorer(model, cfg, self.directions, per_module=cfg.output.per_module)
+        if cfg.method != "sqsd":
+            from .baseline_run import build_baseline_scorer
+
+            self.directions, self.states = {}, {}
+            self.scorer = build_baseline_scorer(model, self.tokenizer, cfg, self.device)
+        else:
+            self.directions = {d: load_direction(getattr(cfg.directions, d), d) for d in DIRECTION_NAMES}
+            self.scorer, self.states = build_scorer(model, cfg, self.directions, per_module=cfg.output.per_module)
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.calls = 0
@@ -333,7 +372,8 @@ def run_score(cfg: ScoreJobConfig) -> Path:
         if state.kind == "adapter" and not Path(state.path).exists():
             raise ConfigError(f"init_states.{d}.path: adapter directory {state.path} does not exist "
                               "(on a cluster it must be on storage every node mounts at the same path)")
-    directions = {d: load_direction(getattr(cfg.directions, d), d) for d in DIRECTION_NAMES}
+    sqsd = cfg.method == "sqsd"
+    directions = {d: load_direction(getattr(cfg.directions, d), d) for d in DIRECTION_NAMES} if sqsd else {}
     identity = scoring_identity(cfg, directions)
     store = ScoreStore(cfg.output.dir)
     done = store.begin(identity, overwrite=cfg.output.overwrite, resume=cfg.output.resume)
@@ -356,8 +396,9 @@ def run_score(cfg: ScoreJobConfig) -> Path:
     meta = {
         "sqsd_ray_version": __version__,
         "fingerprints": fingerprints,
-        "init_states": {d: to_dict(getattr(cfg.init_states, d)) for d in DIRECTION_NAMES},
-        "modules": sorted(directions["danger"].modules),
+        "method": cfg.method,
+        "init_states": {d: to_dict(getattr(cfg.init_states, d)) for d in DIRECTION_NAMES} if sqsd else {},
+        "modules": sorted(directions["danger"].modules) if sqsd else [],
     }
     df, facts = store.consolidate(meta)
     meta = facts.pop("metadata")
@@ -372,8 +413,15 @@ def run_score(cfg: ScoreJobConfig) -> Path:
     data_lines = report.summary().rstrip() + "".join(
         f"\n  skipped at tokenisation ({reason}): {n}" for reason, n in report_dict["tokenisation_skipped"].items()
     ) + f"\n  truncated to max_length: {report_dict['truncated']}"
-    (store.dir / "summary.md").write_text(render_summary(df, texts, top_k=cfg.output.top_k, data_report=data_lines))
-    plot_histogram(df, store.dir / "histogram.png")
+    if sqsd:
+        (store.dir / "summary.md").write_text(render_summary(df, texts, top_k=cfg.output.top_k,
+                                                             data_report=data_lines))
+        plot_histogram(df, store.dir / "histogram.png")
+    else:
+        from .summary import render_method_summary
+
+        (store.dir / "summary.md").write_text(render_method_summary(df, texts, cfg.method, cfg.output.top_k,
+                                                                    data_lines))
     n_scored_now = len(rows)
     run_info = {
         **meta,
@@ -387,7 +435,7 @@ def run_score(cfg: ScoreJobConfig) -> Path:
         "data_report": report_dict,
         **facts,
     }
-    if cfg.fidelity.enabled:
+    if cfg.fidelity.enabled and sqsd:
         from .data import tokenize_sample
         from .fidelity import first_order_fidelity
 

@@ -105,3 +105,20 @@ def render_summary(
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def render_method_summary(df: pd.DataFrame, texts: pd.DataFrame, column: str, top_k: int, data_report: str) -> str:
+    """summary.md of a baseline score file: the highest and lowest ranked samples by ``column``."""
+    ok = df[df["status"] == "ok"] if "status" in df else df
+    merged = ok.merge(texts, on="sample_id", how="left")
+    rho = spearman(ok[column].to_numpy(float), ok["n_response_tokens"].to_numpy(float))
+    lines = [f"# {column}: {len(ok)} samples scored", "", "```", data_report, "```", "",
+             f"Spearman({column}, response length) = {rho:+.3f}", ""]
+    for title, rows in ((f"Top {top_k} (riskiest)", merged.nlargest(top_k, column)),
+                        (f"Bottom {top_k} (safest)", merged.nsmallest(top_k, column))):
+        lines += [f"## {title}", "", f"| sample_id | {column} | resp. tokens | prompt | response |", "|---|---|---|---|---|"]
+        for _, row in rows.iterrows():
+            lines.append(f"| {row['sample_id']} | {row[column]:.4f} | {int(row['n_response_tokens'])} | "
+                         f"{_snippet(str(row['prompt']))} | {_snippet(str(row['response']))} |")
+        lines.append("")
+    return "\n".join(lines)

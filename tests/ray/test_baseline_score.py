@@ -1,0 +1,53 @@
+"""Baselines through `sqsd-ray score`: the same loop, Ray Data path and Parquet as SQSD, and the same values as the
+baseline scorer run directly (itself checked against batch-1 oracles in tests/unit/test_baselines.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sqsd_ray.config import load_config
+from sqsd_ray.score_run import ScoreJobConfig, run_score
+
+pytestmark = [pytest.mark.ray]
+
+
+def _cfg(tmp_path, shared_data, method, name, ray=False):
+    return load_config(ScoreJobConfig, None, [
+        "model.name_or_path=tiny-llama", f"data.path={shared_data / 'benign' / 'alpaca_1904.json'}",
+        "data.limit=10", "data.max_length=512", f"method={method}", f"output.dir={tmp_path / name}",
+        f"ray.enabled={str(ray).lower()}", "ray.local_num_cpus=2",
+        f"baseline.harmful_anchors={shared_data / 'anchors' / 'pure_bad_10.jsonl'}",
+        f"baseline.grad_anchors={{harmful: {shared_data / 'anchors' / 'illegal_activities_10.jsonl'}, "
+        f"safe1: {shared_data / 'anchors' / 'illegal_activities_10_anchor1.jsonl'}, "
+        f"safe2: {shared_data / 'anchors' / 'illegal_activities_10_anchor2.jsonl'}}}",
+    ])
+
+
+@pytest.mark.parametrize("method", ["self_inf_n", "bianchor_grad", "bianchor_reps"])
+def test_baseline_score_files(tmp_path, shared_data, method):
+    path = run_score(_cfg(tmp_path, shared_data, method, method))
+    df = pd.read_parquet(path)
+    assert len(df) == 10 and (df["status"] == "ok").all() and np.isfinite(df[method]).all()
+    assert {"sample_id", method, "n_response_tokens", "loss" if method != "bianchor_reps" else method} <= set(df)
+    assert f"# {method}" in (path.parent / "summary.md").read_text()
+    if method == "self_inf_n":  # log(‖g‖² + 1) + log(|y| + 1)
+        expected = np.log1p(df["self_influence"]) + np.log1p(df["n_response_tokens"])
+        assert np.allclose(df[method], expected)
+    if method == "bianchor_reps":
+        assert ((df[method] >= -1) & (df[method] <= 1)).all()
+
+
+def test_baseline_on_ray_equals_in_process(tmp_path, shared_data, local_ray):
+    here = pd.read_parquet(run_score(_cfg(tmp_path, shared_data, "bianchor_grad", "here")))
+    there = pd.read_parquet(run_score(_cfg(tmp_path, shared_data, "bianchor_grad", "ray", ray=True)))
+    merged = here.merge(there, on="sample_id", suffixes=("", "_ray"))
+    assert len(merged) == 10
+    assert np.allclose(merged["bianchor_grad"], merged["bianchor_grad_ray"], atol=1e-6)
+
+
+def test_another_method_in_the_same_directory_is_refused(tmp_path, shared_data):
+    run_score(_cfg(tmp_path, shared_data, "self_inf_n", "one"))
+    with pytest.raises(Exception, match="method"):
+        run_score(_cfg(tmp_path, shared_data, "bianchor_reps", "one"))
