@@ -15,7 +15,8 @@ import torch
 from .config import help_field
 from .data import DataConfig, collate, load_samples, tokenize_samples
 
-METHOD_COLUMNS = {"self_inf_n": "self_inf_n", "bianchor_grad": "bianchor_grad", "bianchor_reps": "bianchor_reps"}
+METHOD_COLUMNS = {"self_inf_n": "self_inf_n", "bianchor_grad": "bianchor_grad", "bianchor_reps": "bianchor_reps",
+                  "reward_model": "reward_model", "larf": "larf"}
 ANCHORS = "../shared/data/anchors"
 
 
@@ -38,6 +39,19 @@ class BaselineSettings:
     lora_std: float = help_field(0.02, help="lora_state random: std of B's entries")
     seed: int = help_field(0, help="lora_state random: seed")
     anchor_max_length: int = help_field(1024, help="anchor samples longer than this are truncated")
+    reward_model: str = help_field(
+        "PKU-Alignment/beaver-7b-unified-cost", help="reward_model: the cost model (Risk = its cost, Eq. 20)"
+    )
+    reward_dtype: str = help_field("bfloat16", help="reward_model: weights dtype (float32 on CPU)")
+    larf_layer: int | None = help_field(
+        None, help="larf: the safety-sensitive decoder block (0-based; the paper found 21 for Qwen3-8B, 13 for "
+        "Llama-3.1-8B-Instruct, 11 for Llama-2-7B-Chat; baselines.find_safety_layer searches it)"
+    )
+    larf_unsafe: list[str] = help_field([f"{ANCHORS}/pure_bad_10.jsonl"], help="larf: unsafe reference sets")
+    larf_safe: list[str] = help_field(
+        [f"{ANCHORS}/illegal_activities_10_anchor1.jsonl", f"{ANCHORS}/illegal_activities_10_anchor2.jsonl"],
+        help="larf: safe reference sets",
+    )
 
 
 def _anchor_batches(path: str, tokenizer: Any, settings: BaselineSettings) -> list[dict]:
@@ -86,10 +100,38 @@ class _WithStatus:
         return out
 
 
-def build_baseline_scorer(model: torch.nn.Module, tokenizer: Any, cfg: Any, device: torch.device) -> _WithStatus:
+class RewardModelScorer:
+    """Risk = the cost model's cost of (last user turn, response) in its own template (Eq. 20)."""
+
+    column = "reward_model"
+
+    def __init__(self, settings: BaselineSettings) -> None:
+        from .judges import CostModelJudge, JudgeSettings
+
+        self.judge = CostModelJudge(JudgeSettings(kind="cost_model", model=settings.reward_model,
+                                                  dtype=settings.reward_dtype))
+
+    def score_batch(self, batch: dict) -> dict[str, np.ndarray]:
+        verdicts = self.judge.judge(batch["texts"])
+        return {"sample_id": np.asarray(batch["sample_ids"]),
+                self.column: np.array([-v.score for v in verdicts], dtype=float)}  # the judge reports −cost
+
+
+def build_baseline_scorer(model: torch.nn.Module | None, tokenizer: Any, cfg: Any, device: torch.device
+                          ) -> _WithStatus:
     from .baselines import GradAnchorScorer, RepsScorer, SelfInfNScorer
 
     settings: BaselineSettings = cfg.baseline
+    if cfg.method == "reward_model":
+        return _WithStatus(RewardModelScorer(settings), "reward_model")
+    if cfg.method == "larf":
+        from .baselines import LarfScorer
+
+        if settings.larf_layer is None:
+            raise ValueError("method larf needs baseline.larf_layer (the safety-sensitive block)")
+        unsafe = [b for path in settings.larf_unsafe for b in _anchor_batches(path, tokenizer, settings)]
+        safe = [b for path in settings.larf_safe for b in _anchor_batches(path, tokenizer, settings)]
+        return _WithStatus(LarfScorer(model.to(device).eval(), settings.larf_layer, unsafe, safe), "larf")
     if cfg.method == "bianchor_reps":
         model = model.to(device).eval()
         scorer = RepsScorer(model, _anchor_batches(settings.harmful_anchors, tokenizer, settings))
@@ -106,9 +148,14 @@ def baseline_identity(cfg: Any) -> dict[str, Any]:
     from .train import data_fingerprint
 
     settings: BaselineSettings = cfg.baseline
-    anchors = ([settings.harmful_anchors] if cfg.method == "bianchor_reps"
-               else list(settings.grad_anchors.values()) if cfg.method == "bianchor_grad" else [])
-    return {f"anchor:{path}": data_fingerprint(DataConfig(path=path)) for path in anchors}
+    anchors = {"bianchor_reps": [settings.harmful_anchors], "bianchor_grad": list(settings.grad_anchors.values()),
+               "larf": [*settings.larf_unsafe, *settings.larf_safe]}.get(cfg.method, [])
+    identity = {f"anchor:{path}": data_fingerprint(DataConfig(path=path)) for path in anchors}
+    if cfg.method == "reward_model":
+        from .models import ModelConfig, model_identity
+
+        identity["reward_model"] = model_identity(ModelConfig(name_or_path=settings.reward_model))
+    return identity
 
 
 __all__ = ["BaselineSettings", "METHOD_COLUMNS", "baseline_identity", "build_baseline_scorer"]

@@ -6,6 +6,8 @@
     GradAnchorScorer      Bi-Anchor(Grad): ⟨ĝ, ḡ_harm⟩ − ⟨ĝ, ḡ_safe1⟩ − ⟨ĝ, ḡ_safe2⟩, ĝ the L2-normalised
                           per-sample gradient, ḡ the anchor sets' mean normalised gradients (Eq. 22)
     SelfInfNScorer        Self-Inf-N: log(‖g‖² + 1) + log(|y| + 1) (Eq. 23-24)
+    LarfScorer            LARF: ⟨h_l, h̄_unsafe⟩ − ⟨h_l, h̄_safe⟩ at the layer ``find_safety_layer`` picks by
+                          scaling each block's weights (α ∈ {0.8, 0.9, 1.1, 1.2}) and watching refusals (Eq. 25)
 
 The gradient baselines use the LoRA gradient (g_A, g_B of every adapted module) computed for the whole padded
 batch in one backward with the same hooks and per-sample kernel as SQSD (``hooks.LoraGradCapture``,
@@ -161,9 +163,78 @@ class RepsScorer:
 
 __all__ = [
     "GradAnchorScorer",
+    "LarfScorer",
+    "decoder_layers",
+    "find_safety_layer",
+    "last_token_hidden",
     "LoraGradientFeatures",
     "RepsScorer",
     "SelfInfNScorer",
     "mean_normalised_gradient",
     "second_to_last_hidden",
 ]
+
+
+# ---------------------------------------------------------------------------------------------------- LARF
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a causal LM (``model.model.layers`` for Llama / Qwen / Mistral)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(base, "model", base), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(base).__name__} has no model.layers: LARF needs a decoder-only transformer")
+    return layers
+
+
+def last_token_hidden(model: nn.Module, batch: Mapping, layer: int) -> torch.Tensor:
+    """Hidden state after decoder block ``layer`` (0-based) at each sequence's last real token: (n, hidden)."""
+    input_ids, attention_mask, _ = _to(batch, next(model.parameters()).device)
+    with torch.no_grad():
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                       use_cache=False).hidden_states[layer + 1]  # [0] is the embeddings
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (attention_mask.bool() * positions).max(dim=1).values
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
+
+
+def find_safety_layer(model: nn.Module, refusal_rate, layers: Sequence[int],
+                      alphas: Sequence[float] = (0.8, 0.9, 1.1, 1.2)) -> tuple[int, dict[int, float]]:
+    """LARF's layer search: scale each candidate block's weights by α, measure the refusal rate with
+    ``refusal_rate(model) -> float`` (e.g. keyword refusals on an over-refusal prompt set), and pick the layer
+    whose scaling moves it most (mean |Δ| over α). The weights are restored after each trial."""
+    blocks = decoder_layers(model)
+    base = refusal_rate(model)
+    change: dict[int, float] = {}
+    for layer in layers:
+        params = [p for p in blocks[layer].parameters()]
+        saved = [p.detach().clone() for p in params]
+        deltas = []
+        for alpha in alphas:
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s * alpha)
+            deltas.append(abs(refusal_rate(model) - base))
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        change[layer] = float(sum(deltas) / len(deltas))
+    best = max(change, key=lambda layer: (change[layer], -layer))  # ties: the earlier layer
+    return best, change
+
+
+class LarfScorer:
+    """LARF: ⟨h_l(z), h̄_unsafe⟩ − ⟨h_l(z), h̄_safe⟩ at the safety-sensitive layer l (Eq. 25)."""
+
+    column = "larf"
+
+    def __init__(self, model: nn.Module, layer: int, unsafe_batches: Sequence[Mapping],
+                 safe_batches: Sequence[Mapping]) -> None:
+        self.model, self.layer = model, layer
+        self.unsafe = torch.cat([last_token_hidden(model, b, layer) for b in unsafe_batches]).mean(0)
+        self.safe = torch.cat([last_token_hidden(model, b, layer) for b in safe_batches]).mean(0)
+
+    def score_batch(self, batch: Mapping) -> dict[str, np.ndarray]:
+        h = last_token_hidden(self.model, batch, self.layer)
+        risk = h @ self.unsafe - h @ self.safe
+        return {"sample_id": np.asarray(batch["sample_ids"]), self.column: risk.cpu().double().numpy()}

@@ -158,9 +158,9 @@ class ScoreJobConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    method: Literal["sqsd", "self_inf_n", "bianchor_grad", "bianchor_reps"] = help_field(
+    method: Literal["sqsd", "self_inf_n", "bianchor_grad", "bianchor_reps", "reward_model", "larf"] = help_field(
         "sqsd", help="sqsd, or a baseline of App. D through the same pipeline: self_inf_n, bianchor_grad, "
-        "bianchor_reps (the score column is named after the method)"
+        "bianchor_reps, reward_model, larf (the score column is named after the method)"
     )
     baseline: BaselineSettings = field(default_factory=BaselineSettings)
 
@@ -268,13 +268,16 @@ def tokenize_rows(rows, tokenizer, data_cfg: DataConfig):
         sample = Sample(sample_id=sid, messages=tuple(json.loads(messages)), response=response, source=source)
         report = DataReport(source=source)
         kept = tokenize_samples([sample], tokenizer, data_cfg, report)  # applies on_overlong; may raise
+        # the last user turn and the response as text travel along: the reward-model baseline reads text
+        texts = {"prompt_text": next((m["content"] for m in reversed(sample.messages) if m["role"] == "user"), ""),
+                 "response_text": response}
         if kept:
             t = kept[0]
             out.append({"sample_id": sid, "input_ids": t.input_ids, "labels": t.labels,
-                        "n_prompt_tokens": t.n_prompt_tokens, "truncated": t.truncated, "skip_reason": ""})
+                        "n_prompt_tokens": t.n_prompt_tokens, "truncated": t.truncated, "skip_reason": "", **texts})
         else:
             out.append({"sample_id": sid, "input_ids": [], "labels": [], "n_prompt_tokens": 0, "truncated": False,
-                        "skip_reason": next(iter(report.skipped))})
+                        "skip_reason": next(iter(report.skipped)), **texts})
     return pd.DataFrame(out)
 
 
@@ -290,6 +293,17 @@ class BlockScorer:
     def __init__(self, cfg: ScoreJobConfig):
         self.cfg = cfg
         self.device, self.batch_size, self.max_tokens = cfg.batching.resolve()
+        if cfg.method == "reward_model":  # scores text with its own model: the policy is only a tokenizer here
+            from .baseline_run import build_baseline_scorer
+            from .models import load_tokenizer
+
+            self.tokenizer = load_tokenizer(cfg.model)
+            self.weights_fingerprint = f"reward model {cfg.baseline.reward_model}"
+            self.directions, self.states = {}, {}
+            self.scorer = build_baseline_scorer(None, self.tokenizer, cfg, self.device)
+            self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            self.calls = 0
+            return
         model, self.tokenizer = load_model_and_tokenizer(cfg.model)
         model.to(self.device)
         self.weights_fingerprint = model_fingerprint(model, cfg.model)
@@ -321,9 +335,13 @@ class BlockScorer:
                 kept["sample_id"], kept["input_ids"], kept["labels"], kept["n_prompt_tokens"], kept["truncated"]
             )
         ]
+        texts = dict(zip(kept["sample_id"], zip(kept["prompt_text"], kept["response_text"]))) \
+            if "prompt_text" in kept else {}
         frames = []
         for indices in length_sorted_batches(samples, max_batch_size=self.batch_size, max_tokens=self.max_tokens):
             batch = collate([samples[i] for i in indices], self.pad_id, padding_side=self.cfg.batching.padding_side)
+            if texts:
+                batch["texts"] = [texts[sid] for sid in batch["sample_ids"]]
             scored = pd.DataFrame(self.scorer.score_batch(batch))
             scored["padded_length"] = int(batch["input_ids"].shape[1])
             frames.append(scored)

@@ -25,12 +25,17 @@ def _cfg(tmp_path, shared_data, method, name, ray=False):
     ])
 
 
-@pytest.mark.parametrize("method", ["self_inf_n", "bianchor_grad", "bianchor_reps"])
+@pytest.mark.parametrize("method", ["self_inf_n", "bianchor_grad", "bianchor_reps", "larf"])
 def test_baseline_score_files(tmp_path, shared_data, method):
-    path = run_score(_cfg(tmp_path, shared_data, method, method))
+    cfg = _cfg(tmp_path, shared_data, method, method)
+    anchors = shared_data / "anchors"
+    cfg.baseline.larf_layer = 1
+    cfg.baseline.larf_unsafe = [str(anchors / "pure_bad_10.jsonl")]
+    cfg.baseline.larf_safe = [str(anchors / "illegal_activities_10_anchor1.jsonl")]
+    path = run_score(cfg)
     df = pd.read_parquet(path)
     assert len(df) == 10 and (df["status"] == "ok").all() and np.isfinite(df[method]).all()
-    assert {"sample_id", method, "n_response_tokens", "loss" if method != "bianchor_reps" else method} <= set(df)
+    assert {"sample_id", method, "n_response_tokens"} <= set(df)
     assert f"# {method}" in (path.parent / "summary.md").read_text()
     if method == "self_inf_n":  # log(‖g‖² + 1) + log(|y| + 1)
         expected = np.log1p(df["self_influence"]) + np.log1p(df["n_response_tokens"])
@@ -51,3 +56,30 @@ def test_another_method_in_the_same_directory_is_refused(tmp_path, shared_data):
     run_score(_cfg(tmp_path, shared_data, "self_inf_n", "one"))
     with pytest.raises(Exception, match="method"):
         run_score(_cfg(tmp_path, shared_data, "bianchor_reps", "one"))
+
+
+def test_reward_model_baseline_scores_the_cost(tmp_path, shared_data):
+    import math
+
+    import torch
+
+    from sqsd_ray.data import DataConfig, load_samples
+    from sqsd_ray.judges import BEAVER_TEMPLATE
+    from sqsd_ray.tiny import build_tiny_tokenizer
+    from tests.unit.test_judges import _tiny_score_checkpoint
+
+    checkpoint = tmp_path / "cost"
+    checkpoint.mkdir()
+    backbone, head = _tiny_score_checkpoint(checkpoint)
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.save_pretrained(checkpoint)
+    cfg = _cfg(tmp_path, shared_data, "reward_model", "rm")
+    cfg.baseline.reward_model, cfg.baseline.reward_dtype = str(checkpoint), "float32"
+    df = pd.read_parquet(run_score(cfg)).set_index("sample_id")
+    samples, _ = load_samples(DataConfig(path=str(shared_data / "benign" / "alpaca_1904.json"), limit=10))
+    assert len(df) == 10
+    for sample in samples[:3]:  # oracle: the cost of one unpadded sequence
+        text = BEAVER_TEMPLATE.format(prompt=sample.messages[-1]["content"], response=sample.response)
+        with torch.no_grad():
+            cost = head(backbone(input_ids=torch.tensor([tokenizer(text)["input_ids"]])).last_hidden_state[0, -1])
+        assert math.isclose(df.loc[sample.sample_id, "reward_model"], float(cost), rel_tol=1e-4, abs_tol=1e-6)

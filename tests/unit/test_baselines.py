@@ -114,3 +114,40 @@ def test_bianchor_reps_matches_single_forwards(tiny):
 def test_bianchor_grad_needs_the_three_anchor_sets(tiny):
     with pytest.raises(ValueError, match="anchor sets"):
         GradAnchorScorer(tiny[0], {"harmful": []})
+
+
+def test_larf_layer_search_restores_weights_and_picks_the_sensitive_layer(tiny):
+    from sqsd_ray.baselines import decoder_layers, find_safety_layer
+
+    model, _ = tiny
+    blocks = decoder_layers(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    watched = blocks[1].mlp.down_proj.base_layer.weight
+
+    def refusal_rate(m):  # a stand-in metric that only layer 1's weights move
+        return float(watched.norm())
+
+    layer, change = find_safety_layer(model, refusal_rate, layers=[0, 1])
+    assert layer == 1 and change[0] == 0.0 and change[1] > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_larf_scores_match_single_forwards(tiny):
+    from sqsd_ray.baselines import LarfScorer
+
+    model, tokenizer = tiny
+    unsafe = _tokenized(tokenizer, ANCHORS["harmful"] + ANCHORS["safe1"])
+    safe = _tokenized(tokenizer, ANCHORS["safe2"])
+    scorer = LarfScorer(model, 0, [collate(unsafe, tokenizer.pad_token_id)], [collate(safe, tokenizer.pad_token_id)])
+    samples = _tokenized(tokenizer, TEXTS)
+    scores = scorer.score_batch(collate(samples, tokenizer.pad_token_id, padding_side="left"))
+
+    def rep(sample):
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([sample.input_ids]), output_hidden_states=True).hidden_states[1][0, -1]
+
+    h_unsafe = torch.stack([rep(s) for s in unsafe]).mean(0)
+    h_safe = torch.stack([rep(s) for s in safe]).mean(0)
+    for i, sample in enumerate(samples):
+        expected = float(rep(sample) @ h_unsafe - rep(sample) @ h_safe)
+        assert math.isclose(scores["larf"][i], expected, rel_tol=1e-4, abs_tol=1e-5)
