@@ -35,32 +35,23 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
 
 
-def cmd_score(args: argparse.Namespace) -> int:
-    from .score_run import ScoreJobConfig, run_score
-
-    if args.help_config:
-        print("\n".join(describe(ScoreJobConfig)))
-        return 0
-    cfg = load_config(ScoreJobConfig, args.config, args.overrides)
-    path = run_score(cfg)
-    print(f"wrote {path}")
-    summary = path.parent / "summary.md"
-    if summary.exists():
-        print(summary.read_text())
-    return 0
-
-
-def _run_job(args: argparse.Namespace, config_cls: type, run) -> int:
+def _run_job(args: argparse.Namespace, config_cls: type, run, show: str | None = None) -> int:
+    """--help-config, or load the config, run the job and print ``show`` from its output directory."""
     if args.help_config:
         print("\n".join(describe(config_cls)))
         return 0
-    cfg = load_config(config_cls, args.config, args.overrides)
-    path = run(cfg)
+    path = Path(run(load_config(config_cls, args.config, args.overrides)))
     print(f"wrote {path}")
-    for name in ("sensitivity.md",):
-        if Path(path).is_dir() and (Path(path) / name).exists():
-            print((Path(path) / name).read_text())
+    shown = (path if path.is_dir() else path.parent) / show if show else None
+    if shown is not None and shown.exists():
+        print(shown.read_text())
     return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .score_run import ScoreJobConfig, run_score
+
+    return _run_job(args, ScoreJobConfig, run_score, show="summary.md")
 
 
 def cmd_directions_build(args: argparse.Namespace) -> int:
@@ -72,7 +63,7 @@ def cmd_directions_build(args: argparse.Namespace) -> int:
 def cmd_directions_validate(args: argparse.Namespace) -> int:
     from .dynamics import ValidateConfig, run_validate
 
-    return _run_job(args, ValidateConfig, run_validate)
+    return _run_job(args, ValidateConfig, run_validate, show="sensitivity.md")
 
 
 def cmd_trajectory(args: argparse.Namespace) -> int:
@@ -81,18 +72,13 @@ def cmd_trajectory(args: argparse.Namespace) -> int:
     if args.compare:
         print(f"wrote {plot_trajectory_grid([Path(d) for d in args.compare], Path(args.out))}")
         return 0
-    return _run_job(args, TrajectoryConfig, run_trajectory)
+    return _run_job(args, TrajectoryConfig, run_trajectory, show="sensitivity.md")
 
 
 def cmd_init_select(args: argparse.Namespace) -> int:
     from .dynamics import InitSelectConfig, run_init_select
 
-    def run(cfg):
-        out = run_init_select(cfg)
-        print((out / "init_states.yaml").read_text())
-        return out
-
-    return _run_job(args, InitSelectConfig, run)
+    return _run_job(args, InitSelectConfig, run_init_select, show="init_states.yaml")
 
 
 def cmd_directions_export(args: argparse.Namespace) -> int:
@@ -115,25 +101,14 @@ def cmd_partition(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .eval_run import EvalJobConfig, run_evaluate
 
-    def run(cfg):
-        out = run_evaluate(cfg)
-        print((out / "metrics.csv").read_text())
-        return out
-
-    return _run_job(args, EvalJobConfig, run)
+    return _run_job(args, EvalJobConfig, run_evaluate, show="metrics.csv")
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     from .experiments import ExperimentConfig, run_experiment
 
     args.overrides = [f"kind={args.kind}", *args.overrides]
-
-    def run(cfg):
-        out = run_experiment(cfg)
-        print((out / "report.md").read_text())
-        return out
-
-    return _run_job(args, ExperimentConfig, run)
+    return _run_job(args, ExperimentConfig, run_experiment, show="report.md")
 
 
 def cmd_length_bias(args: argparse.Namespace) -> int:
