@@ -3,8 +3,8 @@
 Directions (Eq. 3–4), pilot/benign trajectories (§3.2) and the S1–S5 fine-tunes all train through here::
 
     run_training(cfg)                    driver: output dir, resume point, Ray Train ``TorchTrainer`` (or none)
-      └─ train_worker(config)            per worker: model + LoRA, data shard, ``LoraTrainer``, checkpoints
-           └─ LoraTrainer.train_step()   one global batch: micro-batches, loss (``objectives``), AdamW step
+      └─ train_worker(config)            per worker: model + LoRA, data shard, ``Trainer``, checkpoints
+           └─ Trainer.train_step()       one global batch: micro-batches, loss (``objectives``), AdamW step
 
 Batching is deterministic and independent of the worker count: epoch ``e`` visits the samples in a seeded
 permutation, a step takes the next ``batch_size`` of them (the epoch's last batch is filled up from the
@@ -498,9 +498,6 @@ class Trainer:
         self.load_state(directory, identity)
 
 
-LoraTrainer = Trainer  # the name under which the LoRA-only version was introduced
-
-
 def _lora_settings_of(model: torch.nn.Module) -> LoraSettings:
     """The LoraSettings of a peft model's active adapter (what its checkpoints' adapter_config.json records)."""
     config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
@@ -916,7 +913,6 @@ def plot_training_curve(history: list[dict[str, float]], path: Path, objective: 
 
 
 __all__ = [
-    "LoraTrainer",
     "Trainer",
     "load_weights",
     "TrainJobConfig",

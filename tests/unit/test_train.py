@@ -21,7 +21,7 @@ from sqsd_ray.models import (
 from sqsd_ray.objectives import dpo_loss, sequence_logps, sft_loss
 from sqsd_ray.runtime import WorkerScaling
 from sqsd_ray.train import (
-    LoraTrainer,
+    Trainer,
     TrainingExample,
     TrainJobConfig,
     TrainOutput,
@@ -126,7 +126,7 @@ def test_dpo_reference_is_the_base_model_and_training_prefers_chosen(tiny):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.zero_()  # fresh adapter: policy == reference
-    trainer = LoraTrainer(model, _examples(tokenizer, rejected=True), TrainSettings(objective="dpo", lr=5e-3,
+    trainer = Trainer(model, _examples(tokenizer, rejected=True), TrainSettings(objective="dpo", lr=5e-3,
                           batch_size=4, max_steps=8, lr_schedule="constant", max_grad_norm=None), tokenizer.pad_token_id)
     first = trainer.train_step()
     assert math.isclose(first["loss"], math.log(2), rel_tol=1e-5)
@@ -139,7 +139,7 @@ def test_dpo_reference_is_the_base_model_and_training_prefers_chosen(tiny):
 def _grads_after_step(tiny, micro: int | None):
     _, tokenizer = tiny
     model = _peft(tiny)
-    trainer = LoraTrainer(model, _examples(tokenizer), TrainSettings(lr=1e-3, batch_size=8, micro_batch_size=micro,
+    trainer = Trainer(model, _examples(tokenizer), TrainSettings(lr=1e-3, batch_size=8, micro_batch_size=micro,
                           max_steps=1, max_grad_norm=None), tokenizer.pad_token_id)
     trainer.train_step()
     return {n: p.grad.clone() for n, p in trainer.named_params}
@@ -154,11 +154,11 @@ def test_micro_batching_does_not_change_the_gradient(tiny):
 def test_batches_cover_each_epoch_and_are_seeded(tiny):
     _, tokenizer = tiny
     settings = TrainSettings(batch_size=4, epochs=2)
-    trainer = LoraTrainer(_peft(tiny), _examples(tokenizer), settings, tokenizer.pad_token_id)
+    trainer = Trainer(_peft(tiny), _examples(tokenizer), settings, tokenizer.pad_token_id)
     assert trainer.steps_per_epoch == 3 and trainer.total_steps == 6
     epoch0 = [i for s in range(3) for i in trainer.global_batch(s)]
     assert len(epoch0) == 12 and set(epoch0) == set(range(10))  # the last batch is filled from the start
-    again = LoraTrainer(_peft(tiny), _examples(tokenizer), settings, tokenizer.pad_token_id)
+    again = Trainer(_peft(tiny), _examples(tokenizer), settings, tokenizer.pad_token_id)
     assert [again.global_batch(s) for s in range(6)] == [trainer.global_batch(s) for s in range(6)]
     assert trainer.global_batch(3) != trainer.global_batch(0)  # a new order each epoch
 
@@ -166,14 +166,14 @@ def test_batches_cover_each_epoch_and_are_seeded(tiny):
 def test_resume_from_checkpoint_is_exact(tiny, tmp_path):
     _, tokenizer = tiny
     settings = TrainSettings(lr=2e-3, batch_size=4, max_steps=6, lr_schedule="cosine", warmup_ratio=0.2)
-    straight = LoraTrainer(_peft(tiny), _examples(tokenizer), settings, tokenizer.pad_token_id)
+    straight = Trainer(_peft(tiny), _examples(tokenizer), settings, tokenizer.pad_token_id)
     for _ in range(6):
         straight.train_step()
-    first = LoraTrainer(_peft(tiny), _examples(tokenizer), settings, tokenizer.pad_token_id)
+    first = Trainer(_peft(tiny), _examples(tokenizer), settings, tokenizer.pad_token_id)
     for _ in range(3):
         first.train_step()
     first.save(tmp_path / "ckpt", identity="job")
-    resumed = LoraTrainer(_peft(tiny, seed=1), _examples(tokenizer), settings, tokenizer.pad_token_id)
+    resumed = Trainer(_peft(tiny, seed=1), _examples(tokenizer), settings, tokenizer.pad_token_id)
     resumed.load(tmp_path / "ckpt", identity="job")
     assert resumed.step == 3 and len(resumed.history) == 3
     for _ in range(3):
