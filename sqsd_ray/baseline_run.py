@@ -7,7 +7,7 @@ column, ``loss``, lengths, ``status``). ``experiment`` arms then rank by that co
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -32,9 +32,15 @@ class BaselineSettings:
          "safe2": f"{ANCHORS}/illegal_activities_10_anchor2.jsonl"},
         help="bianchor_grad: harmful, safe1, safe2 anchor sets (messages JSONL), weights 1, -1, -1",
     )
+    gradient: Literal["lora", "full"] = help_field(
+        "lora", help="self_inf_n / bianchor_grad: the LoRA gradient (g_A, g_B) or the full gradient of the adapted "
+        "modules' dense weights (q,k,v,o,gate,up,down; memory: three anchor means of that size, fine up to ~1B "
+        "parameters on one device)"
+    )
     lora_state: str = help_field(
         "random", help="gradient baselines: the LoRA state the gradient is taken at: 'random' (A as peft, B ~ "
-        "N(0, lora_std²), seeded; a fresh B = 0 would zero g_A) or a peft adapter dir (e.g. a pilot checkpoint)"
+        "N(0, lora_std²), seeded; a fresh B = 0 would zero g_A; with gradient: full, B = 0, i.e. θ0 exactly) or a "
+        "peft adapter dir (e.g. a pilot checkpoint)"
     )
     lora_std: float = help_field(0.02, help="lora_state random: std of B's entries")
     seed: int = help_field(0, help="lora_state random: seed")
@@ -78,7 +84,8 @@ def _lora_model(model: torch.nn.Module, cfg: Any, device: torch.device) -> torch
         peft_model = apply_lora(model, cfg.lora)
     if settings.lora_state == "random":
         generator = torch.Generator().manual_seed(settings.seed)
-        factors = {n: (a, torch.randn(b.shape, generator=generator, dtype=torch.float64).to(b.dtype) * settings.lora_std)
+        std = 0.0 if settings.gradient == "full" else settings.lora_std  # the dense gradient at θ0 needs no B
+        factors = {n: (a, torch.randn(b.shape, generator=generator, dtype=torch.float64).to(b.dtype) * std)
                    for n, (a, b) in get_lora_factors(peft_model).items()}
     else:
         factors, _ = load_adapter_state(settings.lora_state)
@@ -136,10 +143,10 @@ def build_baseline_scorer(model: torch.nn.Module | None, tokenizer: Any, cfg: An
         model = model.to(device).eval()
         scorer = RepsScorer(model, _anchor_batches(settings.harmful_anchors, tokenizer, settings))
     elif cfg.method == "self_inf_n":
-        scorer = SelfInfNScorer(_lora_model(model, cfg, device))
+        scorer = SelfInfNScorer(_lora_model(model, cfg, device), space=settings.gradient)
     else:
         anchors = {name: _anchor_batches(path, tokenizer, settings) for name, path in settings.grad_anchors.items()}
-        scorer = GradAnchorScorer(_lora_model(model, cfg, device), anchors)
+        scorer = GradAnchorScorer(_lora_model(model, cfg, device), anchors, space=settings.gradient)
     return _WithStatus(scorer, METHOD_COLUMNS[cfg.method])
 
 

@@ -12,6 +12,7 @@
     sqsd-ray init select --config jobs/init_tiny.yaml                    # θ_danger, θ_safety -> init_states.yaml
     sqsd-ray evaluate --config jobs/evaluate_tiny.yaml                   # generate + judge model states
     sqsd-ray experiment effectiveness --config jobs/experiment_effectiveness_tiny.yaml   # Table 1 on CPU
+    sqsd-ray larf-layer --config jobs/larf-layer_tiny.yaml               # LARF's safety-sensitive block
     sqsd-ray partition --set scores=runs/x/scores.parquet --set data.path=corpus.jsonl   # S1 ... S5 subsets
 
 Every --config may be given several times: the files merge key by key, later ones winning.
@@ -111,6 +112,12 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return _run_job(args, ExperimentConfig, run_experiment, show="report.md")
 
 
+def cmd_larf_layer(args: argparse.Namespace) -> int:
+    from .larf_layer import LarfLayerConfig, run_larf_layer
+
+    return _run_job(args, LarfLayerConfig, run_larf_layer, show="larf_layer.md")
+
+
 def cmd_length_bias(args: argparse.Namespace) -> int:
     from .length_bias import run_length_bias
 
@@ -171,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("ablation", "Table 3: w/o norm, danger only, safety only, insensitive init"),
                        ("lr-sweep", "App. F: the ranking under other fine-tuning learning rates")):
         _job(esub, kind, what, cmd_experiment)
+
+    _job(sub, "larf-layer", "LARF baseline: find the safety-sensitive block by scaling each block's weights and "
+         "measuring refusals on an over-refusal set", cmd_larf_layer)
 
     bias = sub.add_parser("length-bias", help="App. H: response length per rank band and score-length correlation")
     bias.add_argument("--scores", required=True, help="scores.parquet")

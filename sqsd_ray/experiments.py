@@ -4,7 +4,8 @@ One DAG serves the four experiments; they differ in their *arms* and in the titl
 
     score (optional) -> per arm: partition S1…Sn -> n fine-tunes -> evaluate every fine-tuned model -> report
 
-* effectiveness (Table 1): arms = scoring methods / danger directions, each its own score file or column;
+* effectiveness (Table 1): arms = scoring methods / danger directions, each its own score file or column, and
+  ``column: random`` (a seeded random ranking) as the chance row;
 * transfer (Table 2): score under config A, fine-tune under config B: arms override the fine-tune's model,
   method (LoRA -> full) or scale through ``train_overrides``;
 * ablation (Table 3): arms = columns of one score file (``sqsd``, ``sqsd_raw`` = w/o norm, ``danger_proj`` =
@@ -41,13 +42,17 @@ from .train import ADAPTER_DIR, MODEL_DIR, TrainJobConfig, TrainOutput, run_trai
 log = logging.getLogger(__name__)
 
 DERIVED_COLUMNS = {"neg_safety_proj": ("safety_proj", -1.0)}  # "safety only": risk = −safety projection
+RANDOM_COLUMN = "random"  # a seeded random ranking (partition.seed) of the arm's score file: the chance baseline
 
 
 @dataclass
 class Arm:
     name: str = help_field("", help="row label in the report, e.g. 'SQSD (Beaver)', 'w/o norm', 'lr=1e-5'")
     scores: str | None = help_field(None, help="score file of this arm; default the experiment's")
-    column: str = help_field("sqsd", help="score column to rank by (neg_safety_proj = −safety_proj)")
+    column: str = help_field(
+        "sqsd", help="score column to rank by (neg_safety_proj = −safety_proj; random = a seeded random ranking of "
+        "the same samples, the chance row)"
+    )
     higher_is_riskier: bool = help_field(True, help="rank descending")
     train_overrides: list[str] = help_field(
         [], help="--set style overrides of the fine-tune for this arm, e.g. ['train.lr=1e-5'], "
@@ -101,11 +106,15 @@ def _arm_scores(cfg: ExperimentConfig, arm: Arm, out: Path) -> tuple[str, str]:
     path = arm.scores or cfg.scores
     if not path:
         raise ConfigError(f"arm {arm.name!r}: no score file (set scores, arm.scores or score)")
-    if arm.column not in DERIVED_COLUMNS:
+    if arm.column not in DERIVED_COLUMNS and arm.column != RANDOM_COLUMN:
         return path, arm.column
-    source, sign = DERIVED_COLUMNS[arm.column]
     frame = pd.read_parquet(path)
-    frame[arm.column] = sign * frame[source]
+    if arm.column == RANDOM_COLUMN:  # the chance row: a seeded random ranking of the same scored samples
+        frame = frame[frame["status"] == "ok"] if "status" in frame else frame
+        frame[RANDOM_COLUMN] = np.random.default_rng(cfg.partition.seed).random(len(frame))
+    else:
+        source, sign = DERIVED_COLUMNS[arm.column]
+        frame[arm.column] = sign * frame[source]
     derived = out / f"scores_{arm.column}.parquet"
     frame.to_parquet(derived, index=False)
     return str(derived), arm.column

@@ -124,7 +124,8 @@ class BatchingConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str = help_field("runs/score", help="run directory (created).")
+    dir: str = help_field("runs/score", help="run directory (created); '{method}' in it becomes the method, so one "
+                          "job file serves every baseline (--set method=...)")
     overwrite: bool = help_field(False, help="delete earlier scores in output.dir and start over.")
     resume: bool = help_field(
         True, help="continue an interrupted run of the same job (same config, model, directions): ids already "
@@ -165,6 +166,7 @@ class ScoreJobConfig:
     baseline: BaselineSettings = field(default_factory=BaselineSettings)
 
     def __post_init__(self) -> None:
+        self.output.dir = self.output.dir.replace("{method}", self.method)
         if self.method != "sqsd":
             return  # the baselines use no directions
         for name in DIRECTION_NAMES:

@@ -83,3 +83,18 @@ def test_reward_model_baseline_scores_the_cost(tmp_path, shared_data):
         with torch.no_grad():
             cost = head(backbone(input_ids=torch.tensor([tokenizer(text)["input_ids"]])).last_hidden_state[0, -1])
         assert math.isclose(df.loc[sample.sample_id, "reward_model"], float(cost), rel_tol=1e-4, abs_tol=1e-6)
+
+
+def test_full_gradient_space_and_a_method_placeholder_in_the_output_dir(tmp_path, shared_data):
+    lora = pd.read_parquet(run_score(_cfg(tmp_path, shared_data, "self_inf_n", "lora")))
+    cfg = load_config(ScoreJobConfig, None, [f"output.dir={tmp_path / 'full_{method}'}", "method=self_inf_n",
+                                             "baseline.gradient=full", *[f"{k}={v}" for k, v in (
+                                                 ("model.name_or_path", "tiny-llama"),
+                                                 ("data.path", shared_data / "benign" / "alpaca_1904.json"),
+                                                 ("data.limit", 10), ("ray.enabled", "false"))]])
+    assert cfg.output.dir == str(tmp_path / "full_self_inf_n")
+    full = pd.read_parquet(run_score(cfg))
+    assert (tmp_path / "full_self_inf_n" / "scores.parquet").is_file()
+    merged = lora.merge(full, on="sample_id", suffixes=("_lora", "_full"))
+    assert len(merged) == 10 and np.isfinite(merged["self_inf_n_full"]).all()
+    assert not np.allclose(merged["self_inf_n_lora"], merged["self_inf_n_full"])

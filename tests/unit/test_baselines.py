@@ -92,6 +92,47 @@ def test_bianchor_grad_matches_batch_1_autograd(tiny):
         assert math.isclose(scores["bianchor_grad"][i], expected, rel_tol=1e-4, abs_tol=1e-7)
 
 
+def _direct_full_grad(model, sample) -> torch.Tensor:
+    """The oracle in the full space: one sample, one backward, the adapted modules' dense weights' .grad."""
+    weights = [layer.base_layer.weight for _, layer in sorted(lora_layers(model, "default").items())]
+    for w in weights:
+        w.requires_grad_(True)
+    try:
+        batch = collate([sample], 0)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        grads = torch.autograd.grad(per_sample_mean_nll(logits, batch["labels"])[0].sum(), weights)
+    finally:
+        for w in weights:
+            w.requires_grad_(False)
+    return torch.cat([g.double().reshape(-1) for g in grads])
+
+
+def test_full_space_gradient_baselines_match_batch_1_autograd(tiny):
+    model, tokenizer = tiny
+    samples = _tokenized(tokenizer, TEXTS)
+    batch = collate(samples, tokenizer.pad_token_id, padding_side="left")
+    self_inf = SelfInfNScorer(model, space="full").score_batch(batch)
+    anchor_batches = {k: [collate(_tokenized(tokenizer, v), tokenizer.pad_token_id)] for k, v in ANCHORS.items()}
+    anchored = GradAnchorScorer(model, anchor_batches, space="full").score_batch(batch)
+    means = {name: torch.stack([f / f.norm() for f in (_direct_full_grad(model, s)
+                                                        for s in _tokenized(tokenizer, pairs))]).mean(0)
+             for name, pairs in ANCHORS.items()}
+    lora_only = SelfInfNScorer(model).score_batch(batch)
+    for i, sample in enumerate(samples):
+        g = _direct_full_grad(model, sample)
+        expected = math.log(float(g @ g) + 1) + math.log(sample.n_response_tokens + 1)
+        assert math.isclose(self_inf["self_inf_n"][i], expected, rel_tol=1e-5)
+        assert not math.isclose(self_inf["self_inf_n"][i], lora_only["self_inf_n"][i], rel_tol=1e-3)
+        g = g / g.norm()
+        expected = float(g @ means["harmful"] - g @ means["safe1"] - g @ means["safe2"])
+        assert math.isclose(anchored["bianchor_grad"][i], expected, rel_tol=1e-4, abs_tol=1e-7)
+
+
+def test_gradient_space_must_be_lora_or_full(tiny):
+    with pytest.raises(ValueError, match="'lora' or 'full'"):
+        SelfInfNScorer(tiny[0], space="dense")
+
+
 def test_bianchor_reps_matches_single_forwards(tiny):
     model, tokenizer = tiny
     anchors = _tokenized(tokenizer, ANCHORS["harmful"] + ANCHORS["safe2"])
@@ -127,8 +168,10 @@ def test_larf_layer_search_restores_weights_and_picks_the_sensitive_layer(tiny):
     def refusal_rate(m):  # a stand-in metric that only layer 1's weights move
         return float(watched.norm())
 
-    layer, change = find_safety_layer(model, refusal_rate, layers=[0, 1])
+    base = refusal_rate(model)
+    layer, change, rates = find_safety_layer(model, refusal_rate, layers=[0, 1])
     assert layer == 1 and change[0] == 0.0 and change[1] > 0
+    assert rates[1][1.0] == base and math.isclose(rates[1][1.2], 1.2 * base, rel_tol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 

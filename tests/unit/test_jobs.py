@@ -14,6 +14,7 @@ from sqsd_ray.dynamics import (
 )
 from sqsd_ray.eval_run import EvalJobConfig
 from sqsd_ray.experiments import ExperimentConfig
+from sqsd_ray.larf_layer import LarfLayerConfig
 from sqsd_ray.score_run import ScoreJobConfig
 from tests.conftest import REPO_ROOT
 
@@ -26,6 +27,7 @@ KINDS = {
     "init": InitSelectConfig,
     "evaluate": EvalJobConfig,
     "experiment": ExperimentConfig,
+    "larf-layer": LarfLayerConfig,
 }
 
 
