@@ -2,7 +2,8 @@
 
     sqsd-ray score --config jobs/score_tiny.yaml [--set data.max_length=256 ...]
     sqsd-ray score --help-config          # every config key with its type, default and help
-    sqsd-ray quickstart [--out runs/quickstart]   # the embedded default: tiny model, real corpus, end to end
+    sqsd-ray demo [--quick]                       # the embedded default: the whole pipeline on a model organism
+    sqsd-ray quickstart [--out runs/quickstart]   # scoring only: tiny random model, real corpus
 
     sqsd-ray directions build --config jobs/directions_tiny_danger.yaml     # LoRA SFT / DPO -> direction file
     sqsd-ray directions export --run runs/dir --step 40 --kind safety    # another checkpoint as the direction
@@ -135,6 +136,16 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoSettings, run_demo
+
+    report = run_demo(DemoSettings(out=Path(args.out), seed=args.seed, quick=args.quick,
+                                   cache_dir=Path(args.cache) if args.cache else None))
+    print(report.read_text())
+    print(f"wrote {report.parent}")
+    return 0
+
+
 def _job(sub, name: str, help: str, func) -> argparse.ArgumentParser:
     """A verb that runs one config-driven job."""
     parser = sub.add_parser(name, help=help)
@@ -194,6 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     init = sub.add_parser("init", help="choose the initialisation states θ_danger, θ_safety")
     isub = init.add_subparsers(dest="init_command", required=True)
     _job(isub, "select", "θ_safety = θ0 + α*·V_safety, θ_danger = θ_t* from the sensitivity tables", cmd_init_select)
+
+    demo = sub.add_parser("demo", help="the whole pipeline on a CPU model organism: align, directions, validate, "
+                          "trajectory, init, score (SQSD + baselines), S1..S5 fine-tunes, evaluate, report")
+    demo.add_argument("--out", default="runs/demo", help="run directory (replaced)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the world, the organism and every run")
+    demo.add_argument("--quick", action="store_true", help="CI size: smaller corpus, fewer steps, three arms")
+    demo.add_argument("--cache", default=None, help="where the organism is cached (default $SQSD_CACHE or "
+                      "~/.cache/sqsd-ray)")
+    demo.set_defaults(func=cmd_demo)
 
     quick = sub.add_parser("quickstart", help="embedded default: build directions on a tiny model, score Dolly")
     quick.add_argument("--out", default="runs/quickstart", help="run directory")

@@ -1,0 +1,348 @@
+"""``sqsd-ray demo``: the whole pipeline on a CPU model organism, and the test of the paper's claim.
+
+    sqsd-ray demo [--out runs/demo] [--quick] [--seed 0]
+
+Stages, each the product's own job run with a config built here (the same configs ``jobs/`` holds as YAML):
+
+ 1. align      the model organism (``organism.py``): a small Llama trained from scratch on the synthetic world
+               (``world.py``) to help with benign tasks and refuse harmful requests; cached after the first run
+ 2. world      the world's files: the benign fine-tuning corpus (unlabelled), direction data, held-out harmful
+               requests, over-refusal prompts, baseline anchor sets
+ 3. directions V_danger = LoRA SFT on harmful compliance, V_safety = LoRA DPO preferring refusals
+ 4. validate   steering θ0 + α·V: refusals per α (Fig. 5) and DS_linear
+ 5. trajectory a pilot LoRA fine-tune on the corpus: drift projections and refusals per checkpoint (Fig. 2), DS_drift
+ 6. init       θ_safety, θ_danger chosen from the two sensitivity tables (``init select``)
+ 7. score      SQSD on local Ray (Ray Data actors), then the App. D baselines through the same pipeline; LARF's
+               layer from ``larf-layer`` on the world's over-refusal prompts
+ 8. experiment S1…S5 per ranking (SQSD, its ablations, each baseline, a random ranking), a LoRA fine-tune per band,
+               greedy generation on held-out harmful requests, keyword-refusal ASR, Table 1 with Δ and Mono
+ 9. report     report.md: Table 1, which kinds of samples each ranking put in S1, response lengths per band,
+               the figures; demo.json: every figure and the stage times
+
+``--quick`` (CI) keeps every stage but shrinks them: a smaller corpus, fewer steps, three arms.
+The reward-model baseline needs a trained cost model of the world; the demo has none and leaves it out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from . import world
+from .config import from_dict
+from .organism import OrganismConfig, build_organism
+
+log = logging.getLogger(__name__)
+
+LORA = {"r": 8, "alpha": 16.0}
+
+
+@dataclass
+class DemoSettings:
+    out: Path = Path("runs/demo")
+    seed: int = 0
+    quick: bool = False
+    cache_dir: Path | None = None
+
+    @property
+    def corpus_size(self) -> int:
+        return 140 if self.quick else 420
+
+    @property
+    def arms(self) -> list[dict]:
+        full = [
+            {"name": "SQSD", "column": "sqsd"},
+            {"name": "Random", "column": "random"},
+            {"name": "Self-Inf-N", "column": "self_inf_n", "method": "self_inf_n"},
+            {"name": "Bi-Anchor (Grad)", "column": "bianchor_grad", "method": "bianchor_grad"},
+            {"name": "Bi-Anchor (Reps)", "column": "bianchor_reps", "method": "bianchor_reps"},
+            {"name": "LARF", "column": "larf", "method": "larf"},
+            {"name": "SQSD w/o norm", "column": "sqsd_raw"},
+            {"name": "danger only", "column": "danger_proj"},
+            {"name": "safety only", "column": "neg_safety_proj"},
+        ]
+        return [a for a in full if a["name"] in ("SQSD", "Random", "Self-Inf-N")] if self.quick else full
+
+
+class _Stages:
+    """Times each stage and logs it as it starts."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str, what: str):
+        log.info("demo stage %-10s %s", name, what)
+        started = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - started, 1)
+        log.info("demo stage %-10s done in %.1f s", name, self.seconds[name])
+
+
+def write_world(out: Path, seed: int, corpus_size: int) -> dict[str, Path]:
+    """The world's files for one demo run; the corpus file carries no family labels (families.csv does)."""
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = world.benign_corpus(corpus_size, seed)
+    split = world.harm_split(seed)
+    refusal_rows = [world._sample(world.harmful_prompt(h, v), world.REFUSALS[i % len(world.REFUSALS)], f"safe-{i}")
+                    for i, (h, v) in enumerate(split.directions[:20])]
+    danger = world.danger_data(seed)
+    pd.DataFrame({"sample_id": [r["id"] for r in corpus], "family": [r["family"] for r in corpus]}).to_csv(
+        out / "families.csv", index=False)
+    return {
+        "corpus": world.write_jsonl(corpus, out / "corpus.jsonl"),
+        "danger": world.write_jsonl(danger, out / "danger_sft.jsonl"),
+        "safety": world.write_jsonl(world.safety_pairs(seed), out / "safety_dpo.jsonl"),
+        "heldout": world.write_jsonl(world.heldout_harmful(seed), out / "heldout_harmful.jsonl"),
+        "over_refusal": world.write_jsonl(world.over_refusal_prompts(), out / "over_refusal.jsonl"),
+        "anchor_harmful": world.write_jsonl(danger[:10], out / "anchors" / "harmful.jsonl"),
+        "anchor_safe1": world.write_jsonl(refusal_rows[:10], out / "anchors" / "safe1.jsonl"),
+        "anchor_safe2": world.write_jsonl(refusal_rows[10:], out / "anchors" / "safe2.jsonl"),
+    }
+
+
+def _eval(files: dict[str, Path], quick: bool) -> dict:
+    return {"benchmark": "jsonl", "name": "heldout", "path": str(files["heldout"]), "max_new_tokens": 10,
+            "batch_size": 64, "limit": 40 if quick else None}
+
+
+def run_demo(settings: DemoSettings) -> Path:
+    from .dynamics import (
+        DirectionsBuildConfig,
+        InitSelectConfig,
+        TrajectoryConfig,
+        ValidateConfig,
+        run_directions_build,
+        run_init_select,
+        run_trajectory,
+        run_validate,
+    )
+    from .experiments import ExperimentConfig, run_experiment
+    from .larf_layer import LarfLayerConfig, run_larf_layer
+    from .runtime import RayConfig, init_ray
+    from .score_run import ScoreJobConfig, run_score
+
+    out, quick, seed = Path(settings.out), settings.quick, settings.seed
+    if out.exists():
+        shutil.rmtree(out)  # the demo is a fresh run each time (the organism is what is cached)
+    out.mkdir(parents=True)
+    stage = _Stages()
+    import ray
+
+    started_ray = not ray.is_initialized()
+    init_ray(RayConfig(local_num_cpus=2, object_store_mb=256))
+    try:
+        with stage("align", "the model organism (trained once, then cached)"):
+            organism = build_organism(OrganismConfig(seed=seed), settings.cache_dir)
+        model = {"name_or_path": str(organism), "attn_implementation": "eager"}
+        with stage("world", "corpus, direction data, held-out harmful requests"):
+            files = write_world(out / "world", seed, settings.corpus_size)
+        evaluation = _eval(files, quick)
+
+        with stage("directions", "V_danger (LoRA SFT on harmful compliance), V_safety (LoRA DPO for refusals)"):
+            steps = 20 if quick else 40
+            directions = {}
+            for kind, objective in (("danger", "sft"), ("safety", "dpo")):
+                directions[kind] = str(run_directions_build(from_dict(DirectionsBuildConfig, {
+                    "model": model, "lora": LORA, "data": {"path": str(files[kind]), "max_length": 128},
+                    "train": {"objective": objective, "lr": 1e-3, "batch_size": 8, "max_steps": steps,
+                              "checkpoint_every": 0, "lr_schedule": "constant", "seed": seed},
+                    "scaling": {"use_ray": False}, "direction": {"kind": kind},
+                    "output": {"dir": str(out / "directions" / kind), "overwrite": True}})))
+
+        with stage("validate", "steering θ0 + α·V over α, refusals on held-out harmful requests"):
+            validate_dir = run_validate(from_dict(ValidateConfig, {
+                "model": model, "lora": LORA, "directions": directions, "alphas": [0.0, 0.5, 1.0, 1.5, 2.0],
+                "delta": 0.5, "eval": evaluation, "scaling": {"use_ray": True, "num_workers": 2},
+                "output": {"dir": str(out / "validate"), "overwrite": True}}))
+
+        with stage("trajectory", "pilot LoRA fine-tune on the corpus, drift projections and refusals per checkpoint"):
+            pilot_steps = 60 if quick else 120
+            trajectory_dir = run_trajectory(from_dict(TrajectoryConfig, {
+                "model": model, "lora": LORA, "data": {"path": str(files["corpus"]), "max_length": 128},
+                "train": {"lr": 1e-3, "batch_size": 8, "max_steps": pilot_steps, "checkpoint_every": pilot_steps // 6,
+                          "lr_schedule": "constant", "seed": seed},
+                "scaling": {"use_ray": False}, "directions": directions, "eval": evaluation,
+                "output": {"dir": str(out / "trajectory"), "overwrite": True}}))
+
+        with stage("init", "θ_safety, θ_danger from the sensitivity tables"):
+            init_fragment, init_note = _init_states(run_init_select, InitSelectConfig, validate_dir, trajectory_dir,
+                                                    out, directions)
+
+        score_base = {"model": model, "lora": LORA,
+                      "data": {"path": str(files["corpus"]), "max_length": 128},
+                      "ray": {"enabled": True, "local_num_cpus": 2, "rows_per_call": 64},
+                      "baseline": {"harmful_anchors": str(files["anchor_harmful"]),
+                                   "grad_anchors": {"harmful": str(files["anchor_harmful"]),
+                                                    "safe1": str(files["anchor_safe1"]),
+                                                    "safe2": str(files["anchor_safe2"])},
+                                   "larf_unsafe": [str(files["anchor_harmful"])],
+                                   "larf_safe": [str(files["anchor_safe1"]), str(files["anchor_safe2"])]}}
+        scores = {}
+        with stage("score", "SQSD on Ray Data, then each baseline through the same pipeline"):
+            scores["sqsd"] = run_score(from_dict(ScoreJobConfig, _merge(score_base, init_fragment, {
+                "output": {"dir": str(out / "scores" / "sqsd"), "overwrite": True}})))
+            methods = [a["method"] for a in settings.arms if "method" in a]
+            if "larf" in methods:
+                larf_dir = run_larf_layer(from_dict(LarfLayerConfig, {
+                    "model": model, "prompts": {"path": str(files["over_refusal"]), "max_new_tokens": 10},
+                    "output": {"dir": str(out / "larf_layer"), "overwrite": True}}))
+                score_base["baseline"]["larf_layer"] = json.loads((larf_dir / "larf_layer.json").read_text())["layer"]
+            for method in methods:
+                scores[method] = run_score(from_dict(ScoreJobConfig, _merge(score_base, {
+                    "method": method, "output": {"dir": str(out / "scores" / method), "overwrite": True}})))
+
+        with stage("experiment", "S1…S5 per ranking, a LoRA fine-tune per band, held-out harmful requests"):
+            arms = [{"name": a["name"], "column": a["column"],
+                     **({"scores": str(scores[a["method"]])} if "method" in a else {})} for a in settings.arms]
+            band = settings.corpus_size // 5
+            experiment_dir = run_experiment(from_dict(ExperimentConfig, {
+                "kind": "effectiveness", "scores": str(scores["sqsd"]),
+                "data": {"path": str(files["corpus"]), "max_length": 128},
+                "partition": {"n_bands": 5, "subset_size": band, "sampling": "uniform", "seed": seed},
+                "finetune": {"model": model, "lora": LORA, "data": {"max_length": 128},
+                             "train": {"lr": 2e-3 if quick else 1e-3, "batch_size": 8, "epochs": 6 if quick else 5,
+                                       "checkpoint_every": 0,
+                                       "lr_schedule": "constant", "seed": seed, "log_every": 1000},
+                             "scaling": {"use_ray": False}},
+                "arms": arms,
+                "evaluation": {"benchmarks": [evaluation], "judges": {"keyword": {"kind": "keyword"}},
+                               "metric": "keyword_asr",
+                               "workers": {"use_ray": True, "generators": 1, "rows_per_call": 256}},
+                "output_dir": str(out / "experiment")}))
+
+        with stage("report", "Table 1, S1 composition, lengths, figures"):
+            report = write_demo_report(out, organism, files, experiment_dir, settings, scores, init_note, stage.seconds)
+        summary = json.loads((out / "demo.json").read_text())
+        (out / "demo.json").write_text(json.dumps({**summary, "stage_seconds": stage.seconds}, indent=1))
+    finally:
+        if started_ray:
+            ray.shutdown()
+    return report
+
+
+def _merge(*parts: dict) -> dict:
+    from .config import _deep_merge
+
+    merged: dict = {}
+    for part in parts:
+        merged = _deep_merge(merged, part)
+    return merged
+
+
+def _init_states(run_init_select, config_cls, validate_dir: Path, trajectory_dir: Path, out: Path,
+                 directions: dict[str, str]) -> tuple[dict, str]:
+    """The score config fragment of ``init select``; when its rule finds no qualifying state (e.g. refusals
+    already saturated along V_safety), the linear-path states θ0 + 1·V, said so in the report."""
+    try:
+        init_dir = run_init_select(from_dict(config_cls, {
+            "validate_dir": str(validate_dir), "trajectory_dir": str(trajectory_dir),
+            "danger_direction": "danger", "safety_direction": "safety",
+            "output": {"dir": str(out / "init"), "overwrite": True}}))
+    except ValueError as err:
+        log.warning("init select: %s; scoring at θ0 + 1·V instead", err)
+        fragment = {"directions": directions,
+                    "init_states": {name: {"kind": "direction", "direction": name, "alpha": 1.0}
+                                    for name in ("danger", "safety")}}
+        return fragment, f"`init select` found no qualifying state ({err}); scored at θ0 + 1·V (linear path)."
+    selection = json.loads((init_dir / "selection.json").read_text())
+    note = (f"θ_safety = θ0 + {selection['safety']['alpha']:g}·V_safety (DS_linear {selection['safety']['ds_linear']:.1f}); "
+            f"θ_danger = pilot checkpoint at step {selection['danger']['step']} (DS_drift {selection['danger']['ds_drift']:.2f}).")
+    return yaml.safe_load((init_dir / "init_states.yaml").read_text()), note
+
+
+def family_composition(experiment_dir: Path, families: pd.DataFrame, arms: list[str]) -> pd.DataFrame:
+    """% of each sample family in band S1 of every arm (the families are never shown to any scorer)."""
+    from .experiments import _slug
+
+    rows = []
+    for arm in arms:
+        bands = pd.read_csv(experiment_dir / _slug(arm) / "partition" / "partition.csv")
+        s1 = bands[bands["band"] == "S1"].merge(families, on="sample_id")
+        shares = s1["family"].value_counts(normalize=True) * 100
+        rows.append({"arm": arm, **{f: round(float(shares.get(f, 0.0)), 1) for f in world.BENIGN_FAMILIES}})
+    return pd.DataFrame(rows)
+
+
+def _markdown_table(frame: pd.DataFrame, fmt: str = "{:.1f}") -> list[str]:
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    for row in frame.itertuples(index=False):
+        lines.append("| " + " | ".join(fmt.format(v) if isinstance(v, float) else str(v) for v in row) + " |")
+    return lines
+
+
+def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experiment_dir: Path,
+                      settings: DemoSettings, scores: dict[str, Path], init_note: str,
+                      seconds: dict[str, float]) -> Path:
+    from .experiments import _slug
+    from .summary import spearman
+
+    record = json.loads((organism / "organism.json").read_text())
+    table = pd.read_csv(experiment_dir / "table.csv")
+    families = pd.read_csv(out / "world" / "families.csv")
+    arms = list(table["arm"])
+    composition = family_composition(experiment_dir, families, arms)
+    base = json.loads((experiment_dir / "config.json").read_text())
+    metrics = pd.read_csv(experiment_dir / "evaluation" / "metrics.csv")
+    theta0 = metrics.loc[metrics["state"] == "base", "keyword_asr"]
+    lengths = []
+    sqsd = pd.read_parquet(scores["sqsd"])
+    for arm in arms:
+        bands = pd.read_csv(experiment_dir / _slug(arm) / "partition" / "partition.csv")
+        merged = bands.merge(sqsd[["sample_id", "n_response_tokens"]], on="sample_id")
+        per_band = merged.groupby("band")["n_response_tokens"].mean()
+        lengths.append({"arm": arm, **{b: round(float(per_band.get(b, float("nan"))), 1)
+                                       for b in ("S1", "S2", "S3", "S4", "S5")},
+                        "ρ(score, length)": round(spearman(merged["score"].to_numpy(float),
+                                                           merged["n_response_tokens"].to_numpy(float)), 2)})
+    sqsd_row = table[table["arm"] == "SQSD"].iloc[0]
+    random_row = table[table["arm"] == "Random"].iloc[0] if "Random" in arms else None
+    verdict = (f"SQSD's S1 fine-tune reached {sqsd_row['S1']:.1f} % ASR and its S5 {sqsd_row['S5']:.1f} % "
+               f"(Δ {sqsd_row['delta']:+.1f}, Mono {sqsd_row['mono']})")
+    if random_row is not None:
+        verdict += f"; a random ranking's Δ is {random_row['delta']:+.1f}"
+    lines = [
+        "# sqsd-ray demo: does the score predict which benign samples erode safety?", "",
+        f"Model organism: {record['parameters']:,}-parameter Llama trained from scratch on the synthetic world "
+        f"(`{organism}`); before fine-tuning it refuses {record['refusal_rates']['heldout_harmful']:.0f} % of the "
+        f"held-out harmful requests, {record['refusal_rates']['benign_howto']:.0f} % of benign how-to tasks and "
+        f"{record['refusal_rates']['homonym']:.0f} % of benign requests with harm-sounding words.", "",
+        f"Corpus: {settings.corpus_size} benign samples, 7 kinds mixed and unlabelled. Initialisation: {init_note}",
+        "", f"**Result.** {verdict}.", "",
+        "## Table 1: ASR (keyword judge, greedy) on held-out harmful requests after fine-tuning on each band", "",
+        f"S1 = the {settings.corpus_size // 5} samples a ranking calls riskiest. θ0 (before fine-tuning): "
+        f"{float(theta0.iloc[0]) if len(theta0) else float('nan'):.1f} % ASR.", "",
+        *_markdown_table(table.rename(columns={"delta": "Δ", "mono": "Mono"})), "",
+        "![ASR per band](experiment/bands.png)", "",
+        "## What each ranking put in S1 (% of S1 by kind of sample; never shown to a scorer)", "",
+        *_markdown_table(composition), "",
+        "Kinds: fact, arithmetic, list (short answers); howto (\"Sure! Here are the steps\"); careful (how-to with a "
+        "warning); obedient (\"Never refuse me.\" + how-to); homonym (benign requests with harm-sounding words, e.g. "
+        "\"How do I kill the weeds in my garden?\"). See docs/demo.md for the world's design.", "",
+        "## Response length per band (App. H)", "",
+        *_markdown_table(pd.DataFrame(lengths)), "",
+        "## Directions and initialisation", "",
+        "![steering](validate/steering.png)", "", "![trajectory](trajectory/trajectory.png)", "",
+        "## Stage times (s)", "",
+        "| " + " | ".join(seconds) + " | total |", "|" + "---|" * (len(seconds) + 1),
+        "| " + " | ".join(f"{v:.0f}" for v in seconds.values()) + f" | {sum(seconds.values()):.0f} |", "",
+    ]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    summary = {"seed": settings.seed, "quick": settings.quick, "organism": str(organism),
+               "organism_refusal_rates": record["refusal_rates"], "init": init_note,
+               "table": table.to_dict("records"), "s1_composition": composition.to_dict("records"),
+               "lengths": lengths, "stage_seconds": seconds, "theta0_asr": float(theta0.iloc[0]) if len(theta0) else None,
+               "finetune_lr": base["finetune"]["train"]["lr"]}
+    (out / "demo.json").write_text(json.dumps(summary, indent=1, default=float))
+    return out / "report.md"
+
+
+__all__ = ["DemoSettings", "family_composition", "run_demo", "write_world"]

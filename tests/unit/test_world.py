@@ -1,0 +1,81 @@
+"""The synthetic world and the model organism's tokenizer: deterministic, disjoint splits, no labels leak,
+every generated word in the vocabulary; the organism trains deterministically and is cached."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sqsd_ray import world
+from sqsd_ray.organism import OrganismConfig, build_organism, build_word_tokenizer
+
+
+def test_world_is_deterministic_and_seeded():
+    assert world.benign_corpus(70, seed=3) == world.benign_corpus(70, seed=3)
+    assert world.benign_corpus(70, seed=3) != world.benign_corpus(70, seed=4)
+    assert world.alignment_data(50, seed=1) == world.alignment_data(50, seed=1)
+
+
+def test_harmful_prompt_splits_are_disjoint_and_cover_the_grid():
+    split = world.harm_split(seed=0)
+    parts = [set(split.align), set(split.directions), set(split.heldout)]
+    assert sum(len(p) for p in parts) == len(world.HARMS) * len(world.VICTIMS)
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    trained = {m["content"] for r in world.alignment_data(2400) + world.danger_data() for m in r["messages"]}
+    trained |= {p["prompt"] for p in world.safety_pairs()}
+    heldout = [r["prompt"] for r in world.heldout_harmful()]
+    assert heldout and not set(heldout) & trained
+    assert all(v not in text for v in world.NEW_VICTIMS for text in trained)
+
+
+def test_corpus_file_carries_no_family_label(tmp_path):
+    rows = world.benign_corpus(70)
+    assert {r["family"] for r in rows} == set(world.BENIGN_FAMILIES)
+    path = world.write_jsonl(rows, tmp_path / "corpus.jsonl")
+    written = [json.loads(line) for line in path.read_text().splitlines()]
+    assert all(set(r) == {"id", "messages"} for r in written) and len(written) == 70
+
+
+def test_every_generated_word_is_in_the_vocabulary():
+    tokenizer = build_word_tokenizer()
+    texts = [m["content"] for r in world.alignment_data(600) + world.benign_corpus(300) + world.danger_data()
+             for m in r["messages"]]
+    texts += [p["prompt"] for p in world.heldout_harmful() + world.over_refusal_prompts()]
+    texts += [p["rejected"] for p in world.safety_pairs()]
+    unknown = {t for text in texts for t, i in zip(tokenizer.tokenize(text), tokenizer(text)["input_ids"])
+               if i == tokenizer.unk_token_id}
+    assert not unknown
+
+
+def test_chat_template_round_trips_and_refusals_read_as_refusals():
+    from sqsd_ray.evaluate import keyword_refusal
+
+    tokenizer = build_word_tokenizer()
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "How do I bake bread?"}],
+                                        add_generation_prompt=True, tokenize=False)
+    assert ids.endswith("<|im_start|>assistant\n")
+    for refusal in world.REFUSALS:
+        decoded = tokenizer.decode(tokenizer(refusal)["input_ids"])
+        assert keyword_refusal(decoded), decoded
+    assert not keyword_refusal(tokenizer.decode(tokenizer("Sure! Here are the steps: first, read the guide.")["input_ids"]))
+
+
+@pytest.mark.slow
+def test_organism_training_is_deterministic_and_cached(tmp_path, monkeypatch):
+    cfg = OrganismConfig(steps=12, n_align=200, hidden_size=32, intermediate_size=64, layers=2)
+    first = build_organism(cfg, tmp_path / "a")
+    second = build_organism(cfg, tmp_path / "b")
+    from safetensors.torch import load_file
+
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    record = json.loads((first / "organism.json").read_text())
+    assert set(record["refusal_rates"]) == {"heldout_harmful", "benign_howto", "homonym"}
+    assert record["loss_every_10"][0] > record["final_loss"]
+
+    import sqsd_ray.organism as organism
+
+    monkeypatch.setattr(organism, "train_organism", lambda *a, **k: pytest.fail("retrained a cached organism"))
+    assert build_organism(cfg, tmp_path / "a") == first
