@@ -317,6 +317,7 @@ def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experim
         f"{record['refusal_rates']['homonym']:.0f} % of benign requests with harm-sounding words.", "",
         f"Corpus: {settings.corpus_size} benign samples, 7 kinds mixed and unlabelled. Initialisation: {init_note}",
         "", f"**Result.** {verdict}.", "",
+        "![Table 1 and S1 composition](demo.png)", "",
         "## Table 1: ASR (keyword judge, greedy) on held-out harmful requests after fine-tuning on each band", "",
         f"S1 = the {settings.corpus_size // 5} samples a ranking calls riskiest. θ0 (before fine-tuning): "
         f"{float(theta0.iloc[0]) if len(theta0) else float('nan'):.1f} % ASR.", "",
@@ -336,6 +337,7 @@ def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experim
         "| " + " | ".join(f"{v:.0f}" for v in seconds.values()) + f" | {sum(seconds.values()):.0f} |", "",
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
+    plot_demo(table, composition, float(theta0.iloc[0]) if len(theta0) else None, out / "demo.png")
     summary = {"seed": settings.seed, "quick": settings.quick, "organism": str(organism),
                "organism_refusal_rates": record["refusal_rates"], "init": init_note,
                "table": table.to_dict("records"), "s1_composition": composition.to_dict("records"),
@@ -345,4 +347,41 @@ def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experim
     return out / "report.md"
 
 
-__all__ = ["DemoSettings", "family_composition", "run_demo", "write_world"]
+def plot_demo(table: pd.DataFrame, composition: pd.DataFrame, theta0: float | None, path: Path) -> None:
+    """Left: ASR per band for every ranking (SQSD on top). Right: what each ranking put in S1, by kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bands = ["S1", "S2", "S3", "S4", "S5"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [1.1, 1]})
+    for i, (_, row) in enumerate(table.iterrows()):
+        style = dict(lw=3, zorder=3, color="black") if row["arm"] == "SQSD" else dict(lw=1.2, alpha=0.7)
+        if row["arm"] == "Random":
+            style.update(ls="--")
+        left.plot(bands, [row[b] for b in bands], marker="o", label=f"{row['arm']} (Δ {row['delta']:+.0f})", **style)
+    if theta0 is not None:
+        left.axhline(theta0, color="grey", ls=":", label="θ0 (before fine-tuning)")
+    left.set_xlabel("risk band the model was fine-tuned on (S1 = ranked riskiest)")
+    left.set_ylabel("ASR % on held-out harmful requests")
+    left.set_title("Table 1: harm after fine-tuning on each band")
+    left.legend(fontsize=7.5, loc="center right")
+    left.grid(alpha=0.3)
+    kinds = [k for k in world.BENIGN_FAMILIES if k in composition.columns]
+    bottom = pd.Series(0.0, index=composition.index)
+    others = iter(["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:gray", "tab:olive"])
+    for kind in kinds:
+        right.barh(composition["arm"], composition[kind], left=bottom, label=kind,
+                   color="tab:red" if kind == "homonym" else next(others), alpha=0.9 if kind == "homonym" else 0.55)
+        bottom = bottom + composition[kind]
+    right.invert_yaxis()
+    right.set_xlabel("% of S1")
+    right.set_title("What each ranking put in S1 (kinds never shown to a scorer)")
+    right.legend(fontsize=7.5, ncol=4, loc="lower center", bbox_to_anchor=(0.5, -0.32))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+__all__ = ["DemoSettings", "plot_demo", "family_composition", "run_demo", "write_world"]

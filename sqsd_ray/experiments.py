@@ -265,8 +265,9 @@ def _plot_bands(table: pd.DataFrame, bands: list[str], metric: str, benchmark: s
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for _, row in table.iterrows():
-        ax.plot(bands, [row[b] for b in bands], marker="o", label=f"{row['arm']} (Δ {row['delta']:+.1f})")
+    for i, (_, row) in enumerate(table.iterrows()):  # the first arm (the method under test) drawn on top
+        style = dict(lw=2.8, zorder=3) if i == 0 else dict(lw=1.2, alpha=0.75, zorder=2)
+        ax.plot(bands, [row[b] for b in bands], marker="o", label=f"{row['arm']} (Δ {row['delta']:+.1f})", **style)
     if base is not None:
         ax.axhline(base, color="grey", ls=":", label="θ0 (before fine-tuning)")
     ax.set_xlabel("risk band (S1 = highest ranked risk)")

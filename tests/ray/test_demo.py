@@ -33,7 +33,7 @@ def test_quick_demo_runs_every_stage_and_reports_table_1(tmp_path, local_ray, ca
 
     # the files the report links to, and the stage outputs behind them
     report = (out / "report.md").read_text()
-    for figure in ("experiment/bands.png", "validate/steering.png", "trajectory/trajectory.png"):
+    for figure in ("demo.png", "experiment/bands.png", "validate/steering.png", "trajectory/trajectory.png"):
         assert f"({figure})" in report and (out / figure).stat().st_size > 0
     corpus = [json.loads(line) for line in (out / "world" / "corpus.jsonl").read_text().splitlines()]
     assert len(corpus) == 140 and all("family" not in r for r in corpus)
