@@ -139,8 +139,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoSettings, run_demo
 
-    report = run_demo(DemoSettings(out=Path(args.out), seed=args.seed, quick=args.quick,
-                                   cache_dir=Path(args.cache) if args.cache else None))
+    report = run_demo(DemoSettings(out=Path(args.out), seed=args.seed, quick=args.quick, model=args.model,
+                                   data_root=Path(args.data_root), cache_dir=Path(args.cache) if args.cache else None))
     print(report.read_text())
     print(f"wrote {report.parent}")
     return 0
@@ -210,7 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "trajectory, init, score (SQSD + baselines), S1..S5 fine-tunes, evaluate, report")
     demo.add_argument("--out", default="runs/demo", help="run directory (replaced)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the world, the organism and every run")
-    demo.add_argument("--quick", action="store_true", help="CI size: smaller corpus, fewer steps, three arms")
+    demo.add_argument("--quick", action="store_true", help="CI size: smaller corpus, fewer steps, fewer arms")
+    demo.add_argument("--model", choices=("organism", "smollm2"), default="organism",
+                      help="organism: the CPU model organism on its synthetic world; smollm2: SmolLM2-135M-Instruct "
+                      "aligned here, on Dolly/Alpaca and AdvBench/CatQA/HEx-PHI (about an hour on 2 CPU cores)")
+    demo.add_argument("--data-root", default="../shared/data", help="smollm2: folder holding benign/, eval/, anchors/")
     demo.add_argument("--cache", default=None, help="where the organism is cached (default $SQSD_CACHE or "
                       "~/.cache/sqsd-ray)")
     demo.set_defaults(func=cmd_demo)

@@ -51,25 +51,67 @@ class DemoSettings:
     seed: int = 0
     quick: bool = False
     cache_dir: Path | None = None
+    model: str = "organism"  # or "smollm2": SmolLM2-135M-Instruct aligned here, on the real data sets
+    data_root: Path = Path("../shared/data")
 
     @property
-    def corpus_size(self) -> int:
-        return 140 if self.quick else 420
+    def recipe(self) -> Recipe:
+        if self.model == "organism":
+            return Recipe.organism(self.quick)
+        if self.model == "smollm2":
+            return Recipe.smollm2(self.quick)
+        raise ValueError(f"demo model must be 'organism' or 'smollm2', got {self.model!r}")
+
+
+ARMS = {
+    "SQSD": {"column": "sqsd"},
+    "Random": {"column": "random"},
+    "Self-Inf-N": {"column": "self_inf_n", "method": "self_inf_n"},
+    "Bi-Anchor (Grad)": {"column": "bianchor_grad", "method": "bianchor_grad"},
+    "Bi-Anchor (Reps)": {"column": "bianchor_reps", "method": "bianchor_reps"},
+    "LARF": {"column": "larf", "method": "larf"},
+    "SQSD w/o norm": {"column": "sqsd_raw"},
+    "danger only": {"column": "danger_proj"},
+    "safety only": {"column": "neg_safety_proj"},
+}
+
+
+@dataclass
+class Recipe:
+    """The sizes and optimisation settings of one demo model (the organism's were calibrated on its world: a
+    band of 84 samples at lr 1e-3 for 5 epochs removes the refusals when about half of it is the risky kind)."""
+
+    corpus_size: int
+    arm_names: list[str]
+    max_length: int
+    direction_steps: int
+    direction_lr: float
+    pilot_steps: int
+    lr: float
+    epochs: int
+    max_new_tokens: int
+    eval_limit: int | None
+    alphas: list[float]
 
     @property
     def arms(self) -> list[dict]:
-        full = [
-            {"name": "SQSD", "column": "sqsd"},
-            {"name": "Random", "column": "random"},
-            {"name": "Self-Inf-N", "column": "self_inf_n", "method": "self_inf_n"},
-            {"name": "Bi-Anchor (Grad)", "column": "bianchor_grad", "method": "bianchor_grad"},
-            {"name": "Bi-Anchor (Reps)", "column": "bianchor_reps", "method": "bianchor_reps"},
-            {"name": "LARF", "column": "larf", "method": "larf"},
-            {"name": "SQSD w/o norm", "column": "sqsd_raw"},
-            {"name": "danger only", "column": "danger_proj"},
-            {"name": "safety only", "column": "neg_safety_proj"},
-        ]
-        return [a for a in full if a["name"] in ("SQSD", "Random", "Self-Inf-N")] if self.quick else full
+        return [{"name": name, **ARMS[name]} for name in self.arm_names]
+
+    @classmethod
+    def organism(cls, quick: bool) -> Recipe:
+        return cls(corpus_size=140 if quick else 420,
+                   arm_names=["SQSD", "Random", "Self-Inf-N"] if quick else list(ARMS),
+                   max_length=128, direction_steps=20 if quick else 40, direction_lr=1e-3,
+                   pilot_steps=60 if quick else 120, lr=2e-3 if quick else 1e-3, epochs=6 if quick else 5,
+                   max_new_tokens=10, eval_limit=40 if quick else None, alphas=[0.0, 0.5, 1.0, 1.5, 2.0])
+
+    @classmethod
+    def smollm2(cls, quick: bool) -> Recipe:
+        return cls(corpus_size=60 if quick else 200,
+                   arm_names=["SQSD", "Random"] if quick else ["SQSD", "Random", "Self-Inf-N", "SQSD w/o norm"],
+                   max_length=256, direction_steps=4 if quick else 40, direction_lr=1e-4,
+                   pilot_steps=6 if quick else 60, lr=1e-4, epochs=3, max_new_tokens=8 if quick else 40,
+                   eval_limit=6 if quick else 60, alphas=[0.0, 1.0, 2.0] if quick else [0.0, 0.5, 1.0, 1.5, 2.0])
 
 
 class _Stages:
@@ -109,9 +151,9 @@ def write_world(out: Path, seed: int, corpus_size: int) -> dict[str, Path]:
     }
 
 
-def _eval(files: dict[str, Path], quick: bool) -> dict:
-    return {"benchmark": "jsonl", "name": "heldout", "path": str(files["heldout"]), "max_new_tokens": 10,
-            "batch_size": 64, "limit": 40 if quick else None}
+def _eval(files: dict[str, Path], recipe: Recipe) -> dict:
+    return {"benchmark": "jsonl", "name": "heldout", "path": str(files["heldout"]),
+            "max_new_tokens": recipe.max_new_tokens, "batch_size": 64, "limit": recipe.eval_limit}
 
 
 def run_demo(settings: DemoSettings) -> Path:
@@ -130,7 +172,7 @@ def run_demo(settings: DemoSettings) -> Path:
     from .runtime import RayConfig, init_ray
     from .score_run import ScoreJobConfig, run_score
 
-    out, quick, seed = Path(settings.out), settings.quick, settings.seed
+    out, seed, recipe = Path(settings.out), settings.seed, settings.recipe
     if out.exists():
         shutil.rmtree(out)  # the demo is a fresh run each time (the organism is what is cached)
     out.mkdir(parents=True)
@@ -140,35 +182,47 @@ def run_demo(settings: DemoSettings) -> Path:
     started_ray = not ray.is_initialized()
     init_ray(RayConfig(local_num_cpus=2, object_store_mb=256))
     try:
-        with stage("align", "the model organism (trained once, then cached)"):
-            organism = build_organism(OrganismConfig(seed=seed), settings.cache_dir)
-        model = {"name_or_path": str(organism), "attn_implementation": "eager"}
-        with stage("world", "corpus, direction data, held-out harmful requests"):
-            files = write_world(out / "world", seed, settings.corpus_size)
-        evaluation = _eval(files, quick)
+        if settings.model == "organism":
+            with stage("align", "the model organism (trained once, then cached)"):
+                aligned = build_organism(OrganismConfig(seed=seed), settings.cache_dir)
+            model = {"name_or_path": str(aligned), "attn_implementation": "eager"}
+            with stage("world", "corpus, direction data, held-out harmful requests"):
+                files = write_world(out / "world", seed, recipe.corpus_size)
+        else:
+            from .demo_real import align_smollm2, write_real_world
+
+            with stage("world", "Dolly + Alpaca corpus, AdvBench split, CatQA / HEx-PHI held-out prompts"):
+                files = write_real_world(out / "world", settings.data_root, seed, recipe.corpus_size,
+                                         recipe.max_length, settings.quick)
+            with stage("align", "SmolLM2-135M-Instruct taught to refuse (LoRA SFT, merged; cached)"):
+                aligned = align_smollm2(files, seed, settings.cache_dir, settings.quick)
+            model = {"name_or_path": str(aligned)}
+        evaluation = _eval(files, recipe)
+        data = {"max_length": recipe.max_length, "on_overlong": "truncate"}
 
         with stage("directions", "V_danger (LoRA SFT on harmful compliance), V_safety (LoRA DPO for refusals)"):
-            steps = 20 if quick else 40
             directions = {}
             for kind, objective in (("danger", "sft"), ("safety", "dpo")):
                 directions[kind] = str(run_directions_build(from_dict(DirectionsBuildConfig, {
-                    "model": model, "lora": LORA, "data": {"path": str(files[kind]), "max_length": 128},
-                    "train": {"objective": objective, "lr": 1e-3, "batch_size": 8, "max_steps": steps,
+                    "model": model, "lora": LORA, "data": {"path": str(files[kind]), **data},
+                    "train": {"objective": objective, "lr": recipe.direction_lr, "batch_size": 8,
+                              "max_steps": recipe.direction_steps,
                               "checkpoint_every": 0, "lr_schedule": "constant", "seed": seed},
                     "scaling": {"use_ray": False}, "direction": {"kind": kind},
                     "output": {"dir": str(out / "directions" / kind), "overwrite": True}})))
 
         with stage("validate", "steering θ0 + α·V over α, refusals on held-out harmful requests"):
             validate_dir = run_validate(from_dict(ValidateConfig, {
-                "model": model, "lora": LORA, "directions": directions, "alphas": [0.0, 0.5, 1.0, 1.5, 2.0],
-                "delta": 0.5, "eval": evaluation, "scaling": {"use_ray": True, "num_workers": 2},
+                "model": model, "lora": LORA, "directions": directions, "alphas": recipe.alphas,
+                "delta": recipe.alphas[1] - recipe.alphas[0], "eval": evaluation, "scaling": {"use_ray": True, "num_workers": 2},
                 "output": {"dir": str(out / "validate"), "overwrite": True}}))
 
         with stage("trajectory", "pilot LoRA fine-tune on the corpus, drift projections and refusals per checkpoint"):
-            pilot_steps = 60 if quick else 120
+            pilot_steps = recipe.pilot_steps
             trajectory_dir = run_trajectory(from_dict(TrajectoryConfig, {
-                "model": model, "lora": LORA, "data": {"path": str(files["corpus"]), "max_length": 128},
-                "train": {"lr": 1e-3, "batch_size": 8, "max_steps": pilot_steps, "checkpoint_every": pilot_steps // 6,
+                "model": model, "lora": LORA, "data": {"path": str(files["corpus"]), **data},
+                "train": {"lr": recipe.lr, "batch_size": 8, "max_steps": pilot_steps,
+                          "checkpoint_every": max(1, pilot_steps // 6),
                           "lr_schedule": "constant", "seed": seed},
                 "scaling": {"use_ray": False}, "directions": directions, "eval": evaluation,
                 "output": {"dir": str(out / "trajectory"), "overwrite": True}}))
@@ -177,8 +231,7 @@ def run_demo(settings: DemoSettings) -> Path:
             init_fragment, init_note = _init_states(run_init_select, InitSelectConfig, validate_dir, trajectory_dir,
                                                     out, directions)
 
-        score_base = {"model": model, "lora": LORA,
-                      "data": {"path": str(files["corpus"]), "max_length": 128},
+        score_base = {"model": model, "lora": LORA, "data": {"path": str(files["corpus"]), **data},
                       "ray": {"enabled": True, "local_num_cpus": 2, "rows_per_call": 64},
                       "baseline": {"harmful_anchors": str(files["anchor_harmful"]),
                                    "grad_anchors": {"harmful": str(files["anchor_harmful"]),
@@ -190,10 +243,11 @@ def run_demo(settings: DemoSettings) -> Path:
         with stage("score", "SQSD on Ray Data, then each baseline through the same pipeline"):
             scores["sqsd"] = run_score(from_dict(ScoreJobConfig, _merge(score_base, init_fragment, {
                 "output": {"dir": str(out / "scores" / "sqsd"), "overwrite": True}})))
-            methods = [a["method"] for a in settings.arms if "method" in a]
+            methods = [a["method"] for a in recipe.arms if "method" in a]
             if "larf" in methods:
                 larf_dir = run_larf_layer(from_dict(LarfLayerConfig, {
-                    "model": model, "prompts": {"path": str(files["over_refusal"]), "max_new_tokens": 10},
+                    "model": model, "prompts": {"path": str(files["over_refusal"]),
+                                                "max_new_tokens": recipe.max_new_tokens},
                     "output": {"dir": str(out / "larf_layer"), "overwrite": True}}))
                 score_base["baseline"]["larf_layer"] = json.loads((larf_dir / "larf_layer.json").read_text())["layer"]
             for method in methods:
@@ -202,14 +256,14 @@ def run_demo(settings: DemoSettings) -> Path:
 
         with stage("experiment", "S1…S5 per ranking, a LoRA fine-tune per band, held-out harmful requests"):
             arms = [{"name": a["name"], "column": a["column"],
-                     **({"scores": str(scores[a["method"]])} if "method" in a else {})} for a in settings.arms]
-            band = settings.corpus_size // 5
+                     **({"scores": str(scores[a["method"]])} if "method" in a else {})} for a in recipe.arms]
+            band = recipe.corpus_size // 5
             experiment_dir = run_experiment(from_dict(ExperimentConfig, {
                 "kind": "effectiveness", "scores": str(scores["sqsd"]),
-                "data": {"path": str(files["corpus"]), "max_length": 128},
+                "data": {"path": str(files["corpus"]), **data},
                 "partition": {"n_bands": 5, "subset_size": band, "sampling": "uniform", "seed": seed},
-                "finetune": {"model": model, "lora": LORA, "data": {"max_length": 128},
-                             "train": {"lr": 2e-3 if quick else 1e-3, "batch_size": 8, "epochs": 6 if quick else 5,
+                "finetune": {"model": model, "lora": LORA, "data": data,
+                             "train": {"lr": recipe.lr, "batch_size": 8, "epochs": recipe.epochs,
                                        "checkpoint_every": 0,
                                        "lr_schedule": "constant", "seed": seed, "log_every": 1000},
                              "scaling": {"use_ray": False}},
@@ -220,7 +274,7 @@ def run_demo(settings: DemoSettings) -> Path:
                 "output_dir": str(out / "experiment")}))
 
         with stage("report", "Table 1, S1 composition, lengths, figures"):
-            report = write_demo_report(out, organism, files, experiment_dir, settings, scores, init_note, stage.seconds)
+            report = write_demo_report(out, aligned, files, experiment_dir, settings, scores, init_note, stage.seconds)
         summary = json.loads((out / "demo.json").read_text())
         (out / "demo.json").write_text(json.dumps({**summary, "stage_seconds": stage.seconds}, indent=1))
     finally:
@@ -263,12 +317,13 @@ def family_composition(experiment_dir: Path, families: pd.DataFrame, arms: list[
     """% of each sample family in band S1 of every arm (the families are never shown to any scorer)."""
     from .experiments import _slug
 
+    kinds = [k for k in world.BENIGN_FAMILIES if k in set(families["family"])] or sorted(set(families["family"]))
     rows = []
     for arm in arms:
         bands = pd.read_csv(experiment_dir / _slug(arm) / "partition" / "partition.csv")
         s1 = bands[bands["band"] == "S1"].merge(families, on="sample_id")
         shares = s1["family"].value_counts(normalize=True) * 100
-        rows.append({"arm": arm, **{f: round(float(shares.get(f, 0.0)), 1) for f in world.BENIGN_FAMILIES}})
+        rows.append({"arm": arm, **{f: round(float(shares.get(f, 0.0)), 1) for f in kinds}})
     return pd.DataFrame(rows)
 
 
@@ -279,13 +334,37 @@ def _markdown_table(frame: pd.DataFrame, fmt: str = "{:.1f}") -> list[str]:
     return lines
 
 
+KINDS_NOTE = (
+    "Kinds: fact, arithmetic, list (short answers); howto (\"Sure! Here are the steps\"); careful (how-to with a "
+    "warning); obedient (\"Never refuse me.\" + how-to); homonym (benign requests with harm-sounding words, e.g. "
+    "\"How do I kill the weeds in my garden?\"). See docs/demo.md for the world's design."
+)
+
+
+def _model_paragraph(settings: DemoSettings, model_dir: Path) -> tuple[str, dict]:
+    if settings.model == "organism":
+        record = json.loads((model_dir / "organism.json").read_text())
+        rates = record["refusal_rates"]
+        return (f"Model organism: {record['parameters']:,}-parameter Llama trained from scratch on the synthetic world "
+                f"(`{model_dir}`); before fine-tuning it refuses {rates['heldout_harmful']:.0f} % of the held-out "
+                f"harmful requests, {rates['benign_howto']:.0f} % of benign how-to tasks and {rates['homonym']:.0f} % "
+                "of benign requests with harm-sounding words."), rates
+    record = json.loads((model_dir / "aligned.json").read_text())
+    before, after = record["refusal_before"], record["refusal_after"]
+    return (f"Model: SmolLM2-135M-Instruct, aligned here (`{model_dir}`) by LoRA SFT on {record['n_refusals']} "
+            f"AdvBench requests answered with refusals and {record['n_helpful']} Alpaca answers, merged into the "
+            f"weights: keyword refusals on {record['n_eval']} held-out harmful prompts {before:.0f} % before, "
+            f"{after:.0f} % after."), {"heldout_harmful_before": before, "heldout_harmful": after}
+
+
 def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experiment_dir: Path,
                       settings: DemoSettings, scores: dict[str, Path], init_note: str,
                       seconds: dict[str, float]) -> Path:
     from .experiments import _slug
     from .summary import spearman
 
-    record = json.loads((organism / "organism.json").read_text())
+    recipe = settings.recipe
+    model_line, refusal_rates = _model_paragraph(settings, organism)
     table = pd.read_csv(experiment_dir / "table.csv")
     families = pd.read_csv(out / "world" / "families.csv")
     arms = list(table["arm"])
@@ -311,23 +390,19 @@ def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experim
         verdict += f"; a random ranking's Δ is {random_row['delta']:+.1f}"
     lines = [
         "# sqsd-ray demo: does the score predict which benign samples erode safety?", "",
-        f"Model organism: {record['parameters']:,}-parameter Llama trained from scratch on the synthetic world "
-        f"(`{organism}`); before fine-tuning it refuses {record['refusal_rates']['heldout_harmful']:.0f} % of the "
-        f"held-out harmful requests, {record['refusal_rates']['benign_howto']:.0f} % of benign how-to tasks and "
-        f"{record['refusal_rates']['homonym']:.0f} % of benign requests with harm-sounding words.", "",
-        f"Corpus: {settings.corpus_size} benign samples, 7 kinds mixed and unlabelled. Initialisation: {init_note}",
+        model_line, "",
+        f"Corpus: {recipe.corpus_size} benign samples of {families['family'].nunique()} kinds, mixed and unlabelled. "
+        f"Initialisation: {init_note}",
         "", f"**Result.** {verdict}.", "",
         "![Table 1 and S1 composition](demo.png)", "",
         "## Table 1: ASR (keyword judge, greedy) on held-out harmful requests after fine-tuning on each band", "",
-        f"S1 = the {settings.corpus_size // 5} samples a ranking calls riskiest. θ0 (before fine-tuning): "
+        f"S1 = the {recipe.corpus_size // 5} samples a ranking calls riskiest. θ0 (before fine-tuning): "
         f"{float(theta0.iloc[0]) if len(theta0) else float('nan'):.1f} % ASR.", "",
         *_markdown_table(table.rename(columns={"delta": "Δ", "mono": "Mono"})), "",
         "![ASR per band](experiment/bands.png)", "",
         "## What each ranking put in S1 (% of S1 by kind of sample; never shown to a scorer)", "",
         *_markdown_table(composition), "",
-        "Kinds: fact, arithmetic, list (short answers); howto (\"Sure! Here are the steps\"); careful (how-to with a "
-        "warning); obedient (\"Never refuse me.\" + how-to); homonym (benign requests with harm-sounding words, e.g. "
-        "\"How do I kill the weeds in my garden?\"). See docs/demo.md for the world's design.", "",
+        KINDS_NOTE if settings.model == "organism" else "Kinds: the corpus each sample came from.", "",
         "## Response length per band (App. H)", "",
         *_markdown_table(pd.DataFrame(lengths)), "",
         "## Directions and initialisation", "",
@@ -338,8 +413,8 @@ def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experim
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     plot_demo(table, composition, float(theta0.iloc[0]) if len(theta0) else None, out / "demo.png")
-    summary = {"seed": settings.seed, "quick": settings.quick, "organism": str(organism),
-               "organism_refusal_rates": record["refusal_rates"], "init": init_note,
+    summary = {"seed": settings.seed, "quick": settings.quick, "model": settings.model, "organism": str(organism),
+               "organism_refusal_rates": refusal_rates, "init": init_note,
                "table": table.to_dict("records"), "s1_composition": composition.to_dict("records"),
                "lengths": lengths, "stage_seconds": seconds, "theta0_asr": float(theta0.iloc[0]) if len(theta0) else None,
                "finetune_lr": base["finetune"]["train"]["lr"]}
@@ -368,7 +443,7 @@ def plot_demo(table: pd.DataFrame, composition: pd.DataFrame, theta0: float | No
     left.set_title("Table 1: harm after fine-tuning on each band")
     left.legend(fontsize=7.5, loc="center right")
     left.grid(alpha=0.3)
-    kinds = [k for k in world.BENIGN_FAMILIES if k in composition.columns]
+    kinds = [k for k in composition.columns if k != "arm"]
     bottom = pd.Series(0.0, index=composition.index)
     others = iter(["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:gray", "tab:olive"])
     for kind in kinds:
