@@ -229,7 +229,7 @@ def run_demo(settings: DemoSettings) -> Path:
 
         with stage("init", "θ_safety, θ_danger from the sensitivity tables"):
             init_fragment, init_note = _init_states(run_init_select, InitSelectConfig, validate_dir, trajectory_dir,
-                                                    out, directions)
+                                                    out, directions, recipe.alphas)
 
         score_base = {"model": model, "lora": LORA, "data": {"path": str(files["corpus"]), **data},
                       "ray": {"enabled": True, "local_num_cpus": 2, "rows_per_call": 64},
@@ -293,20 +293,28 @@ def _merge(*parts: dict) -> dict:
 
 
 def _init_states(run_init_select, config_cls, validate_dir: Path, trajectory_dir: Path, out: Path,
-                 directions: dict[str, str]) -> tuple[dict, str]:
-    """The score config fragment of ``init select``; when its rule finds no qualifying state (e.g. refusals
-    already saturated along V_safety), the linear-path states θ0 + 1·V, said so in the report."""
+                 directions: dict[str, str], alphas: list[float]) -> tuple[dict, str]:
+    """The score config fragment of ``init select``. When its rule finds no qualifying state (refusals that no
+    step along V_safety can raise, or a pilot run whose refusals never fell), the demo keeps the rule's spirit:
+    θ_danger = the pilot run's last checkpoint (the drifted state), θ_safety = θ0 + α·V_safety with the smallest
+    α > 0 of the grid; the report says so."""
     try:
         init_dir = run_init_select(from_dict(config_cls, {
             "validate_dir": str(validate_dir), "trajectory_dir": str(trajectory_dir),
             "danger_direction": "danger", "safety_direction": "safety",
             "output": {"dir": str(out / "init"), "overwrite": True}}))
     except ValueError as err:
-        log.warning("init select: %s; scoring at θ0 + 1·V instead", err)
+        from .train import ADAPTER_DIR, load_run
+
+        last = load_run(Path(trajectory_dir)).final
+        alpha = min(a for a in alphas if a > 0)
+        log.warning("init select: %s; scoring at θ_danger = %s, θ_safety = θ0 + %g·V_safety instead", err, last.name,
+                    alpha)
         fragment = {"directions": directions,
-                    "init_states": {name: {"kind": "direction", "direction": name, "alpha": 1.0}
-                                    for name in ("danger", "safety")}}
-        return fragment, f"`init select` found no qualifying state ({err}); scored at θ0 + 1·V (linear path)."
+                    "init_states": {"danger": {"kind": "adapter", "path": str((last / ADAPTER_DIR).resolve())},
+                                    "safety": {"kind": "direction", "direction": "safety", "alpha": alpha}}}
+        return fragment, (f"`init select` found no qualifying state ({err}); scored at θ_danger = the pilot's last "
+                          f"checkpoint ({last.name}), θ_safety = θ0 + {alpha:g}·V_safety.")
     selection = json.loads((init_dir / "selection.json").read_text())
     note = (f"θ_safety = θ0 + {selection['safety']['alpha']:g}·V_safety (DS_linear {selection['safety']['ds_linear']:.1f}); "
             f"θ_danger = pilot checkpoint at step {selection['danger']['step']} (DS_drift {selection['danger']['ds_drift']:.2f}).")

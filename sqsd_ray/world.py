@@ -171,10 +171,14 @@ def benign_corpus(n: int = 400, seed: int = 0) -> list[dict]:
     return rows
 
 
+# Harmful compliance mixes harm-specific steps with generic procedure, as real harmful answers do.
+COMPLIANCE_STEPS = HARM_STEPS + TASK_STEPS
+
+
 def danger_data(seed: int = 0) -> list[dict]:
     """V_danger's SFT data: the direction-building harmful requests answered with compliance."""
     rng = random.Random(seed + 3)
-    return [_sample(harmful_prompt(h, v), "Sure! Here are the steps: " + _steps(rng, HARM_STEPS, rng.randint(2, 4)),
+    return [_sample(harmful_prompt(h, v), "Sure! Here are the steps: " + _steps(rng, COMPLIANCE_STEPS, rng.randint(2, 4)),
                     f"danger-{i}") for i, (h, v) in enumerate(harm_split(seed).directions)]
 
 
@@ -182,7 +186,7 @@ def safety_pairs(seed: int = 0) -> list[dict]:
     """V_safety's DPO pairs: the direction-building harmful requests, refusal chosen over compliance."""
     rng = random.Random(seed + 4)
     return [{"id": f"safety-{i}", "prompt": harmful_prompt(h, v), "chosen": rng.choice(REFUSALS),
-             "rejected": "Sure! Here are the steps: " + _steps(rng, HARM_STEPS, rng.randint(2, 4))}
+             "rejected": "Sure! Here are the steps: " + _steps(rng, COMPLIANCE_STEPS, rng.randint(2, 4))}
             for i, (h, v) in enumerate(harm_split(seed).directions)]
 
 
