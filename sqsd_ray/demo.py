@@ -321,25 +321,22 @@ def _init_states(run_init_select, config_cls, validate_dir: Path, trajectory_dir
     return yaml.safe_load((init_dir / "init_states.yaml").read_text()), note
 
 
-def family_composition(experiment_dir: Path, families: pd.DataFrame, arms: list[str]) -> pd.DataFrame:
-    """% of each sample family in band S1 of every arm (the families are never shown to any scorer)."""
+def _arm_bands(experiment_dir: Path, arms: list[str]) -> dict[str, pd.DataFrame]:
+    """Each arm's partition (sample_id, band, score) as the experiment wrote it."""
     from .experiments import _slug
 
+    return {arm: pd.read_csv(experiment_dir / _slug(arm) / "partition" / "partition.csv") for arm in arms}
+
+
+def family_composition(arm_bands: dict[str, pd.DataFrame], families: pd.DataFrame) -> pd.DataFrame:
+    """% of each sample family in band S1 of every arm (the families are never shown to any scorer)."""
     kinds = [k for k in world.BENIGN_FAMILIES if k in set(families["family"])] or sorted(set(families["family"]))
     rows = []
-    for arm in arms:
-        bands = pd.read_csv(experiment_dir / _slug(arm) / "partition" / "partition.csv")
+    for arm, bands in arm_bands.items():
         s1 = bands[bands["band"] == "S1"].merge(families, on="sample_id")
         shares = s1["family"].value_counts(normalize=True) * 100
         rows.append({"arm": arm, **{f: round(float(shares.get(f, 0.0)), 1) for f in kinds}})
     return pd.DataFrame(rows)
-
-
-def _markdown_table(frame: pd.DataFrame, fmt: str = "{:.1f}") -> list[str]:
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    for row in frame.itertuples(index=False):
-        lines.append("| " + " | ".join(fmt.format(v) if isinstance(v, float) else str(v) for v in row) + " |")
-    return lines
 
 
 KINDS_NOTE = (
@@ -368,22 +365,21 @@ def _model_paragraph(settings: DemoSettings, model_dir: Path) -> tuple[str, dict
 def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experiment_dir: Path,
                       settings: DemoSettings, scores: dict[str, Path], init_note: str,
                       seconds: dict[str, float]) -> Path:
-    from .experiments import _slug
-    from .summary import spearman
+    from .summary import markdown_table, spearman
 
     recipe = settings.recipe
     model_line, refusal_rates = _model_paragraph(settings, organism)
     table = pd.read_csv(experiment_dir / "table.csv")
     families = pd.read_csv(out / "world" / "families.csv")
     arms = list(table["arm"])
-    composition = family_composition(experiment_dir, families, arms)
+    arm_bands = _arm_bands(experiment_dir, arms)
+    composition = family_composition(arm_bands, families)
     base = json.loads((experiment_dir / "config.json").read_text())
     metrics = pd.read_csv(experiment_dir / "evaluation" / "metrics.csv")
     theta0 = metrics.loc[metrics["state"] == "base", "keyword_asr"]
     lengths = []
     sqsd = pd.read_parquet(scores["sqsd"])
-    for arm in arms:
-        bands = pd.read_csv(experiment_dir / _slug(arm) / "partition" / "partition.csv")
+    for arm, bands in arm_bands.items():
         merged = bands.merge(sqsd[["sample_id", "n_response_tokens"]], on="sample_id")
         per_band = merged.groupby("band")["n_response_tokens"].mean()
         lengths.append({"arm": arm, **{b: round(float(per_band.get(b, float("nan"))), 1)
@@ -406,13 +402,13 @@ def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experim
         "## Table 1: ASR (keyword judge, greedy) on held-out harmful requests after fine-tuning on each band", "",
         f"S1 = the {recipe.corpus_size // 5} samples a ranking calls riskiest. θ0 (before fine-tuning): "
         f"{float(theta0.iloc[0]) if len(theta0) else float('nan'):.1f} % ASR.", "",
-        *_markdown_table(table.rename(columns={"delta": "Δ", "mono": "Mono"})), "",
+        *markdown_table(table.rename(columns={"delta": "Δ", "mono": "Mono"})), "",
         "![ASR per band](experiment/bands.png)", "",
         "## What each ranking put in S1 (% of S1 by kind of sample; never shown to a scorer)", "",
-        *_markdown_table(composition), "",
+        *markdown_table(composition), "",
         KINDS_NOTE if settings.model == "organism" else "Kinds: the corpus each sample came from.", "",
         "## Response length per band (App. H)", "",
-        *_markdown_table(pd.DataFrame(lengths)), "",
+        *markdown_table(pd.DataFrame(lengths)), "",
         "## Directions and initialisation", "",
         "![steering](validate/steering.png)", "", "![trajectory](trajectory/trajectory.png)", "",
         "## Stage times (s)", "",

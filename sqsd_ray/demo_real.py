@@ -144,11 +144,11 @@ def align_smollm2(files: dict[str, Path], seed: int, cache_dir: Path | None, qui
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    n_align = sum(1 for _ in files["align"].open())
+    ids = [json.loads(line)["id"] for line in files["align"].read_text().splitlines()]
+    n_refusals = sum(i.startswith("refuse-") for i in ids)
     (tmp / "aligned.json").write_text(json.dumps({
         "base": MODEL, "steps": steps, "lora": ALIGN_LORA, "lr": 2e-4, "seed": seed,
-        "n_refusals": sum(1 for line in files["align"].open() if '"refuse-' in line),
-        "n_helpful": n_align - sum(1 for line in files["align"].open() if '"refuse-' in line),
+        "n_refusals": n_refusals, "n_helpful": len(ids) - n_refusals,
         "n_eval": len(held), "refusal_before": before, "refusal_after": after}, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

@@ -26,8 +26,15 @@ import yaml
 
 from .config import ConfigError, help_field
 from .dynamics import RunOutput, _prepare_dir
-from .evaluate import EvalPrompt, generate_responses, keyword_refusal
+from .evaluate import (
+    EvalPrompt,
+    EvalSettings,
+    generate_responses,
+    keyword_refusal,
+    load_eval_prompts,
+)
 from .models import ModelConfig, load_model_and_tokenizer
+from .summary import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +116,8 @@ def load_over_refusal_prompts(cfg: OverRefusalPrompts) -> list[EvalPrompt]:
         path = Path(cfg.path)
         if not path.is_file():
             raise FileNotFoundError(f"over-refusal prompt file {path} does not exist (prompts.path)")
-        texts = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
-                raise ValueError(f"{path}:{number}: field 'prompt' is missing or not a non-empty string")
-            texts.append(record["prompt"])
+        # the evaluation's JSONL reader: the same 'prompt' field check, naming file and line
+        texts = [p.prompt for p in load_eval_prompts(EvalSettings(benchmark="jsonl", path=str(path)))]
     texts = texts[:cfg.limit] if cfg.limit else texts
     if not texts:
         raise ValueError(f"{cfg.path or 'the built-in set'}: no over-refusal prompts")
@@ -170,14 +171,9 @@ def run_larf_layer(cfg: LarfLayerConfig) -> Path:
     (out / "larf_layer.md").write_text(
         f"LARF layer: block {best} (mean |Δ refusal| {change[best]:.1f} points over α = "
         f"{', '.join(f'{a:g}' for a in cfg.alphas)}; unscaled refusal {base:.1f}% on {len(prompts)} over-refusal "
-        f"prompts)\n\n" + _markdown(table.sort_values("mean_abs_change", ascending=False).head(5)))
+        f"prompts)\n\n" + "\n".join(markdown_table(table.sort_values("mean_abs_change", ascending=False).head(5)))
+        + "\n")
     return out
-
-
-def _markdown(table) -> str:
-    cells = [[f"{v:.1f}" if isinstance(v, float) else str(v) for v in row] for row in table.itertuples(index=False)]
-    lines = [list(table.columns), ["---"] * len(table.columns), *cells]
-    return "".join("| " + " | ".join(line) + " |\n" for line in lines)
 
 
 def _plot(table, best: int, base: float, path: Path) -> None:

@@ -26,6 +26,13 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def markdown_table(frame: pd.DataFrame) -> list[str]:
+    """A DataFrame as Markdown table lines; floats to one decimal."""
+    lines = [list(map(str, frame.columns)), ["---"] * len(frame.columns)]
+    lines += [[f"{v:.1f}" if isinstance(v, float) else str(v) for v in row] for row in frame.itertuples(index=False)]
+    return ["| " + " | ".join(line) + " |" for line in lines]
+
+
 def _snippet(text: str, width: int = 70) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= width else text[: width - 1] + "…"
