@@ -15,6 +15,7 @@
     sqsd-ray experiment effectiveness --config jobs/experiment_effectiveness_tiny.yaml   # Table 1 on CPU
     sqsd-ray larf-layer --config jobs/larf-layer_tiny.yaml               # LARF's safety-sensitive block
     sqsd-ray partition --set scores=runs/x/scores.parquet --set data.path=corpus.jsonl   # S1 ... S5 subsets
+    sqsd-ray curate --config jobs/curate_tiny.yaml [--set mode=reweight]   # drop / down-weight the riskiest samples
 
 Every --config may be given several times: the files merge key by key, later ones winning.
 """
@@ -100,6 +101,12 @@ def cmd_partition(args: argparse.Namespace) -> int:
     return _run_job(args, PartitionConfig, run_partition)
 
 
+def cmd_curate(args: argparse.Namespace) -> int:
+    from .curate import CurateConfig, run_curate
+
+    return _run_job(args, CurateConfig, run_curate, show="curate.md")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .eval_run import EvalJobConfig, run_evaluate
 
@@ -181,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     _job(sub, "evaluate", "generate on harmful prompts and judge: ASR (LlamaGuard / keywords), Safety Score",
          cmd_evaluate)
     _job(sub, "partition", "cut a score file into risk bands S1 (riskiest) ... S5 as fine-tuning sets", cmd_partition)
+    _job(sub, "curate", "drop the riskiest samples of a corpus, or down-weight them, by a score file", cmd_curate)
 
     experiment = sub.add_parser("experiment", help="score -> S1..S5 -> fine-tunes -> evaluation -> report (Tables 1-3)")
     esub = experiment.add_subparsers(dest="kind", required=True)

@@ -36,7 +36,8 @@ Design
 
 Bad-record reasons (the keys of ``DataReport.skipped``): ``malformed_json``, ``malformed_csv``,
 ``not_an_object``, ``field_map_conflict``, ``missing_field``, ``empty_field``, ``wrong_type``,
-``unknown_role``, ``no_prompt_turns``, ``no_final_assistant_turn``, ``duplicate``, ``duplicate_id_conflict``;
+``unknown_role``, ``no_prompt_turns``, ``no_final_assistant_turn``, ``invalid_value``, ``duplicate``,
+``duplicate_id_conflict``;
 at tokenisation: ``overlong``, ``prompt_too_long``. Rows a ``preset`` or ``keep_if`` does not select are
 counted as ``not_selected`` (whatever ``on_bad_record`` says: they are not bad, just not wanted).
 
@@ -49,6 +50,13 @@ Preference pairs (schema ``preference``: ``prompt``, or ``messages`` that are al
 assistant turn, plus non-blank ``chosen`` and ``rejected`` strings) are samples whose ``response`` is the
 chosen answer and ``rejected`` the other; their content id covers both (ids of other samples are unchanged).
 ``Sample.rejected_sample()`` gives the rejected side, with the same prompt and id, for tokenising.
+
+Per-sample loss weights. With ``weight_field`` set, each record's value of that field (a number, or a numeric
+string as CSV cells are, finite and >= 0) becomes ``Sample.weight`` and, through tokenisation,
+``TokenizedSample.weight`` (default 1.0 everywhere). The field is not part of the content id, so a re-weighted
+copy of a corpus (``sqsd-ray curate`` in reweight mode) keeps the ids its scores were made under. A record
+lacking it, or holding a non-number or a negative value, is a bad record (``missing_field``, ``wrong_type``,
+``invalid_value``).
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -136,6 +145,10 @@ class DataConfig:
     require_response: bool = help_field(
         True, help="If false, records without a response are kept with response '' (responses generated later)."
     )
+    weight_field: str | None = help_field(
+        None, help="Record field holding a per-sample loss weight (a number >= 0, e.g. 'loss_weight' as written "
+        "by `sqsd-ray curate` in reweight mode); null: every sample weighs 1."
+    )
 
     def __post_init__(self) -> None:
         # from_dict checks types, but direct construction does not: check the Literal fields here too.
@@ -202,6 +215,9 @@ class DataReport:
     skipped: dict[str, int] = field(default_factory=dict)
     truncated: int = 0
     examples: dict[str, list[str]] = field(default_factory=dict)
+    # record_index -> sample_id of each record skipped as an identical repeat of a kept sample: a tool that
+    # rewrites the file (curate) gives such a record the fate of its first occurrence
+    duplicates: dict[int, str] = field(default_factory=dict)
 
     max_examples: ClassVar[int] = 3
 
@@ -251,6 +267,7 @@ class Sample:
     is the final assistant turn ("" for prompt-only records when ``require_response`` is false). ``source`` is
     ``file.jsonl:12`` (1-based line) or ``file.json[12]`` (0-based record index). ``meta`` holds the record's
     other fields (e.g. ``category``) plus ``record_index``, the 0-based position among the file's records.
+    ``weight`` is the per-sample loss weight (``DataConfig.weight_field``; 1.0 without it).
     Hashing uses ``sample_id`` only, since the dict fields are unhashable.
     """
 
@@ -260,6 +277,7 @@ class Sample:
     source: str
     meta: dict[str, Any] = field(default_factory=dict)
     rejected: str | None = None  # preference pairs: the dispreferred response (``response`` is the chosen one)
+    weight: float = 1.0
 
     def __hash__(self) -> int:
         return hash(self.sample_id)
@@ -268,7 +286,7 @@ class Sample:
         """The pair's rejected side as a sample with the same prompt and id (for tokenising it)."""
         if self.rejected is None:
             raise ValueError(f"sample {self.sample_id} ({self.source}) is not a preference pair")
-        return Sample(self.sample_id, self.messages, self.rejected, self.source, self.meta)
+        return Sample(self.sample_id, self.messages, self.rejected, self.source, self.meta, weight=self.weight)
 
     def conversation(self) -> list[dict[str, str]]:
         """Prompt turns plus the response as the final assistant turn."""
@@ -594,6 +612,30 @@ def _sample_id(
     return str(value)
 
 
+def _weight(record: dict[str, Any], name: str, loc: Location) -> float:
+    """The record's loss weight: a finite number >= 0 (a numeric string too: CSV cells are strings)."""
+    if record.get(name) is None:
+        what = "is null" if name in record else "is missing"
+        raise DataError(f"loss-weight field {what} (data.weight_field)", reason="missing_field", location=loc,
+                        field=name)
+    value = record[name]
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if number is None:
+        message = f"loss weight must be a number, got {type(value).__name__} {_preview(value)}"
+        raise DataError(message, reason="wrong_type", location=loc, field=name)
+    if not math.isfinite(number) or number < 0:
+        raise DataError(f"loss weight must be finite and >= 0, got {_preview(value)}", reason="invalid_value",
+                        location=loc, field=name)
+    return number
+
+
 def normalise_record(record: dict[str, Any], schema: str, loc: Location, record_index: int, cfg: DataConfig) -> Sample:
     """One record (already field-mapped) of ``schema`` -> Sample; a DataError for anything unusable."""
     prompt, response, consumed = _normalise_fields(record, schema, loc, cfg.require_response)
@@ -601,13 +643,17 @@ def normalise_record(record: dict[str, Any], schema: str, loc: Location, record_
     if schema == "preference":
         rejected = _text(record, "rejected", loc, required=True)
         consumed = consumed | {"rejected"}
+    weight = 1.0
+    if cfg.weight_field is not None:
+        weight = _weight(record, cfg.weight_field, loc)
+        consumed = consumed | {cfg.weight_field}
     sample_id = _sample_id(record, cfg.id_field, loc, prompt, response, rejected)  # before the system prompt
     if cfg.system_prompt is not None and prompt[0]["role"] != "system":
         prompt = [{"role": "system", "content": cfg.system_prompt}, *prompt]
     meta = {k: v for k, v in record.items() if k not in consumed and k != cfg.id_field}
     meta["record_index"] = record_index
     return Sample(sample_id=sample_id, messages=tuple(prompt), response=response, source=loc.source, meta=meta,
-                  rejected=rejected)
+                  rejected=rejected, weight=weight)
 
 
 def load_samples(cfg: DataConfig) -> tuple[list[Sample], DataReport]:
@@ -676,6 +722,8 @@ def load_samples(cfg: DataConfig) -> tuple[list[Sample], DataReport]:
                     + (")" if same else ", different content; the first is kept)"),
                     reason="duplicate", location=loc,
                 ), cfg.on_duplicate != "error")
+                if same:
+                    report.duplicates[record_index] = sample.sample_id
             continue
         first_by_id[sample.sample_id] = sample
         samples.append(sample)
@@ -721,6 +769,7 @@ class TokenizedSample:
     n_prompt_tokens: int
     n_response_tokens: int  # supervised tokens actually kept (after any truncation)
     truncated: bool
+    weight: float = 1.0  # per-sample loss weight, from Sample.weight
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -831,6 +880,7 @@ def _assemble(sample: Sample, prompt_ids: list[int], response_ids: list[int], ma
         n_prompt_tokens=len(prompt_ids),
         n_response_tokens=len(kept_response),
         truncated=len(kept_response) < len(response_ids),
+        weight=sample.weight,
     )
 
 

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from sqsd_ray.config import from_dict
+from sqsd_ray.curate import CurateConfig
 from sqsd_ray.dynamics import (
     DirectionsBuildConfig,
     InitSelectConfig,
@@ -28,6 +29,7 @@ KINDS = {
     "evaluate": EvalJobConfig,
     "experiment": ExperimentConfig,
     "larf-layer": LarfLayerConfig,
+    "curate": CurateConfig,
 }
 
 
