@@ -31,9 +31,16 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return mean_nll * counts, counts
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor, global_tokens: int | torch.Tensor) -> torch.Tensor:
-    """This micro-batch's share of the global-batch token-mean NLL: Σ token NLL / ``global_tokens``."""
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor, global_tokens: float | torch.Tensor,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
+    """This micro-batch's share of the global-batch token-mean NLL: Σ token NLL / ``global_tokens``.
+
+    ``weights`` (n,) scale each sample's token NLLs (per-sample loss weights of a curated corpus); the caller
+    then passes Σ weight × response tokens as ``global_tokens``, so the loss stays a weighted token mean.
+    """
     nll_sum, _ = token_nll_sum(logits, labels)
+    if weights is not None:
+        nll_sum = nll_sum * weights
     return nll_sum.sum() / global_tokens
 
 

@@ -40,6 +40,7 @@ from .config import ConfigError, from_dict, help_field, stable_hash, to_dict
 from .data import (
     DataConfig,
     DataReport,
+    Sample,
     TokenizedSample,
     collate,
     load_samples,
@@ -58,6 +59,7 @@ from .models import (
 )
 from .objectives import dpo_loss, sequence_logps, sft_loss
 from .runtime import WorkerScaling
+from .spf import DEFAULT_REFUSAL_PAIR, ProjectionStats, SpfSettings, project_gradients
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,7 @@ class TrainSettings:
     beta: float = help_field(0.1, help="DPO β (paper: 0.1)")
     seed: int = help_field(0, help="seed of the data order (and of LoRA's A initialisation)")
     log_every: int = help_field(10, help="report metrics every k steps")
+    spf: SpfSettings = field(default_factory=SpfSettings)
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or not math.isfinite(self.lr):
@@ -132,6 +135,11 @@ class TrainSettings:
             raise ConfigError("train.objective=dpo needs train.method=lora (the reference model is the adapter-off model)")
         if self.offload_optimizer and not self.zero_stage:
             raise ConfigError("train.offload_optimizer needs train.zero_stage 2 or 3")
+        if self.spf.enabled and self.objective != "sft":
+            raise ConfigError("train.spf protects an SFT fine-tune; it does not apply to train.objective=dpo")
+        if self.spf.enabled and self.zero_stage == 3:
+            raise ConfigError("train.spf does not support ZeRO-3: the safety gradient needs whole parameters on "
+                              "every rank; use train.zero_stage 2 (or 0) for SPF runs")
 
 
 @dataclass
@@ -181,6 +189,8 @@ def training_identity(cfg: TrainJobConfig) -> str:
         for key in keys:
             sections[section].pop(key, None)
     sections["data_content"] = data_fingerprint(cfg.data)
+    if cfg.train.spf.enabled and cfg.train.spf.safety_path:
+        sections["spf_safety_content"] = data_fingerprint(DataConfig(path=cfg.train.spf.safety_path))
     return stable_hash(sections)
 
 
@@ -234,6 +244,24 @@ def load_training_examples(data: DataConfig, tokenizer: Any, objective: str) -> 
     return examples, report
 
 
+def load_refusal_examples(spf: SpfSettings, data: DataConfig, tokenizer: Any) -> list[TrainingExample]:
+    """SPF's safety set: harmful requests answered with refusals (``spf.safety_path``, or the built-in pair),
+    tokenised like the fine-tuning data (same template, system prompt and length limit)."""
+    if spf.safety_path is None:
+        samples = [Sample(sample_id="spf-default-refusal", messages=tuple(DEFAULT_REFUSAL_PAIR["messages"]),
+                          response=DEFAULT_REFUSAL_PAIR["response"], source="built-in refusal pair")]
+        report = DataReport(source="built-in refusal pair")
+        report.kept = 1
+    else:
+        safety_data = DataConfig(path=spf.safety_path, system_prompt=data.system_prompt, max_length=data.max_length)
+        samples, report = load_samples(safety_data)
+    tokenized = tokenize_samples(samples, tokenizer, data, report)
+    if not tokenized:
+        raise ConfigError(f"train.spf.safety_path {spf.safety_path}: the refusal set is empty (no harmful request "
+                          f"+ refusal record left after reading it):\n{report.summary()}")
+    return [TrainingExample(t) for t in tokenized]
+
+
 # ------------------------------------------------------------------------------------------- trainer
 
 
@@ -268,6 +296,7 @@ class Trainer:
         world_size: int = 1,
         device: torch.device | str = "cpu",
         lora: LoraSettings | None = None,
+        refusals: Sequence[TrainingExample] | None = None,
     ) -> None:
         if not examples:
             raise ValueError("no training examples: the data set is empty after filtering and length checks")
@@ -290,6 +319,10 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, float]] = []
         self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+        self.refusals = list(refusals or [])
+        if settings.spf.enabled and not self.refusals:
+            raise ValueError("train.spf is enabled but the trainer got no refusal examples (load_refusal_examples)")
+        self._safety_grads: dict[str, torch.Tensor] | None = None
         self.engine = None
         if settings.zero_stage:
             self.engine, self.optimizer = self._deepspeed_engine()
@@ -354,18 +387,21 @@ class Trainer:
     # Data parallelism (DDP or ZeRO) averages gradients over the W workers, so each worker back-propagates W times
     # its share of the global loss; the metrics are the plain shares, summed over workers afterwards.
 
-    def _backward(self, loss: torch.Tensor) -> None:
+    def _backward(self, loss: torch.Tensor, last: bool = False) -> None:
         if self.engine is not None:
             self.engine.backward(loss, scale_wrt_gas=False)  # the loss is already normalised by the global batch
-            self.engine.step()  # DeepSpeed updates at the accumulation boundary only
+            if not (last and self.settings.spf.enabled):  # SPF steps after projecting (train_step)
+                self.engine.step()  # DeepSpeed updates at the accumulation boundary only
         else:
             loss.backward()
 
-    def _sft_micro_step(self, forward: torch.nn.Module, items: list[TrainingExample], global_tokens: int) -> float:
+    def _sft_micro_step(self, forward: torch.nn.Module, items: list[TrainingExample], global_tokens: float,
+                        last: bool = False) -> float:
         batch = self._collate([e.chosen for e in items])
         logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = sft_loss(logits, batch["labels"], global_tokens)
-        self._backward(loss * self.world_size)
+        weights = torch.tensor([e.chosen.weight for e in items], dtype=logits.dtype, device=logits.device)
+        loss = sft_loss(logits, batch["labels"], global_tokens, weights)
+        self._backward(loss * self.world_size, last)
         return float(loss.detach())
 
     def _dpo_micro_step(self, forward: torch.nn.Module, items: list[TrainingExample]) -> dict[str, float]:
@@ -397,10 +433,23 @@ class Trainer:
                 for k, v in self._dpo_micro_step(forward, [self.examples[i] for i in items]).items():
                     metrics[k] = metrics.get(k, 0.0) + v
         else:
-            global_tokens = sum(self.examples[i].chosen.n_response_tokens for i in idx)
-            metrics["loss"] = sum(self._sft_micro_step(forward, [self.examples[i] for i in items], global_tokens)
-                                  for items in self._micro_batches(idx))
+            if self.settings.spf.enabled and (self._safety_grads is None or self.step % self.settings.spf.every == 0):
+                self._safety_grads = self._refusal_gradients()
+            # weighted samples (curated corpora) count weight x tokens; unweighted ones are the plain token mean
+            global_tokens = sum(self.examples[i].chosen.weight * self.examples[i].chosen.n_response_tokens
+                                for i in idx)
+            if global_tokens <= 0:
+                raise ValueError(f"step {self.step + 1}: every sample of the batch has loss weight 0")
+            micro = self._micro_batches(idx)
+            metrics["loss"] = sum(self._sft_micro_step(forward, [self.examples[i] for i in items], global_tokens,
+                                                       last=k == len(micro) - 1)
+                                  for k, items in enumerate(micro))
         metrics = _sum_over_workers(metrics, self.world_size, self.device)
+        if self.settings.spf.enabled:  # after the all-reduce: every rank projects the same averaged gradient
+            stats = self._project_utility_gradients()
+            metrics.update(spf_projected=stats.fraction_projected, spf_cosine=stats.mean_cosine)
+            if self.engine is not None:
+                self.engine.step()  # the one optimizer step of this iteration, on the projected gradient
         if self.engine is not None:  # clipped and stepped inside DeepSpeed
             norm = self.engine.get_global_grad_norm()
             if norm is not None:
@@ -416,6 +465,52 @@ class Trainer:
             raise FloatingPointError(f"non-finite training metrics at step {self.step}: {metrics}")
         self.history.append(metrics)
         return metrics
+
+    # -- SPF (docs/spf.md)
+
+    def _refusal_gradients(self) -> dict[str, torch.Tensor]:
+        """G_s: the gradient of the refusal set's token-mean NLL at the current weights, per trainable tensor.
+
+        Computed with ``torch.autograd.grad`` through the unwrapped model: it leaves ``.grad`` alone and fires
+        no DDP / ZeRO reduction hooks (every rank computes the same refusal batch, so nothing needs reducing).
+        """
+        size = min(self.settings.spf.safety_batch_size, len(self.refusals))
+        start = (self.step // self.settings.spf.every * size) % len(self.refusals)
+        items = [self.refusals[(start + i) % len(self.refusals)] for i in range(size)]
+        batch = self._collate([e.chosen for e in items])
+        self.model.eval()  # no dropout: every rank must get the same G_s, or their projections (and weights) drift
+        try:
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = sft_loss(logits, batch["labels"], sum(e.chosen.n_response_tokens for e in items))
+            params = [p for _, p in self.named_params]
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        finally:
+            self.model.train()
+        return {name: (g if g is not None else torch.zeros_like(p)).detach()
+                for (name, p), g in zip(self.named_params, grads)}
+
+    def _project_utility_gradients(self) -> ProjectionStats:
+        """Replace each tensor's (all-reduced) utility gradient by its SPF projection, before the one step.
+
+        Under ZeRO-2 the gradient lives in partitions: ``safe_get_full_grad`` assembles it (a collective every
+        rank joins in the same order) and ``safe_set_full_grad`` writes a projected one back.
+        """
+        assert self._safety_grads is not None
+        if self.engine is not None:
+            from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+
+            utility = {name: safe_get_full_grad(p) for name, p in self.named_params}
+        else:
+            utility = {name: p.grad for name, p in self.named_params}
+        present = {name: g for name, g in utility.items() if g is not None}
+        projected, stats = project_gradients(present, self._safety_grads, self.settings.spf)
+        for name, p in self.named_params:
+            if name in projected and projected[name] is not present[name]:  # unchanged tensors stay bit for bit
+                if self.engine is not None:
+                    safe_set_full_grad(p, projected[name])
+                else:
+                    p.grad.copy_(projected[name])
+        return stats
 
     # -- checkpoints
 
@@ -703,9 +798,11 @@ def _train(cfg: TrainJobConfig, identity: str, session: _LocalSession | _RaySess
     if restore is not None:  # weights first: ZeRO partitions them when the trainer is built
         load_weights(model, restore, cfg.train.method)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    refusals = load_refusal_examples(cfg.train.spf, cfg.data, tokenizer) if cfg.train.spf.enabled else None
     if cfg.train.zero_stage:
         session.init_deepspeed()
-    trainer = Trainer(model, examples, cfg.train, pad, session.rank, session.world_size, session.device, lora)
+    trainer = Trainer(model, examples, cfg.train, pad, session.rank, session.world_size, session.device, lora,
+                      refusals)
     if restore is not None:
         trainer.load_state(restore, identity)
         session.release_restore()
