@@ -16,6 +16,7 @@ from sqsd_ray.dynamics import (
 from sqsd_ray.eval_run import EvalJobConfig
 from sqsd_ray.experiments import ExperimentConfig
 from sqsd_ray.larf_layer import LarfLayerConfig
+from sqsd_ray.restore_run import RestoreConfig
 from sqsd_ray.score_run import ScoreJobConfig
 from tests.conftest import REPO_ROOT
 
@@ -30,6 +31,7 @@ KINDS = {
     "experiment": ExperimentConfig,
     "larf-layer": LarfLayerConfig,
     "curate": CurateConfig,
+    "restore": RestoreConfig,
 }
 
 
