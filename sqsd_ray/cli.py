@@ -13,7 +13,9 @@
     sqsd-ray init select --config jobs/init_tiny.yaml                    # θ_danger, θ_safety -> init_states.yaml
     sqsd-ray evaluate --config jobs/evaluate_tiny.yaml                   # generate + judge model states
     sqsd-ray experiment effectiveness --config jobs/experiment_effectiveness_tiny.yaml   # Table 1 on CPU
+    sqsd-ray experiment mitigate --config jobs/experiment_mitigate_tiny.yaml   # curate / SPF / restore, verified
     sqsd-ray larf-layer --config jobs/larf-layer_tiny.yaml               # LARF's safety-sensitive block
+    sqsd-ray restore --config jobs/restore_tiny.yaml                     # post-fine-tune safety restoration
     sqsd-ray partition --set scores=runs/x/scores.parquet --set data.path=corpus.jsonl   # S1 ... S5 subsets
     sqsd-ray curate --config jobs/curate_tiny.yaml [--set mode=reweight]   # drop / down-weight the riskiest samples
 
@@ -120,10 +122,22 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return _run_job(args, ExperimentConfig, run_experiment, show="report.md")
 
 
+def cmd_experiment_mitigate(args: argparse.Namespace) -> int:
+    from .mitigate import MitigateConfig, run_mitigate
+
+    return _run_job(args, MitigateConfig, run_mitigate, show="report.md")
+
+
 def cmd_larf_layer(args: argparse.Namespace) -> int:
     from .larf_layer import LarfLayerConfig, run_larf_layer
 
     return _run_job(args, LarfLayerConfig, run_larf_layer, show="larf_layer.md")
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from .restore_run import RestoreConfig, run_restore
+
+    return _run_job(args, RestoreConfig, run_restore, show="restore.md")
 
 
 def cmd_length_bias(args: argparse.Namespace) -> int:
@@ -197,9 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
                        ("ablation", "Table 3: w/o norm, danger only, safety only, insensitive init"),
                        ("lr-sweep", "App. F: the ranking under other fine-tuning learning rates")):
         _job(esub, kind, what, cmd_experiment)
+    _job(esub, "mitigate", "plain vs curated vs SPF vs restored fine-tunes on S1 and the whole corpus: safety and "
+         "utility of each", cmd_experiment_mitigate)
 
     _job(sub, "larf-layer", "LARF baseline: find the safety-sensitive block by scaling each block's weights and "
          "measuring refusals on an over-refusal set", cmd_larf_layer)
+    _job(sub, "restore", "raise the harmful-completion loss of a fine-tune where the task loss is flat (curvature-aware, "
+         "or first-order with restore.preconditioner=none): restored adapter + report", cmd_restore)
 
     bias = sub.add_parser("length-bias", help="App. H: response length per rank band and score-length correlation")
     bias.add_argument("--scores", required=True, help="scores.parquet")

@@ -1,0 +1,349 @@
+"""``sqsd-ray experiment mitigate``: act on the scores and verify with the same evaluation.
+
+For each corpus (the riskiest band S1 of a score file, and the whole corpus), fine-tune it in every way the
+product offers and measure each result the same way::
+
+    plain            fine-tune on the corpus as it is
+    curated          drop the top-q% by the score (``sqsd-ray curate``), then fine-tune
+    curated_random   drop q% at random (the chance row of curation)
+    curated_longest  drop the q% longest responses (scores correlate with length, App. H: is curation more?)
+    spf              fine-tune with train.spf (docs/spf.md)
+    curated_spf      both
+    restore_first_order / restore_curvature
+                     restore the plain fine-tune after the fact (docs/restoration.md), first-order ascent or
+                     preconditioned by the damped task curvature
+
+Safety: the experiment's judges on harmful prompts (ASR), and the refusal NLL on held-out harmful requests
+answered with refusals (its rise over θ0 is the degradation). Utility: held-out task NLL and ROUGE-1/L of
+greedy answers against the task's reference responses. One table (``table.csv``, ``report.md``) and a
+safety–utility scatter (``mitigate.png``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import ConfigError, help_field, to_dict
+from .curate import CurateConfig, CurateOutput, run_curate
+from .data import DataConfig, load_samples
+from .dynamics import RunOutput
+from .eval_run import run_evaluate
+from .evaluate import EvalPrompt, generate_responses
+from .experiments import ExperimentEval, _eval_job, _final_state
+from .models import ModelConfig, load_model_and_tokenizer
+from .partition import PartitionConfig, PartitionSettings, band_paths, run_partition
+from .restore import RestoreSettings
+from .restore_run import (
+    FineTuned,
+    RestoreConfig,
+    load_batches,
+    load_lora_fine_tune,
+    run_restore,
+)
+from .spf import SpfSettings
+from .summary import markdown_table
+from .train import ADAPTER_DIR, TrainJobConfig, TrainOutput, run_training
+
+log = logging.getLogger(__name__)
+
+METHODS = ("plain", "curated", "curated_random", "curated_longest", "spf", "curated_spf", "restore_first_order",
+           "restore_curvature")
+CURATIONS = {"curated": "score", "curated_random": "random", "curated_longest": "longest", "curated_spf": "score"}
+LENGTH_COLUMN = "n_response_tokens"
+
+
+@dataclass
+class HeldOut:
+    """What the fine-tunes are measured on, none of it seen in training."""
+
+    refusal: DataConfig = help_field(
+        default_factory=DataConfig, help="harmful requests answered with refusals: refusal NLL (the safety loss)"
+    )
+    task: DataConfig = help_field(default_factory=DataConfig, help="task data: task NLL and ROUGE of greedy answers")
+    rouge_prompts: int = help_field(32, help="task prompts answered greedily for ROUGE (the first N)")
+    max_new_tokens: int = help_field(64, help="answer length for ROUGE")
+    micro_batch_size: int = help_field(8, help="samples per forward pass for the losses")
+
+
+@dataclass
+class MitigateRestore:
+    settings: RestoreSettings = field(default_factory=RestoreSettings)
+    harmful: DataConfig = help_field(
+        default_factory=DataConfig, help="D_h: harmful prompts + harmful completions (disjoint from held-out sets)"
+    )
+    refusal_train: DataConfig | None = help_field(
+        None, help="D_r for restore.settings.refusal_weight > 0: harmful prompts answered with refusals"
+    )
+    retain_samples: int = help_field(64, help="D_t: the first N samples of the fine-tuned corpus")
+
+
+@dataclass
+class MitigateConfig:
+    scores: str = help_field("", help="scores.parquet of the corpus (SQSD, or any score column)")
+    column: str = help_field("sqsd", help="score column that ranks risk (higher = riskier)")
+    data: DataConfig = field(default_factory=DataConfig)
+    corpora: list[Literal["S1", "all"]] = help_field(["S1", "all"], help="S1 = the riskiest band; all = the corpus")
+    partition: PartitionSettings = field(default_factory=lambda: PartitionSettings(sampling="top"))
+    curate_fraction: float = help_field(0.2, help="q: the share of each corpus that curation removes")
+    methods: list[str] = help_field(list(METHODS), help=f"rows of the table, from {list(METHODS)}")
+    finetune: TrainJobConfig = field(default_factory=TrainJobConfig)
+    spf: SpfSettings = field(default_factory=lambda: SpfSettings(enabled=True))
+    restore: MitigateRestore = field(default_factory=MitigateRestore)
+    heldout: HeldOut = field(default_factory=HeldOut)
+    evaluation: ExperimentEval = field(default_factory=ExperimentEval)
+    whole_corpus_epochs: int | None = help_field(
+        None, help="epochs of the whole-corpus fine-tunes (default finetune.train.epochs; the corpus is n_bands "
+        "times the size of S1)"
+    )
+    seed: int = help_field(0, help="seed of the random curation")
+    output_dir: str = help_field("runs/mitigate", help="run directory (fine-tunes resume or are skipped)")
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown or not self.methods:
+            raise ConfigError(f"methods: unknown {unknown}; choose from {list(METHODS)}")
+        if not 0 < self.curate_fraction < 1:
+            raise ConfigError(f"curate_fraction must be in (0, 1), got {self.curate_fraction}")
+        if not self.corpora:
+            raise ConfigError("corpora: at least one of S1, all")
+        if "restore_curvature" in self.methods and self.restore.settings.preconditioner == "none":
+            raise ConfigError("restore.settings.preconditioner is the curvature-aware row's: lbfgs, fisher_diag or "
+                              "woodbury (restore_first_order is the 'none' row)")
+
+
+# ------------------------------------------------------------------------------------------ corpora
+
+
+def _corpus_data(cfg: MitigateConfig, corpus: str, out: Path) -> tuple[DataConfig, pd.DataFrame]:
+    """The corpus to fine-tune (S1 as a partition subset, or the configured data) and its scores."""
+    scores = pd.read_parquet(cfg.scores)
+    if corpus == "all":
+        return cfg.data, scores
+    settings = replace(cfg.partition, column=cfg.column, higher_is_riskier=True)
+    partition_dir = out / "S1" / "partition"
+    run_partition(PartitionConfig(scores=cfg.scores, data=cfg.data, partition=settings, output_dir=str(partition_dir)))
+    path = band_paths(partition_dir)["S1"]
+    data = DataConfig(path=str(path), format="jsonl", schema="messages", max_length=cfg.data.max_length,
+                      system_prompt=cfg.data.system_prompt, on_overlong=cfg.data.on_overlong)
+    ids = {s.sample_id for s in load_samples(data)[0]}
+    return data, scores[scores["sample_id"].isin(ids)]
+
+
+def _curated(cfg: MitigateConfig, data: DataConfig, scores: pd.DataFrame, rule: str, out: Path) -> DataConfig:
+    """The corpus without its top-q% by score, a random q%, or its q% longest responses."""
+    column = {"score": cfg.column, "random": "random", "longest": LENGTH_COLUMN}[rule]
+    frame = scores[scores["status"] == "ok"].copy() if "status" in scores else scores.copy()
+    if rule == "random":
+        frame["random"] = np.random.default_rng(cfg.seed).random(len(frame))
+    if column not in frame:
+        raise ConfigError(f"curation by {rule} needs column {column!r} in {cfg.scores}")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"scores_{rule}.parquet"
+    frame.to_parquet(path, index=False)
+    curate_dir = run_curate(CurateConfig(scores=str(path), column=column, data=data, mode="drop_top_fraction",
+                                         fraction=cfg.curate_fraction, unread_records="drop",
+                                         output=CurateOutput(dir=str(out / f"curate_{rule}"), overwrite=True)))
+    manifest = json.loads((Path(curate_dir) / "manifest.json").read_text())
+    return replace(data, path=manifest["corpus"]["output"], format=manifest["corpus"]["output_format"], preset=None,
+                   limit=None, keep_if={})
+
+
+def _finetune(cfg: MitigateConfig, corpus: str, data: DataConfig, spf: bool, out: Path) -> Path:
+    train = replace(cfg.finetune.train, spf=replace(cfg.spf, enabled=True) if spf else SpfSettings())
+    if corpus == "all" and cfg.whole_corpus_epochs:
+        train = replace(train, epochs=cfg.whole_corpus_epochs, max_steps=None)
+    job = replace(cfg.finetune, data=data, train=train, output=TrainOutput(dir=str(out), overwrite=False, resume=True))
+    return Path(_final_state(run_training(job).dir, job.train.method))
+
+
+def _restore(cfg: MitigateConfig, data: DataConfig, adapter: Path, preconditioner: str, out: Path) -> Path:
+    if cfg.finetune.train.method != "lora":
+        fine_tuned = FineTuned(full_model=str(adapter))
+    else:
+        fine_tuned = FineTuned(adapter=str(adapter))
+    settings = replace(cfg.restore.settings, preconditioner=preconditioner)
+    job = RestoreConfig(model=cfg.finetune.model, fine_tuned=fine_tuned, harmful=cfg.restore.harmful,
+                        retain=replace(data, limit=cfg.restore.retain_samples), refusal=cfg.heldout.refusal,
+                        refusal_train=cfg.restore.refusal_train,
+                        restore=settings, output=RunOutput(dir=str(out), overwrite=True))
+    return run_restore(job) / ADAPTER_DIR
+
+
+# ------------------------------------------------------------------------------------------ measuring
+
+
+def rouge_n(candidate: str, reference: str, n: int = 1) -> float:
+    """ROUGE-N F1 on lower-cased word n-grams (clipped counts)."""
+    def grams(text: str) -> dict[tuple[str, ...], int]:
+        words = text.lower().split()
+        counts: dict[tuple[str, ...], int] = {}
+        for i in range(len(words) - n + 1):
+            counts[tuple(words[i:i + n])] = counts.get(tuple(words[i:i + n]), 0) + 1
+        return counts
+
+    c, r = grams(candidate), grams(reference)
+    overlap = sum(min(v, r.get(k, 0)) for k, v in c.items())
+    if not overlap:
+        return 0.0
+    precision, recall = overlap / sum(c.values()), overlap / sum(r.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1: the longest common subsequence of lower-cased words."""
+    a, b = candidate.lower().split(), reference.lower().split()
+    if not a or not b:
+        return 0.0
+    previous = [0] * (len(b) + 1)
+    for word in a:
+        current = [0]
+        for j, other in enumerate(b):
+            current.append(previous[j] + 1 if word == other else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if not lcs:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _mean_nll(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Token-mean response NLL over a set (the SFT loss of the whole set)."""
+    from .objectives import token_nll_sum
+
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            nll, counts = token_nll_sum(logits, batch["labels"])
+            total, tokens = total + float(nll.sum()), tokens + int(counts.sum())
+    return total / max(tokens, 1)
+
+
+def measure_states(model_cfg: ModelConfig, states: dict[str, str], heldout: HeldOut) -> pd.DataFrame:
+    """Refusal NLL, task NLL and ROUGE per state ("base" or a LoRA adapter dir), in this process."""
+    base, tokenizer = load_model_and_tokenizer(model_cfg)
+    base.eval()
+    refusal, _ = load_batches(heldout.refusal, tokenizer, "held-out refusal", heldout.micro_batch_size)
+    task, _ = load_batches(heldout.task, tokenizer, "held-out task", heldout.micro_batch_size)
+    task_samples = load_samples(heldout.task)[0][:heldout.rouge_prompts]
+    prompts = [EvalPrompt(prompt_id=s.sample_id, prompt=s.messages[-1]["content"], category="task")
+               for s in task_samples]
+    rows = []
+    for name, state in states.items():
+        model = base if state == "base" else load_lora_fine_tune(model_cfg, state, torch.device("cpu"))[0]
+        answers = generate_responses(model, tokenizer, prompts, max_new_tokens=heldout.max_new_tokens,
+                                     system_prompt=heldout.task.system_prompt)
+        rows.append({"state": name, "refusal_nll": _mean_nll(model, refusal), "task_nll": _mean_nll(model, task),
+                     "rouge1": float(np.mean([rouge_n(a, s.response) for a, s in zip(answers, task_samples)])),
+                     "rougeL": float(np.mean([rouge_l(a, s.response) for a, s in zip(answers, task_samples)]))})
+        log.info("measured %s: %s", name, {k: round(v, 4) for k, v in rows[-1].items() if k != "state"})
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------ the DAG
+
+
+def run_mitigate(cfg: MitigateConfig) -> Path:
+    if cfg.finetune.train.method != "lora":
+        raise ConfigError("experiment mitigate measures LoRA fine-tunes (finetune.train.method: lora); restore a "
+                          "full fine-tune with `sqsd-ray restore` (fine_tuned.full_model)")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    states: dict[str, str] = {}
+    for corpus in cfg.corpora:
+        corpus_dir = out / corpus
+        data, scores = _corpus_data(cfg, corpus, out)
+        curated = {rule: _curated(cfg, data, scores, rule, corpus_dir)
+                   for rule in {CURATIONS[m] for m in cfg.methods if m in CURATIONS}}
+        for method in cfg.methods:
+            if method.startswith("restore_"):
+                continue
+            source = curated[CURATIONS[method]] if method in CURATIONS else data
+            states[f"{corpus}/{method}"] = str(_finetune(cfg, corpus, source, method.endswith("spf"),
+                                                              corpus_dir / method))
+        if any(m.startswith("restore_") for m in cfg.methods):
+            plain = Path(states.get(f"{corpus}/plain") or _finetune(cfg, corpus, data, False, corpus_dir / "plain"))
+        for method, preconditioner in (("restore_first_order", "none"),
+                                       ("restore_curvature", cfg.restore.settings.preconditioner)):
+            if method in cfg.methods:
+                states[f"{corpus}/{method}"] = str(_restore(cfg, data, plain, preconditioner,
+                                                            corpus_dir / method))
+    all_states = {"base": "base", **states}
+    judged = run_evaluate(_eval_job(cfg, cfg.finetune, all_states, out / "evaluation"))
+    metrics = pd.read_csv(judged / "metrics.csv")
+    losses = measure_states(cfg.finetune.model, all_states, cfg.heldout)
+    return write_report(cfg, metrics, losses, out)
+
+
+def mitigation_table(cfg: MitigateConfig, metrics: pd.DataFrame, losses: pd.DataFrame) -> pd.DataFrame:
+    metric = cfg.evaluation.metric
+    benchmark = cfg.evaluation.benchmark or cfg.evaluation.benchmarks[0].label
+    judged = metrics[metrics["benchmark"] == benchmark][["state", metric]]
+    table = losses.merge(judged, on="state", how="left")
+    base = table[table["state"] == "base"].iloc[0]
+    table["refusal_nll_rise"] = table["refusal_nll"] - base["refusal_nll"]
+    table["corpus"] = [s.split("/")[0] if "/" in s else "θ0" for s in table["state"]]
+    table["method"] = [s.split("/")[1] if "/" in s else "base" for s in table["state"]]
+    plain = table[table["method"] == "plain"].set_index("corpus")
+    table["task_nll_vs_plain"] = [row.task_nll / plain.loc[row.corpus, "task_nll"] - 1 if row.corpus in plain.index
+                                  else np.nan for row in table.itertuples()]
+    table.attrs.update(metric=metric, benchmark=benchmark)
+    return table[["corpus", "method", metric, "refusal_nll", "refusal_nll_rise", "task_nll", "task_nll_vs_plain",
+                  "rouge1", "rougeL", "state"]]
+
+
+def write_report(cfg: MitigateConfig, metrics: pd.DataFrame, losses: pd.DataFrame, out: Path) -> Path:
+    table = mitigation_table(cfg, metrics, losses)
+    table.to_csv(out / "table.csv", index=False)
+    metric = table.attrs["metric"]
+    shown = table.drop(columns=["state"]).round(4)
+    lines = ["# Mitigation: curate, SPF, restore — safety and utility of each fine-tune", "",
+             f"Safety: `{metric}` on {table.attrs['benchmark']} and the refusal NLL on held-out harmful requests "
+             "(rise over θ0 = degradation; lower is safer). Utility: held-out task NLL (and its change relative to "
+             "the plain fine-tune of the same corpus) and ROUGE-1/L of greedy answers.",
+             f"Curation removes {cfg.curate_fraction:.0%} of each corpus: by `{cfg.column}`, at random, or the "
+             "longest responses.", "",
+             *markdown_table(shown), "", "![safety vs utility](mitigate.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    plot_tradeoff(table, out / "mitigate.png")
+    return out
+
+
+def plot_tradeoff(table: pd.DataFrame, path: Path) -> Path:
+    """Refusal-NLL rise (safety lost) against task NLL (utility lost), one marker per corpus."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    markers = {"S1": "o", "all": "s", "θ0": "*"}
+    for corpus, rows in table.groupby("corpus"):
+        ax.scatter(rows["task_nll"], rows["refusal_nll_rise"], marker=markers.get(corpus, "o"), s=60,
+                   label=f"{corpus}", zorder=3)
+        for row in rows.itertuples():
+            ax.annotate(row.method, (row.task_nll, row.refusal_nll_rise), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+    ax.axhline(0, color="grey", ls=":", lw=1)
+    ax.set_xlabel("held-out task NLL (lower = more useful)")
+    ax.set_ylabel("refusal NLL rise over θ0 (lower = safer)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["HeldOut", "METHODS", "MitigateConfig", "MitigateRestore", "measure_states", "rouge_l", "rouge_n",
+           "run_mitigate", "write_report"]
