@@ -16,6 +16,7 @@ from sqsd_ray.dynamics import (
 from sqsd_ray.eval_run import EvalJobConfig
 from sqsd_ray.experiments import ExperimentConfig
 from sqsd_ray.larf_layer import LarfLayerConfig
+from sqsd_ray.mitigate import MitigateConfig
 from sqsd_ray.restore_run import RestoreConfig
 from sqsd_ray.score_run import ScoreJobConfig
 from tests.conftest import REPO_ROOT
@@ -32,6 +33,7 @@ KINDS = {
     "larf-layer": LarfLayerConfig,
     "curate": CurateConfig,
     "restore": RestoreConfig,
+    "mitigate": MitigateConfig,
 }
 
 
@@ -43,6 +45,6 @@ def test_there_are_jobs():
 def test_job_file_parses(path):
     text = path.read_text()
     assert text.startswith("#"), f"{path.name} must open with a comment giving its run command"
-    kind = path.name.split("_")[0]
+    kind = "mitigate" if path.name.startswith("experiment_mitigate_") else path.name.split("_")[0]
     assert kind in KINDS, f"{path.name}: job files are named <kind>_<what>.yaml with kind in {sorted(KINDS)}"
     from_dict(KINDS[kind], yaml.safe_load(text))
