@@ -16,8 +16,11 @@ Stages, each the product's own job run with a config built here (the same config
                layer from ``larf-layer`` on the world's over-refusal prompts
  8. experiment S1…S5 per ranking (SQSD, its ablations, each baseline, a random ranking), a LoRA fine-tune per band,
                greedy generation on held-out harmful requests, keyword-refusal ASR, Table 1 with Δ and Mono
- 9. report     report.md: Table 1, which kinds of samples each ranking put in S1, response lengths per band,
-               the figures; demo.json: every figure and the stage times
+ 9. mitigate   act on the scores (``experiment mitigate``): on S1 and the whole corpus, plain vs curated (by
+               SQSD, at random, longest responses) vs SPF vs restored (first-order, curvature-aware) fine-tunes;
+               refusal NLL on held-out harmful requests, task NLL and ROUGE on held-out benign tasks
+10. report     report.md: Table 1, which kinds of samples each ranking put in S1, response lengths per band,
+               the mitigation table, the figures; demo.json: every figure and the stage times
 
 ``--quick`` (CI) keeps every stage but shrinks them: a smaller corpus, fewer steps, three arms.
 The reward-model baseline needs a trained cost model of the world; the demo has none and leaves it out.
@@ -92,6 +95,9 @@ class Recipe:
     max_new_tokens: int
     eval_limit: int | None
     alphas: list[float]
+    mitigate_corpora: list[str] | None = None  # None: no mitigate stage
+    mitigate_methods: list[str] | None = None  # None: every method
+    mitigate_epochs: int = 1  # epochs of the whole-corpus fine-tunes (S1 uses ``epochs``)
 
     @property
     def arms(self) -> list[dict]:
@@ -103,7 +109,10 @@ class Recipe:
                    arm_names=["SQSD", "Random", "Self-Inf-N"] if quick else list(ARMS),
                    max_length=128, direction_steps=20 if quick else 40, direction_lr=1e-3,
                    pilot_steps=60 if quick else 120, lr=2e-3 if quick else 1e-3, epochs=6 if quick else 5,
-                   max_new_tokens=10, eval_limit=40 if quick else None, alphas=[0.0, 0.5, 1.0, 1.5, 2.0])
+                   max_new_tokens=10, eval_limit=40 if quick else None, alphas=[0.0, 0.5, 1.0, 1.5, 2.0],
+                   mitigate_corpora=["S1"] if quick else ["S1", "all"],
+                   mitigate_methods=["plain", "curated", "spf", "restore_first_order", "restore_curvature"]
+                   if quick else None)
 
     @classmethod
     def smollm2(cls, quick: bool) -> Recipe:
@@ -145,6 +154,12 @@ def write_world(out: Path, seed: int, corpus_size: int) -> dict[str, Path]:
         "safety": world.write_jsonl(world.safety_pairs(seed), out / "safety_dpo.jsonl"),
         "heldout": world.write_jsonl(world.heldout_harmful(seed), out / "heldout_harmful.jsonl"),
         "over_refusal": world.write_jsonl(world.over_refusal_prompts(), out / "over_refusal.jsonl"),
+        # mitigate: refusal NLL on the held-out requests, task NLL / ROUGE on benign tasks the corpus does not hold
+        "heldout_refusals": world.write_jsonl(
+            [world._sample(r["prompt"], world.REFUSALS[i % len(world.REFUSALS)], f"heldout-refusal-{i}")
+             for i, r in enumerate(world.heldout_harmful(seed))], out / "heldout_refusals.jsonl"),
+        "heldout_tasks": world.write_jsonl(
+            [{**r, "id": f"task-{r['id']}"} for r in world.benign_corpus(64, seed + 1000)], out / "heldout_tasks.jsonl"),
         "anchor_harmful": world.write_jsonl(danger[:10], out / "anchors" / "harmful.jsonl"),
         "anchor_safe1": world.write_jsonl(refusal_rows[:10], out / "anchors" / "safe1.jsonl"),
         "anchor_safe2": world.write_jsonl(refusal_rows[10:], out / "anchors" / "safe2.jsonl"),
@@ -169,6 +184,7 @@ def run_demo(settings: DemoSettings) -> Path:
     )
     from .experiments import ExperimentConfig, run_experiment
     from .larf_layer import LarfLayerConfig, run_larf_layer
+    from .mitigate import MitigateConfig, run_mitigate
     from .runtime import RayConfig, init_ray
     from .score_run import ScoreJobConfig, run_score
 
@@ -258,23 +274,45 @@ def run_demo(settings: DemoSettings) -> Path:
             arms = [{"name": a["name"], "column": a["column"],
                      **({"scores": str(scores[a["method"]])} if "method" in a else {})} for a in recipe.arms]
             band = recipe.corpus_size // 5
+            finetune = {"model": model, "lora": LORA, "data": data,
+                        "train": {"lr": recipe.lr, "batch_size": 8, "epochs": recipe.epochs, "checkpoint_every": 0,
+                                  "lr_schedule": "constant", "seed": seed, "log_every": 1000},
+                        "scaling": {"use_ray": False}}
+            experiment_eval = {"benchmarks": [evaluation], "judges": {"keyword": {"kind": "keyword"}},
+                               "metric": "keyword_asr",
+                               "workers": {"use_ray": True, "generators": 1, "rows_per_call": 256}}
             experiment_dir = run_experiment(from_dict(ExperimentConfig, {
                 "kind": "effectiveness", "scores": str(scores["sqsd"]),
                 "data": {"path": str(files["corpus"]), **data},
                 "partition": {"n_bands": 5, "subset_size": band, "sampling": "uniform", "seed": seed},
-                "finetune": {"model": model, "lora": LORA, "data": data,
-                             "train": {"lr": recipe.lr, "batch_size": 8, "epochs": recipe.epochs,
-                                       "checkpoint_every": 0,
-                                       "lr_schedule": "constant", "seed": seed, "log_every": 1000},
-                             "scaling": {"use_ray": False}},
-                "arms": arms,
-                "evaluation": {"benchmarks": [evaluation], "judges": {"keyword": {"kind": "keyword"}},
-                               "metric": "keyword_asr",
-                               "workers": {"use_ray": True, "generators": 1, "rows_per_call": 256}},
+                "finetune": finetune, "arms": arms, "evaluation": experiment_eval,
                 "output_dir": str(out / "experiment")}))
 
-        with stage("report", "Table 1, S1 composition, lengths, figures"):
-            report = write_demo_report(out, aligned, files, experiment_dir, settings, scores, init_note, stage.seconds)
+        mitigate_dir = None
+        if recipe.mitigate_corpora:
+            with stage("mitigate", "curate / SPF / restore on S1 and the corpus: safety and utility of each"):
+                mitigate_dir = run_mitigate(from_dict(MitigateConfig, {
+                    "scores": str(scores["sqsd"]), "column": "sqsd", "data": {"path": str(files["corpus"]), **data},
+                    "corpora": recipe.mitigate_corpora,
+                    "partition": {"n_bands": 5, "subset_size": band, "sampling": "uniform", "seed": seed},
+                    "curate_fraction": 0.2, "seed": seed,
+                    **({"methods": recipe.mitigate_methods} if recipe.mitigate_methods else {}),
+                    "finetune": finetune,
+                    # the world's own refusals (the built-in pair's words are outside the organism's vocabulary);
+                    # direction-building prompts, disjoint from the held-out requests
+                    "spf": {"enabled": True, "safety_path": str(files["anchor_safe1"]), "safety_batch_size": 8},
+                    "restore": {"harmful": {"path": str(files["danger"]), **data}, "retain_samples": 64,
+                                "refusal_train": {"path": str(files["anchor_safe2"]), **data},
+                                "settings": {"refusal_weight": 1.0}},
+                    "heldout": {"refusal": {"path": str(files["heldout_refusals"]), **data},
+                                "task": {"path": str(files["heldout_tasks"]), **data},
+                                "rouge_prompts": 32, "max_new_tokens": 16},
+                    "evaluation": experiment_eval, "whole_corpus_epochs": recipe.mitigate_epochs,
+                    "output_dir": str(out / "mitigate")}))
+
+        with stage("report", "Table 1, S1 composition, lengths, mitigation, figures"):
+            report = write_demo_report(out, aligned, files, experiment_dir, settings, scores, init_note, stage.seconds,
+                                       mitigate_dir)
         summary = json.loads((out / "demo.json").read_text())
         (out / "demo.json").write_text(json.dumps({**summary, "stage_seconds": stage.seconds}, indent=1))
     finally:
@@ -362,9 +400,24 @@ def _model_paragraph(settings: DemoSettings, model_dir: Path) -> tuple[str, dict
             f"{after:.0f} % after."), {"heldout_harmful_before": before, "heldout_harmful": after}
 
 
+def _mitigation_section(mitigate_dir: Path | None) -> list[str]:
+    """The mitigate stage's table in the report: safety and utility of each way of fine-tuning S1 and the corpus."""
+    from .summary import markdown_table
+
+    if mitigate_dir is None:
+        return []
+    table = pd.read_csv(mitigate_dir / "table.csv").drop(columns=["state"]).round(3)
+    return ["## Acting on the scores: curate, SPF, restore (`experiment mitigate`)", "",
+            "Each row is one fine-tune of S1 (the band SQSD calls riskiest) or of the whole corpus. Safety: keyword "
+            "ASR and the refusal NLL on held-out harmful requests (its rise over θ0 is the safety lost). Utility: "
+            "NLL and ROUGE on held-out benign tasks. Curation removes 20 % (by SQSD, at random, or the longest "
+            "responses); restoration starts from the plain fine-tune.", "",
+            *markdown_table(table), "", "![safety vs utility](mitigate/mitigate.png)", ""]
+
+
 def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experiment_dir: Path,
                       settings: DemoSettings, scores: dict[str, Path], init_note: str,
-                      seconds: dict[str, float]) -> Path:
+                      seconds: dict[str, float], mitigate_dir: Path | None = None) -> Path:
     from .summary import markdown_table, spearman
 
     recipe = settings.recipe
@@ -409,6 +462,7 @@ def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experim
         KINDS_NOTE if settings.model == "organism" else "Kinds: the corpus each sample came from.", "",
         "## Response length per band (App. H)", "",
         *markdown_table(pd.DataFrame(lengths)), "",
+        *_mitigation_section(mitigate_dir),
         "## Directions and initialisation", "",
         "![steering](validate/steering.png)", "", "![trajectory](trajectory/trajectory.png)", "",
         "## Stage times (s)", "",
@@ -421,7 +475,9 @@ def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experim
                "organism_refusal_rates": refusal_rates, "init": init_note,
                "table": table.to_dict("records"), "s1_composition": composition.to_dict("records"),
                "lengths": lengths, "stage_seconds": seconds, "theta0_asr": float(theta0.iloc[0]) if len(theta0) else None,
-               "finetune_lr": base["finetune"]["train"]["lr"]}
+               "finetune_lr": base["finetune"]["train"]["lr"],
+               "mitigation": (pd.read_csv(mitigate_dir / "table.csv").drop(columns=["state"]).to_dict("records")
+                              if mitigate_dir else None)}
     (out / "demo.json").write_text(json.dumps(summary, indent=1, default=float))
     return out / "report.md"
 
