@@ -248,6 +248,29 @@ def test_one_optimizer_step_and_one_projection_per_iteration(tiny, aligned, monk
     assert min(seen) >= -1e-7
 
 
+def test_full_fine_tuning_projects_every_weight_tensor(tiny, aligned):
+    model, tokenizer = tiny
+    full = copy.deepcopy(aligned).merge_and_unload()
+    for p in full.parameters():
+        p.requires_grad_(True)
+    settings = _settings()
+    settings.method = "full"
+    trainer = Trainer(full, _examples(tokenizer, HARMFUL + TASK), settings, tokenizer.pad_token_id,
+                      refusals=_refusals(tokenizer))
+    seen = []
+    original_step = trainer.optimizer.step
+
+    def checking_step(*args, **kwargs):
+        seen.extend(float((p.grad * trainer._safety_grads[n]).sum()) for n, p in trainer.named_params
+                    if p.grad is not None)
+        return original_step(*args, **kwargs)
+
+    trainer.optimizer.step = checking_step
+    metrics = trainer.train_step()
+    assert len(trainer.named_params) > 20 and 0 < metrics["spf_projected"] < 1
+    assert min(seen) >= -1e-7
+
+
 def test_safety_gradient_refreshes_every_n_steps(tiny, aligned, monkeypatch):
     model, tokenizer = tiny
     trainer = Trainer(_peft(aligned), _examples(tokenizer, TASK), _settings(every=2), tokenizer.pad_token_id,
