@@ -52,7 +52,8 @@ def mitigation_checks(seed_dir: Path) -> list[dict]:
         checks = {
             MITIGATION_GOALS[0]: rise["spf"] < rise["plain"] and by.loc["spf", "task_nll_vs_plain"] <= 0.10,
             MITIGATION_GOALS[1]: rec_c >= 0.5 and info_c["losses"]["task"]["restored"] <= info_c["task_limit"] + 1e-9 and info_c["ratio"] <= 0.2 + 1e-9,
-            MITIGATION_GOALS[2]: rec_c >= rec_f - 1e-3 and dtask_c <= dtask_f + 1e-3,
+            # recovery beyond 100 % (refusals likelier than at θ0) counts as 100 %: both runs then recovered fully
+            MITIGATION_GOALS[2]: min(rec_c, 1.0) >= min(rec_f, 1.0) - 1e-3 and dtask_c <= dtask_f + 1e-3,
             MITIGATION_GOALS[3]: rise["curated"] < rise["curated_random"],
             MITIGATION_GOALS[4]: rise["curated"] < rise["curated_longest"],
         }
@@ -75,14 +76,16 @@ def main() -> int:
     parser.add_argument("--work", default="runs/demo_validity")
     parser.add_argument("--cache", default=None, help="organism cache (default $SQSD_CACHE or ~/.cache/sqsd-ray)")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
+    parser.add_argument("--reuse", action="store_true", help="keep a seed's finished run (its demo.json) in --work")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     seeds = [int(s) for s in args.seeds.split(",")]
     rows, seconds, mitigation = [], {}, []
     for seed in seeds:
         started = time.perf_counter()
-        run_demo(DemoSettings(out=Path(args.work) / f"seed-{seed}", seed=seed,
-                              cache_dir=Path(args.cache) if args.cache else None))
+        if not (args.reuse and (Path(args.work) / f"seed-{seed}" / "demo.json").is_file()):
+            run_demo(DemoSettings(out=Path(args.work) / f"seed-{seed}", seed=seed,
+                                  cache_dir=Path(args.cache) if args.cache else None))
         seconds[seed] = time.perf_counter() - started
         summary = json.loads((Path(args.work) / f"seed-{seed}" / "demo.json").read_text())
         for row in summary["table"]:

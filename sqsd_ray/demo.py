@@ -402,17 +402,18 @@ def _model_paragraph(settings: DemoSettings, model_dir: Path) -> tuple[str, dict
 
 def _mitigation_section(mitigate_dir: Path | None) -> list[str]:
     """The mitigate stage's table in the report: safety and utility of each way of fine-tuning S1 and the corpus."""
+    from .mitigate import NLL_DIGITS
     from .summary import markdown_table
 
     if mitigate_dir is None:
         return []
-    table = pd.read_csv(mitigate_dir / "table.csv").drop(columns=["state"]).round(3)
+    table = pd.read_csv(mitigate_dir / "table.csv").drop(columns=["state"])
     return ["## Acting on the scores: curate, SPF, restore (`experiment mitigate`)", "",
             "Each row is one fine-tune of S1 (the band SQSD calls riskiest) or of the whole corpus. Safety: keyword "
             "ASR and the refusal NLL on held-out harmful requests (its rise over θ0 is the safety lost). Utility: "
             "NLL and ROUGE on held-out benign tasks. Curation removes 20 % (by SQSD, at random, or the longest "
             "responses); restoration starts from the plain fine-tune.", "",
-            *markdown_table(table), "", "![safety vs utility](mitigate/mitigate.png)", ""]
+            *markdown_table(table, NLL_DIGITS), "", "![safety vs utility](mitigate/mitigate.png)", ""]
 
 
 def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experiment_dir: Path,

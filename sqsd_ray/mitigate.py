@@ -58,6 +58,8 @@ METHODS = ("plain", "curated", "curated_random", "curated_longest", "spf", "cura
            "restore_curvature")
 CURATIONS = {"curated": "score", "curated_random": "random", "curated_longest": "longest", "curated_spf": "score"}
 LENGTH_COLUMN = "n_response_tokens"
+NLL_DIGITS = {"refusal_nll": 3, "refusal_nll_rise": 3, "task_nll": 3, "task_nll_vs_plain": 3, "rouge1": 3,
+              "rougeL": 3}  # report digits; the judge's ASR keeps one
 
 
 @dataclass
@@ -306,14 +308,14 @@ def write_report(cfg: MitigateConfig, metrics: pd.DataFrame, losses: pd.DataFram
     table = mitigation_table(cfg, metrics, losses)
     table.to_csv(out / "table.csv", index=False)
     metric = table.attrs["metric"]
-    shown = table.drop(columns=["state"]).round(4)
+    shown = table.drop(columns=["state"])
     lines = ["# Mitigation: curate, SPF, restore — safety and utility of each fine-tune", "",
              f"Safety: `{metric}` on {table.attrs['benchmark']} and the refusal NLL on held-out harmful requests "
              "(rise over θ0 = degradation; lower is safer). Utility: held-out task NLL (and its change relative to "
              "the plain fine-tune of the same corpus) and ROUGE-1/L of greedy answers.",
              f"Curation removes {cfg.curate_fraction:.0%} of each corpus: by `{cfg.column}`, at random, or the "
              "longest responses.", "",
-             *markdown_table(shown), "", "![safety vs utility](mitigate.png)", ""]
+             *markdown_table(shown, NLL_DIGITS), "", "![safety vs utility](mitigate.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     plot_tradeoff(table, out / "mitigate.png")
     return out

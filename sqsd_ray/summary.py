@@ -26,10 +26,12 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def markdown_table(frame: pd.DataFrame) -> list[str]:
-    """A DataFrame as Markdown table lines; floats to one decimal."""
+def markdown_table(frame: pd.DataFrame, digits: int | dict[str, int] = 1) -> list[str]:
+    """A DataFrame as Markdown table lines; floats to ``digits`` decimals (one number, or per column, default 1)."""
     lines = [list(map(str, frame.columns)), ["---"] * len(frame.columns)]
-    lines += [[f"{v:.1f}" if isinstance(v, float) else str(v) for v in row] for row in frame.itertuples(index=False)]
+    places = [digits.get(c, 1) if isinstance(digits, dict) else digits for c in frame.columns]
+    lines += [[f"{v:.{d}f}" if isinstance(v, float) else str(v) for v, d in zip(row, places)]
+              for row in frame.itertuples(index=False)]
     return ["| " + " | ".join(line) + " |" for line in lines]
 
 
