@@ -43,7 +43,6 @@ from sqsd_ray.train import (
     Trainer,
     TrainingExample,
     TrainSettings,
-    load_refusal_examples,
 )
 
 
@@ -62,20 +61,21 @@ def _loss(model, examples: list[TrainingExample], pad: int) -> float:
         return float(sft_loss(logits, batch["labels"], sum(e.chosen.n_response_tokens for e in examples)))
 
 
-def _trainer(base, examples, pad, refusals, spf: bool, steps: int, lr: float, batch: int, optimizer: str = "adamw"):
+def _trainer(base, examples, pad, refusals, spf: bool, steps: int, lr: float, batch: int, optimizer: str = "adamw",
+             safety_batch: int = 1, min_norm: float = 1e-8):
     torch.manual_seed(0)
     model = apply_lora(copy.deepcopy(base), LoraSettings(r=8, alpha=16.0, dropout=0.0))
     settings = TrainSettings(lr=lr, batch_size=batch, max_steps=steps, lr_schedule="constant", max_grad_norm=None,
-                             spf=SpfSettings(enabled=spf))
-    trainer = Trainer(model, examples, settings, pad, refusals=refusals if spf else None)
+                             spf=SpfSettings(enabled=spf, safety_batch_size=safety_batch, min_norm=min_norm))
+    trainer = Trainer(model, examples, settings, pad, refusals=refusals)  # plain runs use them only to measure
     if optimizer == "sgd":
         trainer.optimizer = torch.optim.SGD([p for _, p in trainer.named_params], lr=lr)
     return trainer
 
 
-def step_time_ratio(base, examples, pad, refusals, steps: int, batch: int) -> dict:
+def step_time_ratio(base, examples, pad, refusals, steps: int, batch: int, safety_batch: int) -> dict:
     plain = _trainer(base, examples, pad, refusals, False, 10 * steps, 1e-4, batch)
-    spf = _trainer(base, examples, pad, refusals, True, 10 * steps, 1e-4, batch)
+    spf = _trainer(base, examples, pad, refusals, True, 10 * steps, 1e-4, batch, safety_batch=safety_batch)
     plain.train_step(), spf.train_step()  # warm-up
     times = {"plain": [], "spf": []}
     for _ in range(steps):
@@ -87,12 +87,12 @@ def step_time_ratio(base, examples, pad, refusals, steps: int, batch: int) -> di
     return {"plain_step_s": med["plain"], "spf_step_s": med["spf"], "ratio": med["spf"] / med["plain"]}
 
 
-def adam_caveat(base, examples, pad, refusals, steps: int, batch: int, lr: float) -> list[dict]:
+def adam_caveat(base, examples, pad, refusals, steps: int, batch: int, lr: float, min_norm: float) -> list[dict]:
     rows = []
     for optimizer in ("sgd", "adamw"):
         for spf in (False, True):
             trainer = _trainer(base, examples, pad, refusals, spf, steps, lr if optimizer == "adamw" else 50 * lr,
-                               batch, optimizer)
+                               batch, optimizer, min_norm=min_norm)
             before = _loss(trainer.model, refusals, pad)
             conflicting = total = 0
             for _ in range(steps):
@@ -100,8 +100,12 @@ def adam_caveat(base, examples, pad, refusals, steps: int, batch: int, lr: float
                 old = {n: p.detach().clone() for n, p in trainer.named_params}
                 trainer.train_step()
                 for name, p in trainer.named_params:
-                    change = float((g_s[name] * (p.detach() - old[name])).sum())
-                    conflicting += change > 0
+                    step = p.detach() - old[name]
+                    change = float((g_s[name] * step).sum())
+                    # a projected tensor's update is orthogonal to G_s, but Δθ read back as new − old fp32 weights
+                    # carries rounding of order 1e-3 of itself: count a conflict only above that
+                    scale = float(g_s[name].norm() * step.norm())
+                    conflicting += change > 1e-3 * scale
                     total += 1
             rows.append({"optimizer": optimizer, "spf": spf, "raising_updates": conflicting / total,
                          "refusal_loss_rise": _loss(trainer.model, refusals, pad) - before})
@@ -149,6 +153,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW lr of the caveat runs (SGD: 50x)")
+    parser.add_argument("--safety-batch", type=int, default=1,
+                        help="refusals per safety gradient in the timing (1: the single-sample setting)")
+    parser.add_argument("--min-norm", type=float, default=1e-8,
+                        help="train.spf.min_norm of the caveat runs (tensors with a smaller ‖G_s‖² are left alone)")
+    parser.add_argument("--parts", default="step,caveat,restore", help="which measurements to run")
     parser.add_argument("--out", default=None, help="write the figures as JSON")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -163,26 +172,36 @@ def main() -> None:
     random.Random(0).shuffle(harmful_rows)
     harmful = _examples(harmful_rows, tokenizer, args.max_length)
     tasks = _examples(task_rows, tokenizer, args.max_length)
-    refusals = load_refusal_examples(SpfSettings(enabled=True), DataConfig(max_length=args.max_length), tokenizer)
+    # the world's own refusals to held-back harmful requests (the built-in pair's words are outside the
+    # organism's vocabulary); batch 8 of them per safety gradient
+    refusal_rows = [world._sample(world.harmful_prompt(h, v), world.REFUSALS[i % len(world.REFUSALS)], f"refusal-{i}")
+                    for i, (h, v) in enumerate(world.harm_split(0).heldout[:8])]
+    refusals = _examples(refusal_rows, tokenizer, args.max_length)
 
+    parts = set(args.parts.split(","))
     figures = {"model": args.model}
-    figures["step_time"] = step_time_ratio(base, tasks, pad, refusals, args.steps, args.batch)
-    s = figures["step_time"]
-    print(f"SPF step / plain step (LoRA, batch {args.batch}): {s['ratio']:.2f}  "
-          f"(median {s['spf_step_s'] * 1e3:.0f} ms vs {s['plain_step_s'] * 1e3:.0f} ms)")
-    figures["adam_caveat"] = adam_caveat(base, harmful, pad, refusals, args.steps, args.batch, args.lr)
-    print("\nAdam caveat: fine-tuning on harmful compliance; share of (step, tensor) updates that raise the refusal "
-          "loss to first order, and the refusal-loss rise")
-    print("| optimizer | SPF | raising updates | refusal-loss rise |\n|---|---|---|---|")
-    for row in figures["adam_caveat"]:
-        print(f"| {row['optimizer']} | {'on' if row['spf'] else 'off'} | {row['raising_updates']:.1%} | "
-              f"{row['refusal_loss_rise']:+.4f} |")
-    figures["restore"] = restore_vs_epoch(args.model, harmful_rows, task_rows, args.max_length)
-    r = figures["restore"]
-    print(f"\nrestoration time / one fine-tune epoch ({r['epoch_samples']} samples, {r['epoch_s']:.1f} s):")
-    for name in ("lbfgs", "fisher_diag", "none"):
-        print(f"  {name:12s} {r[name]['ratio_to_epoch']:.2f}  ({r[name]['seconds']:.1f} s, {r[name]['iterations']} "
-              f"iterations, {r[name]['stop_reason']})")
+    if "step" in parts:
+        figures["step_time"] = step_time_ratio(base, tasks, pad, refusals, args.steps, args.batch, args.safety_batch)
+        s = figures["step_time"]
+        print(f"SPF step / plain step (LoRA, batch {args.batch}, {args.safety_batch} refusal(s) per safety "
+              f"gradient): {s['ratio']:.2f}  (median {s['spf_step_s'] * 1e3:.0f} ms vs {s['plain_step_s'] * 1e3:.0f} ms)")
+    if "caveat" not in parts:
+        figures["adam_caveat"] = []
+    else:
+        figures["adam_caveat"] = adam_caveat(base, harmful, pad, refusals, args.steps, args.batch, args.lr,
+                                            args.min_norm)
+        print("\nAdam caveat: fine-tuning on harmful compliance; share of (step, tensor) updates that raise the "
+              "refusal loss to first order, and the refusal-loss rise")
+        print("| optimizer | SPF | raising updates | refusal-loss rise |\n|---|---|---|---|")
+        for row in figures["adam_caveat"]:
+            print(f"| {row['optimizer']} | {'on' if row['spf'] else 'off'} | {row['raising_updates']:.1%} | "
+                  f"{row['refusal_loss_rise']:+.4f} |")
+    if "restore" in parts:
+        figures["restore"] = r = restore_vs_epoch(args.model, harmful_rows, task_rows, args.max_length)
+        print(f"\nrestoration time / one fine-tune epoch ({r['epoch_samples']} samples, {r['epoch_s']:.1f} s):")
+        for name in ("lbfgs", "fisher_diag", "none"):
+            print(f"  {name:12s} {r[name]['ratio_to_epoch']:.2f}  ({r[name]['seconds']:.1f} s, "
+                  f"{r[name]['iterations']} iterations, {r[name]['stop_reason']})")
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=1, default=float))
 
