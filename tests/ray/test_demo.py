@@ -11,7 +11,8 @@ from sqsd_ray.cli import main
 
 pytestmark = [pytest.mark.slow]
 
-STAGES = ["align", "world", "directions", "validate", "trajectory", "init", "score", "experiment", "report"]
+STAGES = ["align", "world", "directions", "validate", "trajectory", "init", "score", "experiment", "mitigate",
+          "report"]
 
 
 def test_quick_demo_runs_every_stage_and_reports_table_1(tmp_path, local_ray, capsys):
@@ -33,7 +34,8 @@ def test_quick_demo_runs_every_stage_and_reports_table_1(tmp_path, local_ray, ca
 
     # the files the report links to, and the stage outputs behind them
     report = (out / "report.md").read_text()
-    for figure in ("demo.png", "experiment/bands.png", "validate/steering.png", "trajectory/trajectory.png"):
+    for figure in ("demo.png", "experiment/bands.png", "validate/steering.png", "trajectory/trajectory.png",
+                   "mitigate/mitigate.png"):
         assert f"({figure})" in report and (out / figure).stat().st_size > 0
     corpus = [json.loads(line) for line in (out / "world" / "corpus.jsonl").read_text().splitlines()]
     assert len(corpus) == 140 and all("family" not in r for r in corpus)
@@ -42,9 +44,15 @@ def test_quick_demo_runs_every_stage_and_reports_table_1(tmp_path, local_ray, ca
     assert len(pd.read_parquet(out / "scores" / "self_inf_n" / "scores.parquet")) == 140
     assert (out / "trajectory" / "sensitivity_drift.csv").is_file()
     assert (out / "validate" / "sensitivity_linear.csv").is_file()
+    mitigation = pd.DataFrame(summary["mitigation"])  # the mitigate stage: S1 only in --quick
+    assert list(zip(mitigation["corpus"], mitigation["method"])) == [
+        ("θ0", "base"), *[("S1", m) for m in ("plain", "curated", "spf", "restore_first_order", "restore_curvature")]]
+    assert mitigation["refusal_nll"].gt(0).all() and mitigation["keyword_asr"].between(0, 100).all()
+    assert "Acting on the scores" in report
 
     # a second run reuses the cached organism
     assert main(["demo", "--quick", "--out", str(tmp_path / "again"), "--cache", str(tmp_path / "cache")]) == 0
     again = json.loads((tmp_path / "again" / "demo.json").read_text())
     assert again["stage_seconds"]["align"] < 5 and again["organism"] == summary["organism"]
     assert again["table"] == summary["table"]  # seeded end to end
+    assert pd.DataFrame(again["mitigation"]).equals(mitigation)  # NaN-aware (θ0 has no "vs plain")
