@@ -119,7 +119,7 @@ def main() -> int:
         print(f"- {'met' if met else 'MISSED'}: {goal}")
     frame = pd.DataFrame(mitigation)
     print("\n## Mitigation per seed (refusal-NLL rise over θ0; recovery = share of plain's rise undone)\n")
-    print("\n".join(markdown_table(frame.drop(columns=MITIGATION_GOALS).round(3))))
+    print("\n".join(markdown_table(frame.drop(columns=MITIGATION_GOALS), 3)))
     print("\n## Mitigation goals (seeds meeting each, per corpus)\n")
     mitigation_goals = {}
     for corpus, part in frame.groupby("corpus"):
