@@ -101,6 +101,13 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text).strip("_") or "arm"
 
 
+def with_random_ranking(frame: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """The scored samples (status ok) with a seeded uniform ``random`` column: the chance ranking."""
+    frame = frame[frame["status"] == "ok"].copy() if "status" in frame else frame.copy()
+    frame[RANDOM_COLUMN] = np.random.default_rng(seed).random(len(frame))
+    return frame
+
+
 def _arm_scores(cfg: ExperimentConfig, arm: Arm, out: Path) -> tuple[str, str]:
     """(score file, column) for partitioning, writing a derived column (e.g. −safety_proj) when asked."""
     path = arm.scores or cfg.scores
@@ -110,8 +117,7 @@ def _arm_scores(cfg: ExperimentConfig, arm: Arm, out: Path) -> tuple[str, str]:
         return path, arm.column
     frame = pd.read_parquet(path)
     if arm.column == RANDOM_COLUMN:  # the chance row: a seeded random ranking of the same scored samples
-        frame = frame[frame["status"] == "ok"] if "status" in frame else frame
-        frame[RANDOM_COLUMN] = np.random.default_rng(cfg.partition.seed).random(len(frame))
+        frame = with_random_ranking(frame, cfg.partition.seed)
     else:
         source, sign = DERIVED_COLUMNS[arm.column]
         frame[arm.column] = sign * frame[source]

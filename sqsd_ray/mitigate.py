@@ -37,15 +37,21 @@ from .data import DataConfig, load_samples
 from .dynamics import RunOutput
 from .eval_run import run_evaluate
 from .evaluate import EvalPrompt, generate_responses
-from .experiments import ExperimentEval, _eval_job, _final_state
-from .models import ModelConfig, load_model_and_tokenizer
+from .experiments import ExperimentEval, _eval_job, _final_state, with_random_ranking
+from .models import (
+    LoraSettings,
+    ModelConfig,
+    apply_lora,
+    load_adapter_state,
+    load_model_and_tokenizer,
+    set_lora_factors,
+)
 from .partition import PartitionConfig, PartitionSettings, band_paths, run_partition
 from .restore import RestoreSettings
 from .restore_run import (
     FineTuned,
     RestoreConfig,
     load_batches,
-    load_lora_fine_tune,
     run_restore,
 )
 from .spf import SpfSettings
@@ -144,7 +150,7 @@ def _curated(cfg: MitigateConfig, data: DataConfig, scores: pd.DataFrame, rule: 
     column = {"score": cfg.column, "random": "random", "longest": LENGTH_COLUMN}[rule]
     frame = scores[scores["status"] == "ok"].copy() if "status" in scores else scores.copy()
     if rule == "random":
-        frame["random"] = np.random.default_rng(cfg.seed).random(len(frame))
+        frame = with_random_ranking(frame, cfg.seed)
     if column not in frame:
         raise ConfigError(f"curation by {rule} needs column {column!r} in {cfg.scores}")
     out.mkdir(parents=True, exist_ok=True)
@@ -221,19 +227,27 @@ def _mean_nll(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) ->
     """Token-mean response NLL over a set (the SFT loss of the whole set)."""
     from .objectives import token_nll_sum
 
+    device = next(model.parameters()).device
     total, tokens = 0.0, 0
     with torch.no_grad():
         for batch in batches:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            nll, counts = token_nll_sum(logits, batch["labels"])
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+            nll, counts = token_nll_sum(logits, batch["labels"].to(device))
             total, tokens = total + float(nll.sum()), tokens + int(counts.sum())
     return total / max(tokens, 1)
 
 
-def measure_states(model_cfg: ModelConfig, states: dict[str, str], heldout: HeldOut) -> pd.DataFrame:
-    """Refusal NLL, task NLL and ROUGE per state ("base" or a LoRA adapter dir), in this process."""
-    base, tokenizer = load_model_and_tokenizer(model_cfg)
-    base.eval()
+def measure_states(model_cfg: ModelConfig, lora: LoraSettings, states: dict[str, str],
+                   heldout: HeldOut) -> pd.DataFrame:
+    """Refusal NLL, task NLL and ROUGE per state ("base" or a LoRA adapter dir), in this process: one model load,
+    the adapter's factors swapped per state (as ``evaluate`` does), θ0 with the adapter off."""
+    from contextlib import nullcontext
+
+    model, tokenizer = load_model_and_tokenizer(model_cfg)
+    model = apply_lora(model, replace(lora, dropout=0.0)).eval()
+    if torch.cuda.is_available():
+        model.to("cuda")
     refusal, _ = load_batches(heldout.refusal, tokenizer, "held-out refusal", heldout.micro_batch_size)
     task, _ = load_batches(heldout.task, tokenizer, "held-out task", heldout.micro_batch_size)
     task_samples = load_samples(heldout.task)[0][:heldout.rouge_prompts]
@@ -241,12 +255,14 @@ def measure_states(model_cfg: ModelConfig, states: dict[str, str], heldout: Held
                for s in task_samples]
     rows = []
     for name, state in states.items():
-        model = base if state == "base" else load_lora_fine_tune(model_cfg, state, torch.device("cpu"))[0]
-        answers = generate_responses(model, tokenizer, prompts, max_new_tokens=heldout.max_new_tokens,
-                                     system_prompt=heldout.task.system_prompt)
-        rows.append({"state": name, "refusal_nll": _mean_nll(model, refusal), "task_nll": _mean_nll(model, task),
-                     "rouge1": float(np.mean([rouge_n(a, s.response) for a, s in zip(answers, task_samples)])),
-                     "rougeL": float(np.mean([rouge_l(a, s.response) for a, s in zip(answers, task_samples)]))})
+        if state != "base":
+            set_lora_factors(model, load_adapter_state(Path(state))[0])
+        with model.disable_adapter() if state == "base" else nullcontext():
+            answers = generate_responses(model, tokenizer, prompts, max_new_tokens=heldout.max_new_tokens,
+                                         system_prompt=heldout.task.system_prompt)
+            rows.append({"state": name, "refusal_nll": _mean_nll(model, refusal), "task_nll": _mean_nll(model, task),
+                         "rouge1": float(np.mean([rouge_n(a, s.response) for a, s in zip(answers, task_samples)])),
+                         "rougeL": float(np.mean([rouge_l(a, s.response) for a, s in zip(answers, task_samples)]))})
         log.info("measured %s: %s", name, {k: round(v, 4) for k, v in rows[-1].items() if k != "state"})
     return pd.DataFrame(rows)
 
@@ -283,7 +299,7 @@ def run_mitigate(cfg: MitigateConfig) -> Path:
     all_states = {"base": "base", **states}
     judged = run_evaluate(_eval_job(cfg, cfg.finetune, all_states, out / "evaluation"))
     metrics = pd.read_csv(judged / "metrics.csv")
-    losses = measure_states(cfg.finetune.model, all_states, cfg.heldout)
+    losses = measure_states(cfg.finetune.model, cfg.finetune.lora, all_states, cfg.heldout)
     return write_report(cfg, metrics, losses, out)
 
 
