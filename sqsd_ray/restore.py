@@ -29,7 +29,9 @@ iterations, or when no step along the direction both decreases J (Armijo backtra
 keeps the task-loss budget L_t ≤ L_t(θ_ft) + δ and the update cap ‖ΔW(θ) − ΔW(θ_ft)‖ ≤ ρ·‖ΔW_ft‖, where
 ΔW = Σ_m s_m B_m A_m are the merged dense LoRA deltas, computed from the factors in 2r × 2r algebra. Trial
 points that break the budget or the cap are never accepted, so the returned iterate is always the last one
-within budget.
+within budget. A trial beyond the cap is first pulled back onto it along the ray from θ_ft (``at_update_cap:
+project``, the default; Armijo is then checked on the step actually taken), so the cap constrains the search
+rather than ending it: later steps can still turn the update within the cap toward a lower J.
 
 Full-weight fine-tunes: a fresh restoration LoRA is put on top (B = 0, A peft's Kaiming init). At B = 0,
 ∂L/∂A = Bᵀ(...) = 0, so the first step moves B only, and A starts to move from the second step on. The loop
@@ -99,6 +101,11 @@ class RestoreSettings:
     max_update_ratio: float = help_field(
         0.2, help="ρ: no iterate with ‖ΔW(θ) − ΔW(θ_ft)‖ > ρ·‖ΔW_ft‖ is accepted (merged LoRA deltas s·B·A)"
     )
+    at_update_cap: Literal["project", "backtrack"] = help_field(
+        "project", help="a trial point beyond the update cap: project = pull it back onto the cap along the ray "
+        "from θ_ft (the search goes on along the cap's surface); backtrack = shorten the step like any rejected "
+        "trial (the cap then ends the run)"
+    )
     damping: float = help_field(
         0.1, help="λ; with damping_mode relative, a multiple of the mean curvature, i.e. of the mean diagonal of "
         "the task empirical Fisher at θ_ft (notes: 1e-3 ... 1e-1)"
@@ -124,6 +131,10 @@ class RestoreSettings:
     )
     max_backtracks: int = help_field(10, help="halvings of the step length before the line search gives up")
     micro_batch_size: int = help_field(8, help="samples per forward pass")
+    track_refusal: bool = help_field(
+        True, help="with a refusal (evaluation) set: its mean NLL at every accepted iterate, in the history "
+        "(one forward pass over the set per step); it traces recovery against task-loss increase"
+    )
 
     def __post_init__(self) -> None:
         positive = {"max_iters": self.max_iters, "lbfgs_memory": self.lbfgs_memory,
@@ -441,6 +452,56 @@ def harmful_loss_correlation(base_losses: torch.Tensor, ft_losses: torch.Tensor)
             "spearman": pearson(_ranks(base_losses), _ranks(ft_losses)), "n": n}
 
 
+def pull_back_to_cap(vec: LoraVector, theta_ft: torch.Tensor, candidate: torch.Tensor, cap: float,
+                     iters: int = 40) -> tuple[torch.Tensor, float]:
+    """The point θ_ft + s·(candidate − θ_ft), s ∈ [0, 1], farthest out with ‖ΔW − ΔW_ft‖ ≤ cap (bisection on s).
+
+    The merged delta is quadratic in s (B and A both move), so s is bisected, keeping the inside end; each
+    evaluation is 2r × 2r algebra per module. Returns the point and its merged-delta distance.
+    """
+    inside, outside = 0.0, 1.0
+    for _ in range(iters):
+        middle = 0.5 * (inside + outside)
+        if vec.merged_delta_norm(theta_ft + middle * (candidate - theta_ft), theta_ft) <= cap:
+            inside = middle
+        else:
+            outside = middle
+    point = theta_ft + inside * (candidate - theta_ft)
+    return point, vec.merged_delta_norm(point, theta_ft)
+
+
+def recovery_path(history: Sequence[dict[str, float]], base_refusal: float) -> list[tuple[float, float]]:
+    """(task-loss increase, share of the refusal-NLL rise undone) at every iterate of a tracked history.
+
+    history[0] is θ_ft: increase 0, recovery 0. Recovery = (L_r(θ_ft) − L_r(θ_k)) / (L_r(θ_ft) − L_r(θ_base)).
+    """
+    if not history or "refusal" not in history[0]:
+        raise ValueError("the history has no refusal losses: restore with a refusal set and track_refusal on")
+    task_ft, refusal_ft = history[0]["task"], history[0]["refusal"]
+    rise = refusal_ft - base_refusal
+    if not rise > 0:
+        raise ValueError(f"the fine-tune did not raise the refusal loss (θ_ft {refusal_ft:.4f}, θ_base "
+                         f"{base_refusal:.4f}): nothing to recover")
+    return [(h["task"] - task_ft, (refusal_ft - h["refusal"]) / rise) for h in history]
+
+
+def recovery_within(path: Sequence[tuple[float, float]], task_increase: float) -> float:
+    """The best recovery among iterates whose task-loss increase is ≤ ``task_increase``: where one would stop
+    the run given that budget (θ_ft itself, recovery 0, always qualifies when task_increase ≥ 0)."""
+    eligible = [recovery for increase, recovery in path if increase <= task_increase + 1e-12]
+    return max(eligible) if eligible else float("nan")
+
+
+def compare_at_equal_task_increase(paths: dict[str, Sequence[tuple[float, float]]]) -> dict[str, float]:
+    """Recovery of each run at the same task-loss increase: the largest increase every run reached (≥ 0).
+
+    Restorations stop where their own line search does, so their end points spend different task loss; the
+    ablation's question (curvature-aware vs first-order) is which recovers more for the same spend.
+    """
+    matched = max(0.0, min(max(increase for increase, _ in path) for path in paths.values()))
+    return {"task_increase": matched, **{name: recovery_within(path, matched) for name, path in paths.items()}}
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 
 
@@ -581,8 +642,10 @@ def restore(
 
     theta = theta_ft.clone()
     J = objective.value(theta, L_h, L_t, L_r)
+    ft_refusal = float(per_example_losses(model, refusal).mean()) if refusal else None
+    tracked = refusal if refusal and settings.track_refusal else None
     history = [{"iter": 0, "harmful": L_h, "task": L_t, "objective": J, "step": 0.0, "trials": 0,
-                "update_norm": 0.0, "ratio": 0.0}]
+                "update_norm": 0.0, "ratio": 0.0, **({"refusal": ft_refusal} if tracked else {})}]
     if settings.preconditioner == "lbfgs" and settings.lbfgs_probes and L_h < tau:
         _probe_pairs(objective, preconditioner, theta, g_t, objective.gradient(theta, L_h, g_h, g_t, g_r), settings)
     step_length = settings.initial_step * float(theta_ft.norm())
@@ -609,7 +672,11 @@ def restore(
             update_norm = vec.merged_delta_norm(candidate, theta_ft)
             if update_norm > cap:
                 blocked.append("update_cap")
-                continue
+                if settings.at_update_cap == "backtrack":
+                    continue
+                candidate, update_norm = pull_back_to_cap(vec, theta_ft, candidate, cap)
+                if not float((candidate - theta).norm()) > 1e-12 * float(theta_ft.norm()):
+                    continue  # θ is on the cap and the step points straight out of it
             vec.set(candidate)
             L_t_new, g_t_new = objective.task_point()
             if L_t_new > task_limit:
@@ -618,7 +685,10 @@ def restore(
             L_h_new, g_h_new = objective.harmful_point()
             L_r_new, g_r_new = objective.refusal_point()
             J_new = objective.value(candidate, L_h_new, L_t_new, L_r_new)
-            if J_new > J + ARMIJO_C1 * t * slope:
+            # Armijo on the step actually taken (t·slope when it was not pulled back); a pulled-back step that is
+            # no descent direction must still lower J
+            predicted = min(float(torch.dot(grad_J, candidate - theta)), 0.0)
+            if not J_new < J + ARMIJO_C1 * predicted or (predicted == 0.0 and not J_new < J):
                 blocked.append("no_progress")
                 continue
             accepted = (trial, t, candidate, L_h_new, g_h_new, L_t_new, g_t_new, J_new, update_norm, L_r_new, g_r_new)
@@ -633,7 +703,8 @@ def restore(
         theta, g_h, g_t = candidate, g_h_new, g_t_new
         step_length = t * 2.0 if trial == 0 else t
         history.append({"iter": iteration, "harmful": L_h, "task": L_t, "objective": J, "step": t, "trials": trial + 1,
-                        "update_norm": update_norm, "ratio": update_norm / ft_update_norm})
+                        "update_norm": update_norm, "ratio": update_norm / ft_update_norm,
+                        **({"refusal": float(per_example_losses(model, tracked).mean())} if tracked else {})})
         log.info("restore iter %d/%d: L_h %.4f (τ %.4f)  L_t %.4f (limit %.4f)  J %.4f  step %.3g (%d trials)  "
                  "‖ΔW − ΔW_ft‖/‖ΔW_ft‖ %.4f (ρ %.3g)", iteration, settings.max_iters, L_h, tau, L_t, task_limit, J, t,
                  trial + 1, update_norm / ft_update_norm, settings.max_update_ratio)
@@ -647,9 +718,6 @@ def restore(
               "task": {"base": base.task, "fine_tuned": L_t_ft, "restored": L_t}}
     if refusal:
         restored_refusal = float(per_example_losses(model, refusal).mean())
-        vec.set(theta_ft)
-        ft_refusal = float(per_example_losses(model, refusal).mean())
-        vec.set(theta)
         losses["refusal"] = {"base": base.refusal if base.refusal is not None else float("nan"),
                              "fine_tuned": ft_refusal, "restored": restored_refusal}
     log.info("restore: stopped after %d iterations (%s); L_h %.4f -> %.4f, L_t %.4f -> %.4f, ratio %.4f",

@@ -1,4 +1,4 @@
-"""``sqsd-ray restore``: post-fine-tune safety restoration of a LoRA (or full) fine-tune, in process.
+"""``sqsd-ray restore``: safety restoration after a LoRA (or full) fine-tune, in process or on Ray Train.
 
 Loads the base model θ0 and the fine-tune θ_ft, reads the harmful set D_h (prompt + harmful completion), the
 retain set D_t and optionally a refusal set (prompt + refusal, evaluation only), runs ``restore.restore`` and
@@ -9,11 +9,13 @@ writes::
     restore.md           a summary table
     restore_losses.png   L_h and L_t per iteration, with τ and the task-loss limit
     config.yaml          the resolved config
+    ray_train/           Ray Train's run record (scaling.use_ray only)
 
 LoRA fine-tune (``fine_tuned.adapter``): θ is that adapter; θ_base is the same model with the adapter off.
 Full fine-tune (``fine_tuned.full_model``): its weights are loaded over the base model after the base losses
 are taken, and a fresh restoration LoRA (``restore_lora``) is trained on top; the restored adapter then
-applies to the *fine-tuned* model. Ray is not needed: only the LoRA parameters are optimised.
+applies to the *fine-tuned* model. Only the LoRA parameters are optimised, in one sequential loop: in this
+process, or (``scaling.use_ray``) as a one-worker Ray Train job, so that on a cluster it runs on a GPU worker.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 import yaml
 
 from . import __version__
-from .config import ConfigError, help_field, stable_hash, to_dict
+from .config import ConfigError, from_dict, help_field, stable_hash, to_dict
 from .data import (
     DataConfig,
     DataReport,
@@ -57,6 +59,7 @@ from .restore import (
     per_example_losses,
     restore,
 )
+from .runtime import WorkerScaling
 from .summary import markdown_table
 
 log = logging.getLogger(__name__)
@@ -112,9 +115,18 @@ class RestoreConfig:
         "fine-tune)"
     )
     device: Literal["auto", "cpu", "cuda"] = help_field("auto", help="auto = cuda when available")
+    scaling: WorkerScaling = help_field(
+        default_factory=lambda: WorkerScaling(use_ray=False),
+        help="use_ray: true runs the restoration as a one-worker Ray Train job (with use_gpu on a GPU worker: a "
+        "cluster's driver need not have one; the output dir must then be on storage the worker shares); false = "
+        "in this process. The line search is sequential: num_workers stays 1"
+    )
     output: RunOutput = help_field(help="run directory", default_factory=lambda: RunOutput(dir="runs/restore"))
 
     def __post_init__(self) -> None:
+        if self.scaling.num_workers != 1:
+            raise ConfigError(f"scaling.num_workers must be 1 for a restoration (its line search is one sequential "
+                              f"loop over the LoRA vector), got {self.scaling.num_workers}")
         for name in ("harmful", "retain", "refusal", "refusal_train"):
             if getattr(self, name) is not None and not getattr(self, name).require_response:
                 raise ConfigError(f"{name}.require_response must be true: restoration needs the {name} responses")
@@ -221,15 +233,77 @@ def _device(choice: str) -> torch.device:
     return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def run_restore(cfg: RestoreConfig) -> Path:
-    """Restore ``cfg.fine_tuned``; write adapter/, restore.json, restore.md, restore_losses.png; return the dir."""
-    tokenizer = load_tokenizer(cfg.model)  # data errors surface before the output dir is touched
+@dataclass
+class _Sets:
+    """The data sets as fixed padded batches, with their load reports."""
+
+    harmful: list[dict]
+    task: list[dict]
+    refusal: list[dict] | None
+    refusal_train: list[dict] | None
+    reports: dict[str, DataReport]
+
+
+def _load_sets(cfg: RestoreConfig) -> _Sets:
+    tokenizer = load_tokenizer(cfg.model)
     size = cfg.restore.micro_batch_size
     harmful, harmful_report = load_batches(cfg.harmful, tokenizer, "harmful", size)
     task, task_report = load_batches(cfg.retain, tokenizer, "retain", size)
     refusal, refusal_report = load_batches(cfg.refusal, tokenizer, "refusal", size) if cfg.refusal else (None, None)
     refusal_train = (load_batches(cfg.refusal_train, tokenizer, "refusal_train", size)[0]
                      if cfg.refusal_train is not None and cfg.restore.refusal_weight > 0 else None)
+    reports = {"harmful": harmful_report, "retain": task_report,
+               **({"refusal": refusal_report} if refusal_report else {})}
+    return _Sets(harmful, task, refusal, refusal_train, reports)
+
+
+def run_restore(cfg: RestoreConfig) -> Path:
+    """Restore ``cfg.fine_tuned``; write adapter/, restore.json, restore.md, restore_losses.png; return the dir."""
+    sets = _load_sets(cfg)  # data errors surface before the output dir is touched
+    out = _prepare_dir(cfg.output.dir, cfg.output.overwrite)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if cfg.scaling.use_ray:
+        _restore_with_ray_train(cfg, out)
+    else:
+        _restore_into(cfg, sets, out)
+    return out
+
+
+def _restore_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker: the same restoration, in the worker's process (its GPU, when it has one)."""
+    cfg = from_dict(RestoreConfig, config["cfg"])
+    if _device(cfg.device).type == "cpu":
+        torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
+    _restore_into(cfg, _load_sets(cfg), Path(config["out"]))
+
+
+def _restore_with_ray_train(cfg: RestoreConfig, out: Path) -> None:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .runtime import init_ray
+
+    init_ray(cfg.scaling)
+    trainer = TorchTrainer(
+        _restore_worker,
+        train_loop_config={"cfg": to_dict(cfg), "out": str(out.resolve())},
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=1, use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
+        run_config=RunConfig(name="ray_train", storage_path=str(out.resolve()),
+                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures)),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"restoration failed on its Ray Train worker: {result.error}") from result.error
+    if not (out / "restore.json").is_file():
+        raise RuntimeError(f"the Ray Train worker wrote no restore.json under {out}: is output.dir on storage the "
+                           "worker shares with the driver?")
+
+
+def _restore_into(cfg: RestoreConfig, sets: _Sets, out: Path) -> None:
+    harmful, task, refusal, refusal_train = sets.harmful, sets.task, sets.refusal, sets.refusal_train
     device = _device(cfg.device)
     if cfg.fine_tuned.adapter is not None:
         model, lora = load_lora_fine_tune(cfg.model, cfg.fine_tuned.adapter, device)
@@ -237,8 +311,6 @@ def run_restore(cfg: RestoreConfig) -> Path:
     else:
         model, base, ft_norm = load_full_fine_tune(cfg, harmful, task, refusal, device)
         lora, adapter_base = cfg.restore_lora, cfg.fine_tuned.full_model
-    out = _prepare_dir(cfg.output.dir, cfg.output.overwrite)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     result = restore(model, harmful, task, cfg.restore, refusal=refusal, base=base, ft_update_norm=ft_norm,
                      refusal_train=refusal_train)
@@ -253,13 +325,11 @@ def run_restore(cfg: RestoreConfig) -> Path:
         "sqsd_ray_version": __version__,
         "fine_tuned": to_dict(cfg.fine_tuned),
         "model": cfg.model.name_or_path,
-        "data": {"harmful": harmful_report.to_dict(), "retain": task_report.to_dict(),
-                 **({"refusal": refusal_report.to_dict()} if refusal_report else {})},
+        "data": {name: report.to_dict() for name, report in sets.reports.items()},
     }
     (out / "restore.json").write_text(json.dumps(summary, indent=1, default=float))
     (out / "restore.md").write_text(_markdown(result, cfg))
     plot_history(result, out / "restore_losses.png")
-    return out
 
 
 def _markdown(result: RestoreResult, cfg: RestoreConfig) -> str:

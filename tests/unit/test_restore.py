@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -30,12 +32,16 @@ from sqsd_ray.restore import (
     BaseLosses,
     LoraVector,
     RestoreSettings,
+    compare_at_equal_task_increase,
     diagonal_fisher,
     harmful_loss_correlation,
     lbfgs_two_loop,
     mean_loss_and_grad,
     per_example_losses,
     per_sample_grad_matrix,
+    pull_back_to_cap,
+    recovery_path,
+    recovery_within,
     restore,
     woodbury_apply,
 )
@@ -262,6 +268,75 @@ def test_curvature_aware_beats_first_order_at_equal_task_budget(restorations):
         assert r.losses["task"]["restored"] <= r.losses["task"]["fine_tuned"] + settings.task_budget + 1e-9
 
 
+def test_tracked_refusal_history_is_the_refusal_loss_of_each_iterate(restorations, fine_tuned):
+    """history[k].refusal is the refusal set's loss at θ_k: the first is θ_ft's, the last the restored one's."""
+    model, _, _, refusal, theta_ft = fine_tuned
+    result = restorations["lbfgs"][0]
+    tracked = [h["refusal"] for h in result.history]
+    assert len(tracked) == result.iterations + 1
+    assert tracked[0] == pytest.approx(result.losses["refusal"]["fine_tuned"], abs=1e-9)
+    assert tracked[-1] == pytest.approx(result.losses["refusal"]["restored"], abs=1e-9)
+    LoraVector(model).set(theta_ft)
+    assert tracked[0] == pytest.approx(float(per_example_losses(model, refusal).mean()), abs=1e-9)
+    path = recovery_path(result.history, result.losses["refusal"]["base"])
+    assert path[0] == (0.0, 0.0)
+    r = result.losses["refusal"]
+    assert path[-1][1] == pytest.approx((r["fine_tuned"] - r["restored"]) / (r["fine_tuned"] - r["base"]))
+    untracked = restore(model, *fine_tuned[1:3], replace(restorations["lbfgs"][1], max_iters=1, track_refusal=False),
+                        refusal=refusal)
+    LoraVector(model).set(theta_ft)
+    assert all("refusal" not in h for h in untracked.history) and "refusal" in untracked.losses
+    with pytest.raises(ValueError, match="no refusal losses"):
+        recovery_path(untracked.history, 0.0)
+
+
+def test_pull_back_to_cap_lands_on_the_cap_along_the_ray(fine_tuned):
+    model, _, _, _, theta_ft = fine_tuned
+    vec = LoraVector(model)
+    direction = torch.randn(theta_ft.shape, generator=torch.Generator().manual_seed(0), dtype=theta_ft.dtype)
+    candidate = theta_ft + direction
+    far = vec.merged_delta_norm(candidate, theta_ft)
+    point, distance = pull_back_to_cap(vec, theta_ft, candidate, 0.25 * far)
+    assert distance <= 0.25 * far and distance == pytest.approx(0.25 * far, rel=1e-6)
+    assert distance == pytest.approx(vec.merged_delta_norm(point, theta_ft))
+    s = float(torch.dot(point - theta_ft, direction) / direction.square().sum())  # on the ray: θ_ft + s·d
+    torch.testing.assert_close(point, theta_ft + s * direction)
+    assert 0 < s < 1
+
+
+def test_projection_at_the_cap_keeps_the_search_going(fine_tuned):
+    """With a tight cap, backtracking stops where the cap is first met; projecting onto it goes on lowering J
+    along the cap's surface, and never leaves it."""
+    model, harmful, task, _, theta_ft = fine_tuned
+    results = {}
+    for mode in ("backtrack", "project"):
+        LoraVector(model).set(theta_ft)
+        settings = RestoreSettings(preconditioner="none", max_iters=12, max_update_ratio=0.02, at_update_cap=mode)
+        results[mode] = restore(model, harmful, task, settings)
+    LoraVector(model).set(theta_ft)
+    for result in results.values():
+        assert result.ratio <= 0.02 + 1e-9 and all(h["ratio"] <= 0.02 + 1e-9 for h in result.history)
+    on_cap = [h for h in results["project"].history if h["ratio"] >= 0.0199]
+    assert len(on_cap) >= 2  # it moved along the cap
+    assert results["project"].history[-1]["objective"] < results["backtrack"].history[-1]["objective"] - 1e-4
+
+
+def test_recovery_at_equal_task_increase_on_hand_paths():
+    history = [{"task": 1.0, "refusal": 3.0}, {"task": 1.02, "refusal": 2.5}, {"task": 1.05, "refusal": 2.0}]
+    path = recovery_path(history, base_refusal=2.0)
+    assert path == [(0.0, 0.0), (pytest.approx(0.02), pytest.approx(0.5)), (pytest.approx(0.05), pytest.approx(1.0))]
+    assert recovery_within(path, 0.03) == pytest.approx(0.5)
+    assert recovery_within(path, 0.0) == 0.0
+    assert math.isnan(recovery_within(path, -0.01))
+    # b spends less task loss (its largest increase, 0.01, is where both are compared) and recovers 0.3 there
+    b = [(0.0, 0.0), (-0.004, 0.2), (0.01, 0.3)]
+    assert compare_at_equal_task_increase({"a": path, "b": b}) == {"task_increase": 0.01, "a": 0.0, "b": 0.3}
+    # a run that only lowered the task loss is compared at increase 0
+    assert compare_at_equal_task_increase({"a": path, "c": [(0.0, 0.0), (-0.01, 0.4)]})["task_increase"] == 0.0
+    with pytest.raises(ValueError, match="nothing to recover"):
+        recovery_path(history, base_refusal=3.5)
+
+
 def test_refusal_descent_variant_brings_refusals_back(fine_tuned):
     """Harmful-loss ascent alone need not restore refusals; with β·L_r on D_r the refusal NLL falls, within the
     same task budget and update cap. D_r here is the toy's refusal set itself (an in-sample check of the term)."""
@@ -333,6 +408,11 @@ def test_run_restore_writes_adapter_json_markdown_and_plot(tmp_path):
     assert summary["ratio"] <= 0.2 + 1e-9
     assert "restored" in (out / "restore.md").read_text()
     assert (out / "restore_losses.png").stat().st_size > 0 and (out / "config.yaml").is_file()
+
+
+def test_more_than_one_restoration_worker_is_refused():
+    with pytest.raises(ConfigError, match="num_workers must be 1"):
+        load_config(RestoreConfig, None, ["fine_tuned.adapter=ft", "scaling.use_ray=true", "scaling.num_workers=2"])
 
 
 def test_harmful_records_without_response_are_named(tmp_path):
