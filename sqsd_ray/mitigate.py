@@ -47,7 +47,7 @@ from .models import (
     set_lora_factors,
 )
 from .partition import PartitionConfig, PartitionSettings, band_paths, run_partition
-from .restore import RestoreSettings
+from .restore import RestoreSettings, compare_at_equal_task_increase, recovery_path
 from .restore_run import (
     FineTuned,
     RestoreConfig,
@@ -181,7 +181,9 @@ def _restore(cfg: MitigateConfig, data: DataConfig, adapter: Path, preconditione
     job = RestoreConfig(model=cfg.finetune.model, fine_tuned=fine_tuned, harmful=cfg.restore.harmful,
                         retain=replace(data, limit=cfg.restore.retain_samples), refusal=cfg.heldout.refusal,
                         refusal_train=cfg.restore.refusal_train,
-                        restore=settings, output=RunOutput(dir=str(out), overwrite=True))
+                        restore=settings, output=RunOutput(dir=str(out), overwrite=True),
+                        # the fine-tunes' placement (a GPU worker on a cluster), one worker: the loop is sequential
+                        scaling=replace(cfg.finetune.scaling, num_workers=1))
     return run_restore(job) / ADAPTER_DIR
 
 
@@ -332,9 +334,64 @@ def write_report(cfg: MitigateConfig, metrics: pd.DataFrame, losses: pd.DataFram
              f"Curation removes {cfg.curate_fraction:.0%} of each corpus: by `{cfg.column}`, at random, or the "
              "longest responses.", "",
              *markdown_table(shown, NLL_DIGITS), "", "![safety vs utility](mitigate.png)", ""]
+    paths = restoration_paths(out, cfg.corpora)
+    if paths:
+        comparison = pd.DataFrame([{"corpus": corpus, **compare_at_equal_task_increase(runs)}
+                                   for corpus, runs in paths.items() if len(runs) == 2])
+        comparison.to_csv(out / "restore_comparison.csv", index=False)
+        lines += ["## Restoration at equal task-loss increase", "",
+                  "Each restoration stops where its own line search does, so their end points spend different task "
+                  "loss. Along each run: the share of the refusal-NLL rise undone (held-out refusal set, per-example "
+                  "mean) against the retain-set task-loss increase; compared at the largest increase both reached, "
+                  "each at its best iterate within it.", "",
+                  *markdown_table(comparison, 3), "", "![recovery vs task loss](restore_paths.png)", ""]
+        plot_restoration_paths(paths, out / "restore_paths.png")
     (out / "report.md").write_text("\n".join(lines))
     plot_tradeoff(table, out / "mitigate.png")
     return out
+
+
+def restoration_paths(out: Path, corpora: list[str]) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """Per corpus, per restoration method: (task-loss increase, recovery) at every iterate, from restore.json."""
+    paths: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for corpus in corpora:
+        for method in ("restore_first_order", "restore_curvature"):
+            info_path = out / corpus / method / "restore.json"
+            if not info_path.is_file():
+                continue
+            info = json.loads(info_path.read_text())
+            base = info["losses"].get("refusal", {}).get("base")
+            if base is None or "refusal" not in info["history"][0]:
+                continue
+            try:
+                paths.setdefault(corpus, {})[method.removeprefix("restore_")] = recovery_path(info["history"], base)
+            except ValueError as err:  # e.g. a fine-tune that did not raise the refusal loss
+                log.warning("restoration path of %s/%s not compared: %s", corpus, method, err)
+    return paths
+
+
+def plot_restoration_paths(paths: dict[str, dict[str, list[tuple[float, float]]]], path: Path) -> Path:
+    """Recovery against task-loss increase along each restoration, one panel per corpus."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(paths), figsize=(4.2 * len(paths), 3.6), squeeze=False)
+    for ax, (corpus, runs) in zip(axes[0], paths.items()):
+        for name, points in runs.items():
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=name.replace("_", "-"))
+        ax.axhline(0, color="grey", ls=":", lw=1)
+        ax.axvline(0, color="grey", ls=":", lw=1)
+        ax.set_title(corpus)
+        ax.set_xlabel("retain-set task-loss increase (nats)")
+        ax.set_ylabel("share of the refusal-NLL rise undone")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_tradeoff(table: pd.DataFrame, path: Path) -> Path:
@@ -363,5 +420,5 @@ def plot_tradeoff(table: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-__all__ = ["HeldOut", "METHODS", "MitigateConfig", "MitigateRestore", "measure_states", "rouge_l", "rouge_n",
-           "run_mitigate", "write_report"]
+__all__ = ["HeldOut", "METHODS", "MitigateConfig", "MitigateRestore", "measure_states", "plot_restoration_paths",
+           "restoration_paths", "rouge_l", "rouge_n", "run_mitigate", "write_report"]

@@ -11,7 +11,16 @@ import pytest
 
 from sqsd_ray.config import ConfigError, load_config
 from sqsd_ray.data import DataConfig, load_samples
-from sqsd_ray.mitigate import METHODS, MitigateConfig, rouge_l, rouge_n, run_mitigate
+from sqsd_ray.mitigate import (
+    METHODS,
+    MitigateConfig,
+    plot_restoration_paths,
+    restoration_paths,
+    rouge_l,
+    rouge_n,
+    run_mitigate,
+)
+from sqsd_ray.restore import compare_at_equal_task_increase
 
 
 def test_rouge_against_hand_counts():
@@ -81,5 +90,31 @@ def test_mitigate_runs_every_method_and_reports(tmp_path, shared_data):
     assert s1_manifest["counts"]["samples_loaded"] == 10 and s1_manifest["counts"]["samples_removed"] == 3
     restored = json.loads((out / "all" / "restore_curvature" / "restore.json").read_text())
     assert restored["stop_reason"]
+    assert len(restored["history"]) == restored["iterations"] + 1 and all("refusal" in h for h in restored["history"])
+    # two steps of this fine-tune lower the held-out refusal NLL: nothing to recover, so no comparison is made
+    assert restored["losses"]["refusal"]["fine_tuned"] < restored["losses"]["refusal"]["base"]
+    assert not (out / "restore_comparison.csv").exists()
+    assert "equal task-loss increase" not in (out / "report.md").read_text()
     assert "![safety vs utility](mitigate.png)" in (out / "report.md").read_text()
     assert (out / "mitigate.png").stat().st_size > 0
+
+
+def _restore_json(path, history, base_refusal):
+    path.mkdir(parents=True)
+    path.joinpath("restore.json").write_text(json.dumps({"losses": {"refusal": {"base": base_refusal}},
+                                                         "history": history}))
+
+
+def test_restorations_are_compared_at_equal_task_increase(tmp_path):
+    """restore.json histories -> recovery paths per corpus -> compared where both spent the same task loss."""
+    _restore_json(tmp_path / "S1" / "restore_first_order", [{"task": 1.0, "refusal": 2.0}, {"task": 1.02, "refusal": 1.6},
+                                                            {"task": 1.04, "refusal": 1.2}], base_refusal=1.0)
+    _restore_json(tmp_path / "S1" / "restore_curvature", [{"task": 1.0, "refusal": 2.0}, {"task": 1.0, "refusal": 1.7},
+                                                          {"task": 1.01, "refusal": 1.3}], base_refusal=1.0)
+    _restore_json(tmp_path / "all" / "restore_curvature", [{"task": 1.0, "refusal": 2.0}], base_refusal=2.5)
+    paths = restoration_paths(tmp_path, ["S1", "all"])
+    assert set(paths) == {"S1"}  # the whole corpus's fine-tune lowered the refusal loss: no path
+    comparison = compare_at_equal_task_increase(paths["S1"])
+    # first-order reached +0.04, curvature +0.01: compared at +0.01, where first-order had recovered nothing yet
+    assert comparison == {"task_increase": pytest.approx(0.01), "first_order": 0.0, "curvature": pytest.approx(0.7)}
+    assert plot_restoration_paths(paths, tmp_path / "paths.png").stat().st_size > 0
