@@ -90,6 +90,9 @@ def main() -> int:
     parser.add_argument("--rerun-mitigate", action="store_true",
                         help="with --reuse: run each kept seed's mitigate stage again from its mitigate/config.json "
                         "(finished fine-tunes resume; restorations, evaluation and report are redone)")
+    parser.add_argument("--at-update-cap", choices=["project", "backtrack"], default=None,
+                        help="with --rerun-mitigate: the restorations' restore.settings.at_update_cap (default: as "
+                        "the run's config says)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -101,6 +104,8 @@ def main() -> int:
             run_demo(DemoSettings(out=seed_dir, seed=seed, cache_dir=Path(args.cache) if args.cache else None))
         elif args.rerun_mitigate:
             config = json.loads((seed_dir / "mitigate" / "config.json").read_text())
+            if args.at_update_cap:
+                config["restore"]["settings"]["at_update_cap"] = args.at_update_cap
             init_ray(RayConfig(local_num_cpus=2, object_store_mb=256))  # as the demo does
             try:
                 run_mitigate(from_dict(MitigateConfig, config))

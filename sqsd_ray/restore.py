@@ -29,9 +29,9 @@ iterations, or when no step along the direction both decreases J (Armijo backtra
 keeps the task-loss budget L_t ≤ L_t(θ_ft) + δ and the update cap ‖ΔW(θ) − ΔW(θ_ft)‖ ≤ ρ·‖ΔW_ft‖, where
 ΔW = Σ_m s_m B_m A_m are the merged dense LoRA deltas, computed from the factors in 2r × 2r algebra. Trial
 points that break the budget or the cap are never accepted, so the returned iterate is always the last one
-within budget. A trial beyond the cap is first pulled back onto it along the ray from θ_ft (``at_update_cap:
-project``, the default; Armijo is then checked on the step actually taken), so the cap constrains the search
-rather than ending it: later steps can still turn the update within the cap toward a lower J.
+within budget. With ``at_update_cap: project`` a trial beyond the cap is instead pulled back onto it along the
+ray from θ_ft (Armijo is then checked on the step actually taken), so the cap constrains the search rather than
+ending it: later steps can still turn the update within the cap toward a lower J.
 
 Full-weight fine-tunes: a fresh restoration LoRA is put on top (B = 0, A peft's Kaiming init). At B = 0,
 ∂L/∂A = Bᵀ(...) = 0, so the first step moves B only, and A starts to move from the second step on. The loop
@@ -101,10 +101,10 @@ class RestoreSettings:
     max_update_ratio: float = help_field(
         0.2, help="ρ: no iterate with ‖ΔW(θ) − ΔW(θ_ft)‖ > ρ·‖ΔW_ft‖ is accepted (merged LoRA deltas s·B·A)"
     )
-    at_update_cap: Literal["project", "backtrack"] = help_field(
-        "project", help="a trial point beyond the update cap: project = pull it back onto the cap along the ray "
-        "from θ_ft (the search goes on along the cap's surface); backtrack = shorten the step like any rejected "
-        "trial (the cap then ends the run)"
+    at_update_cap: Literal["backtrack", "project"] = help_field(
+        "backtrack", help="a trial point beyond the update cap: backtrack = shorten the step like any rejected "
+        "trial (the cap then ends the run); project = pull it back onto the cap along the ray from θ_ft (the "
+        "search goes on along the cap's surface: a lower J, not more recovered refusals on the demo's organism)"
     )
     damping: float = help_field(
         0.1, help="λ; with damping_mode relative, a multiple of the mean curvature, i.e. of the mean diagonal of "
