@@ -377,6 +377,8 @@ def plot_restoration_paths(paths: dict[str, dict[str, list[tuple[float, float]]]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, len(paths), figsize=(4.2 * len(paths), 3.6), squeeze=False)
     for ax, (corpus, runs) in zip(axes[0], paths.items()):
         for name, points in runs.items():
@@ -384,6 +386,7 @@ def plot_restoration_paths(paths: dict[str, dict[str, list[tuple[float, float]]]
         ax.axhline(0, color="grey", ls=":", lw=1)
         ax.axvline(0, color="grey", ls=":", lw=1)
         ax.set_title(corpus)
+        ax.xaxis.set_major_locator(MaxNLocator(4))  # small increases: keep the tick labels apart
         ax.set_xlabel("retain-set task-loss increase (nats)")
         ax.set_ylabel("share of the refusal-NLL rise undone")
         ax.grid(alpha=0.3)
