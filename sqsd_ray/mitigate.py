@@ -335,9 +335,9 @@ def write_report(cfg: MitigateConfig, metrics: pd.DataFrame, losses: pd.DataFram
              "longest responses.", "",
              *markdown_table(shown, NLL_DIGITS), "", "![safety vs utility](mitigate.png)", ""]
     paths = restoration_paths(out, cfg.corpora)
-    if paths:
-        comparison = pd.DataFrame([{"corpus": corpus, **compare_at_equal_task_increase(runs)}
-                                   for corpus, runs in paths.items() if len(runs) == 2])
+    comparison = pd.DataFrame([{"corpus": corpus, **compare_at_equal_task_increase(runs)}
+                               for corpus, runs in paths.items() if len(runs) == 2])
+    if not comparison.empty:  # both restorations ran on some corpus whose fine-tune raised the refusal loss
         comparison.to_csv(out / "restore_comparison.csv", index=False)
         lines += ["## Restoration at equal task-loss increase", "",
                   "Each restoration stops where its own line search does, so their end points spend different task "
