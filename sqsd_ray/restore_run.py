@@ -260,12 +260,13 @@ def _load_sets(cfg: RestoreConfig) -> _Sets:
 def run_restore(cfg: RestoreConfig) -> Path:
     """Restore ``cfg.fine_tuned``; write adapter/, restore.json, restore.md, restore_losses.png; return the dir."""
     sets = _load_sets(cfg)  # data errors surface before the output dir is touched
+    loaded = None if cfg.scaling.use_ray else _load_fine_tune(cfg, sets)  # so do model errors, in process
     out = _prepare_dir(cfg.output.dir, cfg.output.overwrite)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    if cfg.scaling.use_ray:
+    if loaded is None:
         _restore_with_ray_train(cfg, out)
     else:
-        _restore_into(cfg, sets, out)
+        _restore_into(cfg, sets, loaded, out)
     return out
 
 
@@ -274,7 +275,8 @@ def _restore_worker(config: dict[str, Any]) -> None:
     cfg = from_dict(RestoreConfig, config["cfg"])
     if _device(cfg.device).type == "cpu":
         torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
-    _restore_into(cfg, _load_sets(cfg), Path(config["out"]))
+    sets = _load_sets(cfg)
+    _restore_into(cfg, sets, _load_fine_tune(cfg, sets), Path(config["out"]))
 
 
 def _restore_with_ray_train(cfg: RestoreConfig, out: Path) -> None:
@@ -302,16 +304,19 @@ def _restore_with_ray_train(cfg: RestoreConfig, out: Path) -> None:
                            "worker shares with the driver?")
 
 
-def _restore_into(cfg: RestoreConfig, sets: _Sets, out: Path) -> None:
-    harmful, task, refusal, refusal_train = sets.harmful, sets.task, sets.refusal, sets.refusal_train
+def _load_fine_tune(cfg: RestoreConfig, sets: _Sets) -> tuple:
+    """(peft model, its LoRA settings, base losses or None, ‖ΔW_ft‖ or None, the adapter's base model)."""
     device = _device(cfg.device)
     if cfg.fine_tuned.adapter is not None:
         model, lora = load_lora_fine_tune(cfg.model, cfg.fine_tuned.adapter, device)
-        base, ft_norm, adapter_base = None, None, cfg.model.name_or_path
-    else:
-        model, base, ft_norm = load_full_fine_tune(cfg, harmful, task, refusal, device)
-        lora, adapter_base = cfg.restore_lora, cfg.fine_tuned.full_model
+        return model, lora, None, None, cfg.model.name_or_path
+    model, base, ft_norm = load_full_fine_tune(cfg, sets.harmful, sets.task, sets.refusal, device)
+    return model, cfg.restore_lora, base, ft_norm, cfg.fine_tuned.full_model
 
+
+def _restore_into(cfg: RestoreConfig, sets: _Sets, loaded: tuple, out: Path) -> None:
+    harmful, task, refusal, refusal_train = sets.harmful, sets.task, sets.refusal, sets.refusal_train
+    model, lora, base, ft_norm, adapter_base = loaded
     result = restore(model, harmful, task, cfg.restore, refusal=refusal, base=base, ft_update_norm=ft_norm,
                      refusal_train=refusal_train)
     if result.diagnostic["spearman"] < PREMISE_CORRELATION:
