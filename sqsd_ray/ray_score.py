@@ -21,7 +21,7 @@ import warnings
 from dataclasses import replace
 from typing import Any
 
-from .config import from_dict, stable_hash, to_dict
+from .config import ConfigError, from_dict, stable_hash, to_dict
 from .data import DataConfig
 from .models import ModelConfig, load_tokenizer
 from .runtime import init_ray
@@ -29,6 +29,8 @@ from .score_run import BlockScorer, ScoreJobConfig, tokenize_rows
 from .score_store import ScoreStore
 
 log = logging.getLogger(__name__)
+
+TOKENIZE_CPUS = 0.5  # per tokenise task: light, and leaves room next to the actors on a small machine
 
 
 @functools.lru_cache(maxsize=4)
@@ -81,6 +83,13 @@ def score_with_ray(cfg: ScoreJobConfig, store: ScoreStore, rows: list[dict], act
     cluster = ray.cluster_resources()
     resources = cfg.ray.resolved(cluster_gpus=float(cluster.get("GPU", 0)))
     cfg = replace(cfg, ray=resources)
+    pool_cpus, cpus = resources.num_actors * resources.num_cpus_per_actor, float(cluster.get("CPU", 0))
+    if cpus - pool_cpus < TOKENIZE_CPUS:
+        # the pool would hold every CPU and the tokenise tasks feeding it would wait forever (ray#44687)
+        raise ConfigError(
+            f"ray.num_actors × ray.num_cpus_per_actor = {resources.num_actors} × {resources.num_cpus_per_actor:g} "
+            f"leaves {cpus - pool_cpus:g} of the cluster's {cpus:g} CPUs; tokenisation needs {TOKENIZE_CPUS:g} "
+            "beside the pool: lower either (fractions are allowed, e.g. 0.75)")
     rows_per_call = resources.rows_per_call
     n_blocks = max(1, -(-len(rows) // rows_per_call))
     log.info(
@@ -95,7 +104,7 @@ def score_with_ray(cfg: ScoreJobConfig, store: ScoreStore, rows: list[dict], act
         fn_kwargs={"model_cfg_json": json.dumps(to_dict(cfg.model)), "data_cfg_json": json.dumps(to_dict(cfg.data))},
         batch_format="pandas",
         batch_size=rows_per_call,
-        num_cpus=0.5,  # light: leaves room next to the actors on a small machine
+        num_cpus=TOKENIZE_CPUS,
     )
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for actor restarts/retries yet: they travel as ray_remote_args,

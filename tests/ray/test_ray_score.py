@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from sqsd_ray.cli import main
-from sqsd_ray.config import load_config
+from sqsd_ray.config import ConfigError, load_config
 from sqsd_ray.ray_score import ScoringActor, score_with_ray
 from sqsd_ray.score_run import ScoreJobConfig, run_score, sample_rows, scoring_identity, load_direction
 from sqsd_ray.score_store import ScoreStore
@@ -112,3 +112,11 @@ def test_run_score_through_ray_resumes(job, local_ray, tmp_path):
     assert run["samples_scored_this_run"] == len(removed)
     again = _scores(tmp_path)
     assert again.index.is_unique and len(again) == N_RECORDS
+
+
+def test_a_pool_holding_every_cpu_is_refused_before_it_stalls(job, local_ray, tmp_path):
+    # 2 actors × 1 CPU on the 2-CPU test Ray: the tokenise tasks would never get a CPU
+    cfg = load_config(ScoreJobConfig, job / "score.yaml", [f"output.dir={tmp_path}", "ray.num_actors=2"])
+    with pytest.raises(ConfigError, match=r"2 × 1 leaves 0 of the cluster's 2 CPUs; tokenisation needs 0.5"):
+        run_score(cfg)
+    assert not list(tmp_path.glob("parts/*.parquet"))
