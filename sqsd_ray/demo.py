@@ -98,6 +98,10 @@ class Recipe:
     mitigate_corpora: list[str] | None = None  # None: no mitigate stage
     mitigate_methods: list[str] | None = None  # None: every method
     mitigate_epochs: int = 1  # epochs of the whole-corpus fine-tunes (S1 uses ``epochs``)
+    # Ray actors that score and generate side by side: one for the organism (an actor's start-up outweighs its
+    # work), two for SmolLM2 (one process per core: generation and per-sample gradients gain little from threads)
+    actors: int = 1
+    pilot_lr: float | None = None  # the trajectory's pilot fine-tune (None: ``lr``)
 
     @property
     def arms(self) -> list[dict]:
@@ -116,11 +120,15 @@ class Recipe:
 
     @classmethod
     def smollm2(cls, quick: bool) -> Recipe:
+        # Band fine-tunes: lr 5e-4 for 2 epochs (10 steps of 8). At lr 1e-4 for 3 epochs no band moved the
+        # keyword ASR by more than 5 points from θ0's 20 %, so every ranking's Δ was noise; at 5e-4 SQSD's S1
+        # reaches 68 %. The pilot keeps lr 1e-4: it only has to drift (its checkpoints are θ_danger candidates).
         return cls(corpus_size=60 if quick else 200,
                    arm_names=["SQSD", "Random"] if quick else ["SQSD", "Random", "Self-Inf-N", "SQSD w/o norm"],
                    max_length=256, direction_steps=4 if quick else 40, direction_lr=1e-4,
-                   pilot_steps=6 if quick else 60, lr=1e-4, epochs=3, max_new_tokens=8 if quick else 40,
-                   eval_limit=6 if quick else 60, alphas=[0.0, 1.0, 2.0] if quick else [0.0, 0.5, 1.0, 1.5, 2.0])
+                   pilot_steps=6 if quick else 60, pilot_lr=1e-4, lr=5e-4, epochs=2,
+                   max_new_tokens=8 if quick else 40, eval_limit=6 if quick else 60,
+                   alphas=[0.0, 1.0, 2.0] if quick else [0.0, 0.5, 1.0, 1.5, 2.0], actors=2)
 
 
 class _Stages:
@@ -237,7 +245,7 @@ def run_demo(settings: DemoSettings) -> Path:
             pilot_steps = recipe.pilot_steps
             trajectory_dir = run_trajectory(from_dict(TrajectoryConfig, {
                 "model": model, "lora": LORA, "data": {"path": str(files["corpus"]), **data},
-                "train": {"lr": recipe.lr, "batch_size": 8, "max_steps": pilot_steps,
+                "train": {"lr": recipe.pilot_lr or recipe.lr, "batch_size": 8, "max_steps": pilot_steps,
                           "checkpoint_every": max(1, pilot_steps // 6),
                           "lr_schedule": "constant", "seed": seed},
                 "scaling": {"use_ray": False}, "directions": directions, "eval": evaluation,
@@ -248,7 +256,9 @@ def run_demo(settings: DemoSettings) -> Path:
                                                     out, directions, recipe.alphas)
 
         score_base = {"model": model, "lora": LORA, "data": {"path": str(files["corpus"]), **data},
-                      "ray": {"enabled": True, "local_num_cpus": 2, "rows_per_call": 64},
+                      "ray": {"enabled": True, "local_num_cpus": 2, "rows_per_call": 64,
+                              # two actors leave half a CPU for Ray Data's read task (a full reservation each stalls it)
+                              "num_actors": recipe.actors, "num_cpus_per_actor": 1.0 if recipe.actors == 1 else 0.75},
                       "baseline": {"harmful_anchors": str(files["anchor_harmful"]),
                                    "grad_anchors": {"harmful": str(files["anchor_harmful"]),
                                                     "safe1": str(files["anchor_safe1"]),
@@ -280,7 +290,10 @@ def run_demo(settings: DemoSettings) -> Path:
                         "scaling": {"use_ray": False}}
             experiment_eval = {"benchmarks": [evaluation], "judges": {"keyword": {"kind": "keyword"}},
                                "metric": "keyword_asr",
-                               "workers": {"use_ray": True, "generators": 1, "rows_per_call": 256}}
+                               # the keyword judge is string matching: a share of a CPU beside the generators
+                               "workers": {"use_ray": True, "generators": recipe.actors,
+                                           "cpus_per_actor": 1.0 if recipe.actors == 1 else 0.5,
+                                           "rows_per_call": 256 if recipe.actors == 1 else 64}}
             experiment_dir = run_experiment(from_dict(ExperimentConfig, {
                 "kind": "effectiveness", "scores": str(scores["sqsd"]),
                 "data": {"path": str(files["corpus"]), **data},
