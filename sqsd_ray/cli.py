@@ -239,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="CI size: smaller corpus, fewer steps, fewer arms")
     demo.add_argument("--model", choices=("organism", "smollm2"), default="organism",
                       help="organism: the CPU model organism on its synthetic world; smollm2: SmolLM2-135M-Instruct "
-                      "aligned here, on Dolly/Alpaca and AdvBench/CatQA/HEx-PHI (2 CPU cores: about 1.6 h, 2.3 h "
-                      "the first time, when the alignment is trained and cached)")
+                      "aligned here, on Dolly/Alpaca and AdvBench/CatQA/HEx-PHI (2 CPU cores: about 1.5 h, just "
+                      "under 2 h the first time, when the alignment is trained and cached)")
     demo.add_argument("--data-root", default="../shared/data", help="smollm2: folder holding benign/, eval/, anchors/")
     demo.add_argument("--cache", default=None, help="where the organism is cached (default $SQSD_CACHE or "
                       "~/.cache/sqsd-ray)")
