@@ -193,6 +193,7 @@ def run_demo(settings: DemoSettings) -> Path:
     from .experiments import ExperimentConfig, run_experiment
     from .larf_layer import LarfLayerConfig, run_larf_layer
     from .mitigate import MitigateConfig, run_mitigate
+    from .ray_score import TOKENIZE_CPUS
     from .runtime import RayConfig, init_ray
     from .score_run import ScoreJobConfig, run_score
 
@@ -257,8 +258,9 @@ def run_demo(settings: DemoSettings) -> Path:
 
         score_base = {"model": model, "lora": LORA, "data": {"path": str(files["corpus"]), **data},
                       "ray": {"enabled": True, "local_num_cpus": 2, "rows_per_call": 64,
-                              # two actors leave half a CPU for Ray Data's read task (a full reservation each stalls it)
-                              "num_actors": recipe.actors, "num_cpus_per_actor": 1.0 if recipe.actors == 1 else 0.75},
+                              # the pool leaves the tokenise tasks their share (a full CPU per actor stalls them)
+                              "num_actors": recipe.actors,
+                              "num_cpus_per_actor": min(1.0, (2 - TOKENIZE_CPUS) / recipe.actors)},
                       "baseline": {"harmful_anchors": str(files["anchor_harmful"]),
                                    "grad_anchors": {"harmful": str(files["anchor_harmful"]),
                                                     "safe1": str(files["anchor_safe1"]),
