@@ -24,14 +24,22 @@ The empirical Fisher stands in for the Hessian H_t (a Gauss-Newton-type approxim
 where H_t need not be); the per-sample gradients g_i come from the repo's LoRA gradient kernel
 (``hooks.LoraGradCapture`` + ``kernel.per_sample_lora_grads``): one padded batch, one backward.
 
-Stopping and constraints (notes §1b): stop when L_h ≥ τ (τ = L_h(θ_base) + margin, or given), after K
-iterations, or when no step along the direction both decreases J (Armijo backtracking on the step length) and
-keeps the task-loss budget L_t ≤ L_t(θ_ft) + δ and the update cap ‖ΔW(θ) − ΔW(θ_ft)‖ ≤ ρ·‖ΔW_ft‖, where
-ΔW = Σ_m s_m B_m A_m are the merged dense LoRA deltas, computed from the factors in 2r × 2r algebra. Trial
-points that break the budget or the cap are never accepted, so the returned iterate is always the last one
-within budget. With ``at_update_cap: project`` a trial beyond the cap is instead pulled back onto it along the
-ray from θ_ft (Armijo is then checked on the step actually taken), so the cap constrains the search rather than
-ending it: later steps can still turn the update within the cap toward a lower J.
+Stopping and constraints (notes §1b): stop when L_h ≥ τ (τ = L_h(θ_base) + margin, or given; not with the
+refusal-descent term β·L_r, whose part of J still descends there), after K iterations, or when no step along the
+direction both decreases J (Armijo backtracking on the step length) and keeps the task-loss budget L_t ≤
+L_t(θ_ft) + δ and the update cap ‖ΔW(θ) − ΔW(θ_ft)‖ ≤ ρ·‖ΔW_ft‖, where ΔW = Σ_m s_m B_m A_m are the merged dense
+LoRA deltas, computed from the factors in 2r × 2r algebra. Trial points that break the budget or the cap are
+never accepted, so every iterate is within budget; the run returns the safest of them (lowest −min(L_h, τ) +
+β·L_r; ``return_iterate: last`` returns where it stopped). With ``at_update_cap: project`` a trial beyond the
+cap is instead pulled back onto it along the ray from θ_ft (Armijo is then checked on the step actually taken),
+so the cap constrains the search rather than ending it: later steps can still turn the update within the cap
+toward a lower J.
+
+The cap is a trust region, and the curvature step does not respect it by itself: (C + λI)⁻¹ lengthens the step
+most along the task loss's flattest directions, so near the cap an undamped step spends the update budget where
+it buys the least. Before a trial beyond the cap is shortened or pulled back, λ is raised (× cap_damping_growth,
+Levenberg–Marquardt) and the same length retried, the trust-region step (C + νI)⁻¹∇J of a binding norm ball;
+at λ → ∞ it is the first-order direction. Each iteration starts from λ / growth, back down to λ₀.
 
 Full-weight fine-tunes: a fresh restoration LoRA is put on top (B = 0, A peft's Kaiming init). At B = 0,
 ∂L/∂A = Bᵀ(...) = 0, so the first step moves B only, and A starts to move from the second step on. The loop
@@ -102,9 +110,16 @@ class RestoreSettings:
         0.2, help="ρ: no iterate with ‖ΔW(θ) − ΔW(θ_ft)‖ > ρ·‖ΔW_ft‖ is accepted (merged LoRA deltas s·B·A)"
     )
     at_update_cap: Literal["backtrack", "project"] = help_field(
-        "backtrack", help="a trial point beyond the update cap: backtrack = shorten the step like any rejected "
-        "trial (the cap then ends the run); project = pull it back onto the cap along the ray from θ_ft (the "
-        "search goes on along the cap's surface: a lower J, not more recovered refusals on the demo's organism)"
+        "project", help="a trial point beyond the update cap (after the damping raises): project = pull it back "
+        "onto the cap along the ray from θ_ft, so the search goes on along the cap's surface (with β·L_r it keeps "
+        "recovering refusals there); backtrack = shorten the step like any rejected trial (the cap then ends the run)"
+    )
+    cap_damping_growth: float = help_field(
+        10.0, help="Levenberg–Marquardt at the update cap: a trial step beyond the cap multiplies λ by this and "
+        "retries the same length along (C + λI)⁻¹∇J, until the step fits or the direction is ∇J's (λ ≥ 1e12·λ₀); "
+        "at_update_cap then applies. Each step starts from λ / growth (≥ λ₀). The cap is a trust region: flat task "
+        "directions are long, so an undamped curvature step spends the update budget where recovery is slow. "
+        "1 = off (curvature preconditioners only)"
     )
     damping: float = help_field(
         0.1, help="λ; with damping_mode relative, a multiple of the mean curvature, i.e. of the mean diagonal of "
@@ -130,6 +145,11 @@ class RestoreSettings:
         "accepted length"
     )
     max_backtracks: int = help_field(10, help="halvings of the step length before the line search gives up")
+    return_iterate: Literal["safest", "last"] = help_field(
+        "safest", help="which accepted iterate the run returns (every one is within the budget and the cap): "
+        "safest = the lowest −min(L_h, τ) + β·L_r, the restoration's aim on its own sets (J also rewards lowering "
+        "the task loss, which a run on the cap can trade safety for); last = where the run stopped"
+    )
     micro_batch_size: int = help_field(8, help="samples per forward pass")
     track_refusal: bool = help_field(
         True, help="with a refusal (evaluation) set: its mean NLL at every accepted iterate, in the history "
@@ -144,6 +164,8 @@ class RestoreSettings:
         for name, value in positive.items():
             if not value > 0:
                 raise ConfigError(f"restore.{name} must be > 0, got {value}")
+        if not self.cap_damping_growth >= 1:
+            raise ConfigError(f"restore.cap_damping_growth must be >= 1 (1 = off), got {self.cap_damping_growth}")
         for name in ("gamma", "refusal_weight", "mu", "damping", "cap_margin", "lbfgs_probes", "curvature_refresh", "max_backtracks"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"restore.{name} must be >= 0, got {getattr(self, name)}")
@@ -380,6 +402,11 @@ def per_sample_grad_matrix(model: nn.Module, batches: Sequence[Batch], adapter_n
 
 
 class _Identity:
+    """No curvature (the first-order ablation). ``damping_scale`` multiplies λ in the curvature preconditioners:
+    the update cap's Levenberg–Marquardt rule raises it (``RestoreSettings.cap_damping_growth``)."""
+
+    damping_scale = 1.0
+
     def apply(self, v: torch.Tensor) -> torch.Tensor:
         return v
 
@@ -389,10 +416,10 @@ class _Identity:
 
 class _DiagonalFisher(_Identity):
     def __init__(self, diag: torch.Tensor, damping: float):
-        self.denominator = diag + damping
+        self.diag, self.damping = diag, damping
 
     def apply(self, v: torch.Tensor) -> torch.Tensor:
-        return v / self.denominator
+        return v / (self.diag + self.damping * self.damping_scale)
 
 
 class _WoodburyFisher(_Identity):
@@ -400,7 +427,7 @@ class _WoodburyFisher(_Identity):
         self.G, self.damping = G, damping
 
     def apply(self, v: torch.Tensor) -> torch.Tensor:
-        return woodbury_apply(self.G, v, self.damping)
+        return woodbury_apply(self.G, v, self.damping * self.damping_scale)
 
 
 class _Lbfgs(_Identity):
@@ -411,7 +438,7 @@ class _Lbfgs(_Identity):
         self.skipped = 0
 
     def apply(self, v: torch.Tensor) -> torch.Tensor:
-        return lbfgs_two_loop(v, list(self.s), list(self.y), self.damping)
+        return lbfgs_two_loop(v, list(self.s), list(self.y), self.damping * self.damping_scale)
 
     def update(self, s: torch.Tensor, y: torch.Tensor) -> None:
         y_damped = y + self.damping * s
@@ -529,11 +556,13 @@ class RestoreResult:
     iterations: int
     stop_reason: str  # harmful_cap | task_budget | update_cap | no_progress | max_iters
     preconditioner: str
-    damping: float  # the absolute λ used
+    damping: float  # the absolute λ used (before the update cap's Levenberg–Marquardt raises)
     diagnostic: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     sequence_passes: int = 0  # forward-backward passes of one sequence (notes §4's unit of cost)
     seconds: float = 0.0
+    damping_raises: int = 0  # λ × cap_damping_growth raises at the update cap
+    returned_iter: int = 0  # the iterate returned (history[returned_iter]; RestoreSettings.return_iterate)
 
     def summary(self) -> dict[str, Any]:
         """Everything but the factors, as plain data."""
@@ -579,6 +608,10 @@ class _Objective:
         """J = −min(L_h, τ) + β L_r + γ L_t + (μ/2)‖θ − θ_ft‖² (β = 0: no refusal term)."""
         proximal = 0.5 * self.settings.mu * float((theta - self.theta_ft).square().sum())
         return -min(L_h, self.tau) + self.settings.refusal_weight * L_r + self.settings.gamma * L_t + proximal
+
+    def safety(self, L_h: float, L_r: float = 0.0) -> float:
+        """−min(L_h, τ) + β L_r: J without its task and proximal terms, what the restoration is for."""
+        return -min(L_h, self.tau) + self.settings.refusal_weight * L_r
 
     def gradient(self, theta: torch.Tensor, L_h: float, g_h: torch.Tensor, g_t: torch.Tensor,
                  g_r: torch.Tensor | None = None) -> torch.Tensor:
@@ -649,38 +682,49 @@ def restore(
     if settings.preconditioner == "lbfgs" and settings.lbfgs_probes and L_h < tau:
         _probe_pairs(objective, preconditioner, theta, g_t, objective.gradient(theta, L_h, g_h, g_t, g_r), settings)
     step_length = settings.initial_step * float(theta_ft.norm())
-    stop_reason, iteration = "max_iters", 0
+    stop_reason, iteration, damping_raises = "max_iters", 0, 0
+    safest = (objective.safety(L_h, L_r), 0, theta, L_h, L_t)  # (safety, iteration, θ, L_h, L_t)
+    # The notes stop at L_h ≥ τ: there the ascent-only J has nothing left to do. With the refusal term J keeps a
+    # descent direction past the cap (−min(L_h, τ) is flat, β·L_r is not), so the run goes on to the other stops
+    stop_at_harmful_cap = objective.refusal_train is None
     for iteration in range(1, settings.max_iters + 1):
-        if L_h >= tau:
+        if L_h >= tau and stop_at_harmful_cap:
             stop_reason, iteration = "harmful_cap", iteration - 1
             break
         if settings.curvature_refresh and iteration > 1 and (iteration - 1) % settings.curvature_refresh == 0 \
                 and settings.preconditioner in ("fisher_diag", "woodbury"):
             damping, preconditioner = _build_preconditioner(model, task, vec, settings, objective)
         grad_J = objective.gradient(theta, L_h, g_h, g_t, g_r)
-        direction = -preconditioner.apply(grad_J)
-        direction_norm = float(direction.norm())
-        slope = float(torch.dot(grad_J, direction)) / max(direction_norm, 1e-30)  # dJ/dt along the unit direction
-        if direction_norm == 0 or not slope < 0:
+        preconditioner.damping_scale = max(1.0, preconditioner.damping_scale / settings.cap_damping_growth)
+        unit = _descent_unit(preconditioner, grad_J)
+        if unit is None:
             stop_reason, iteration = "no_progress", iteration - 1
             break
-        unit = direction / direction_norm
-        accepted, blocked = None, []
-        for trial in range(settings.max_backtracks + 1):
+        accepted, blocked, trial = None, [], 0
+        while trial <= settings.max_backtracks:
             t = step_length * 0.5**trial
             candidate = theta + t * unit
             update_norm = vec.merged_delta_norm(candidate, theta_ft)
             if update_norm > cap:
                 blocked.append("update_cap")
+                # Levenberg–Marquardt with the cap as the trust region: the quadratic model's minimiser within
+                # a norm ball is (C + νI)⁻¹∇J with ν growing as the ball binds; raise λ and retry this length
+                raised = _raise_damping(preconditioner, grad_J, unit, settings.cap_damping_growth)
+                if raised is not None:
+                    unit, damping_raises = raised, damping_raises + 1
+                    continue
                 if settings.at_update_cap == "backtrack":
+                    trial += 1
                     continue
                 candidate, update_norm = pull_back_to_cap(vec, theta_ft, candidate, cap)
                 if not float((candidate - theta).norm()) > 1e-12 * float(theta_ft.norm()):
+                    trial += 1
                     continue  # θ is on the cap and the step points straight out of it
             vec.set(candidate)
             L_t_new, g_t_new = objective.task_point()
             if L_t_new > task_limit:
                 blocked.append("task_budget")
+                trial += 1
                 continue
             L_h_new, g_h_new = objective.harmful_point()
             L_r_new, g_r_new = objective.refusal_point()
@@ -690,6 +734,7 @@ def restore(
             predicted = min(float(torch.dot(grad_J, candidate - theta)), 0.0)
             if not J_new < J + ARMIJO_C1 * predicted or (predicted == 0.0 and not J_new < J):
                 blocked.append("no_progress")
+                trial += 1
                 continue
             accepted = (trial, t, candidate, L_h_new, g_h_new, L_t_new, g_t_new, J_new, update_norm, L_r_new, g_r_new)
             break
@@ -701,17 +746,23 @@ def restore(
         trial, t, candidate, L_h, g_h_new, L_t, g_t_new, J, update_norm, L_r, g_r = accepted
         preconditioner.update(candidate - theta, g_t_new - g_t)
         theta, g_h, g_t = candidate, g_h_new, g_t_new
+        if objective.safety(L_h, L_r) < safest[0]:
+            safest = (objective.safety(L_h, L_r), iteration, theta, L_h, L_t)
         step_length = t * 2.0 if trial == 0 else t
         history.append({"iter": iteration, "harmful": L_h, "task": L_t, "objective": J, "step": t, "trials": trial + 1,
                         "update_norm": update_norm, "ratio": update_norm / ft_update_norm,
+                        "damping_scale": preconditioner.damping_scale,
                         **({"refusal": float(per_example_losses(model, tracked).mean())} if tracked else {})})
         log.info("restore iter %d/%d: L_h %.4f (τ %.4f)  L_t %.4f (limit %.4f)  J %.4f  step %.3g (%d trials)  "
                  "‖ΔW − ΔW_ft‖/‖ΔW_ft‖ %.4f (ρ %.3g)", iteration, settings.max_iters, L_h, tau, L_t, task_limit, J, t,
                  trial + 1, update_norm / ft_update_norm, settings.max_update_ratio)
     else:
-        if L_h >= tau:
+        if L_h >= tau and stop_at_harmful_cap:
             stop_reason = "harmful_cap"
 
+    returned_iter = iteration
+    if settings.return_iterate == "safest":
+        _, returned_iter, theta, L_h, L_t = safest
     vec.set(theta)
     update_norm = vec.merged_delta_norm(theta, theta_ft)
     losses = {"harmful": {"base": float(base.harmful.mean()), "fine_tuned": L_h_ft, "restored": L_h},
@@ -720,8 +771,8 @@ def restore(
         restored_refusal = float(per_example_losses(model, refusal).mean())
         losses["refusal"] = {"base": base.refusal if base.refusal is not None else float("nan"),
                              "fine_tuned": ft_refusal, "restored": restored_refusal}
-    log.info("restore: stopped after %d iterations (%s); L_h %.4f -> %.4f, L_t %.4f -> %.4f, ratio %.4f",
-             iteration, stop_reason, L_h_ft, L_h, L_t_ft, L_t, update_norm / ft_update_norm)
+    log.info("restore: stopped after %d iterations (%s), returning iterate %d; L_h %.4f -> %.4f, L_t %.4f -> %.4f, "
+             "ratio %.4f", iteration, stop_reason, returned_iter, L_h_ft, L_h, L_t_ft, L_t, update_norm / ft_update_norm)
     param_dtype = vec.params[0].dtype
     return RestoreResult(
         factors={name: (A.to(param_dtype).cpu().clone(), B.to(param_dtype).cpu().clone())
@@ -730,7 +781,34 @@ def restore(
         ratio=update_norm / ft_update_norm, theta_distance=float((theta - theta_ft).norm()), iterations=iteration,
         stop_reason=stop_reason, preconditioner=settings.preconditioner, damping=damping, diagnostic=diagnostic,
         history=history, sequence_passes=objective.passes, seconds=time.perf_counter() - start,
+        damping_raises=damping_raises, returned_iter=returned_iter,
     )
+
+
+MAX_DAMPING_SCALE = 1e12  # λ·scale this far above λ: the step is the (scaled) gradient to float precision
+
+
+def _descent_unit(preconditioner: _Identity, grad_J: torch.Tensor) -> torch.Tensor | None:
+    """The unit step direction −P∇J, or None when it is zero or no descent direction for J."""
+    direction = -preconditioner.apply(grad_J)
+    direction_norm = float(direction.norm())
+    if direction_norm == 0 or not float(torch.dot(grad_J, direction)) < 0:
+        return None
+    return direction / direction_norm
+
+
+def _raise_damping(preconditioner: _Identity, grad_J: torch.Tensor, unit: torch.Tensor,
+                   growth: float) -> torch.Tensor | None:
+    """λ × growth and the new unit direction; None once raising changes nothing (first-order, growth 1, or
+    the scale at MAX_DAMPING_SCALE, where (C + λI)⁻¹∇J ∝ ∇J)."""
+    if growth <= 1 or type(preconditioner) is _Identity:
+        return None
+    while preconditioner.damping_scale < MAX_DAMPING_SCALE:
+        preconditioner.damping_scale = min(preconditioner.damping_scale * growth, MAX_DAMPING_SCALE)
+        raised = _descent_unit(preconditioner, grad_J)
+        if raised is not None and float(torch.dot(raised, unit)) < 1 - 1e-9:
+            return raised
+    return None
 
 
 def _build_preconditioner(model, task, vec: LoraVector, settings: RestoreSettings, objective: _Objective):

@@ -345,7 +345,8 @@ def _markdown(result: RestoreResult, cfg: RestoreConfig) -> str:
     s = cfg.restore
     return "\n".join([
         f"Restoration ({result.preconditioner}): {result.stop_reason} after {result.iterations} iterations "
-        f"({result.sequence_passes} sequence passes, {result.seconds:.1f} s)",
+        f"({result.sequence_passes} sequence passes, {result.seconds:.1f} s); returned iterate "
+        f"{result.returned_iter} ({s.return_iterate}), whose losses are the 'restored' column",
         "",
         *markdown_table(pd.DataFrame(rows)),
         "",
@@ -378,7 +379,10 @@ def plot_history(result: RestoreResult, path: Path) -> Path:
     bottom.set_ylabel("task NLL")
     bottom.set_xlabel("iteration")
     bottom.legend(loc="best")
-    top.set_title(f"restoration ({result.preconditioner}): {result.stop_reason}")
+    for axis in (top, bottom):
+        axis.axvline(result.returned_iter, ls=":", color="grey", alpha=0.7)
+    top.set_title(f"restoration ({result.preconditioner}): {result.stop_reason}; returned iterate "
+                  f"{result.returned_iter} (dotted)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

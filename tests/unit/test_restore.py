@@ -29,9 +29,15 @@ from sqsd_ray.models import (
     save_adapter,
 )
 from sqsd_ray.restore import (
+    MAX_DAMPING_SCALE,
     BaseLosses,
     LoraVector,
     RestoreSettings,
+    _DiagonalFisher,
+    _Identity,
+    _Lbfgs,
+    _raise_damping,
+    _WoodburyFisher,
     compare_at_equal_task_increase,
     diagonal_fisher,
     harmful_loss_correlation,
@@ -269,25 +275,49 @@ def test_curvature_aware_beats_first_order_at_equal_task_budget(restorations):
 
 
 def test_tracked_refusal_history_is_the_refusal_loss_of_each_iterate(restorations, fine_tuned):
-    """history[k].refusal is the refusal set's loss at θ_k: the first is θ_ft's, the last the restored one's."""
+    """history[k].refusal is the refusal set's loss at θ_k: the first is θ_ft's, the returned one the restored's."""
     model, _, _, refusal, theta_ft = fine_tuned
     result = restorations["lbfgs"][0]
     tracked = [h["refusal"] for h in result.history]
     assert len(tracked) == result.iterations + 1
     assert tracked[0] == pytest.approx(result.losses["refusal"]["fine_tuned"], abs=1e-9)
-    assert tracked[-1] == pytest.approx(result.losses["refusal"]["restored"], abs=1e-9)
+    assert tracked[result.returned_iter] == pytest.approx(result.losses["refusal"]["restored"], abs=1e-9)
     LoraVector(model).set(theta_ft)
     assert tracked[0] == pytest.approx(float(per_example_losses(model, refusal).mean()), abs=1e-9)
     path = recovery_path(result.history, result.losses["refusal"]["base"])
     assert path[0] == (0.0, 0.0)
     r = result.losses["refusal"]
-    assert path[-1][1] == pytest.approx((r["fine_tuned"] - r["restored"]) / (r["fine_tuned"] - r["base"]))
+    assert path[result.returned_iter][1] == pytest.approx((r["fine_tuned"] - r["restored"]) / (r["fine_tuned"] - r["base"]))
     untracked = restore(model, *fine_tuned[1:3], replace(restorations["lbfgs"][1], max_iters=1, track_refusal=False),
                         refusal=refusal)
     LoraVector(model).set(theta_ft)
     assert all("refusal" not in h for h in untracked.history) and "refusal" in untracked.losses
     with pytest.raises(ValueError, match="no refusal losses"):
         recovery_path(untracked.history, 0.0)
+
+
+@pytest.mark.parametrize("mode", ["safest", "last"])
+def test_the_run_returns_the_safest_or_the_last_iterate(fine_tuned, mode):
+    """safest: the accepted iterate with the lowest −min(L_h, τ) + β·L_r; last: where the run stopped. The model
+    holds the returned adapter, and the 'restored' losses are that iterate's. With τ below L_h(θ_ft) and a small β,
+    J is mostly the task loss, and its second step lowers it at the refusal loss's expense: the two differ."""
+    model, harmful, task, refusal, theta_ft = fine_tuned
+    vec = LoraVector(model)
+    vec.set(theta_ft)
+    settings = RestoreSettings(preconditioner="none", max_iters=2, refusal_weight=0.1, return_iterate=mode,
+                               harmful_cap=float(per_example_losses(model, harmful).mean()) - 1.0)
+    result = restore(model, harmful, task, settings, refusal=refusal, refusal_train=refusal)
+    returned = result.history[result.returned_iter]
+    assert result.iterations == 2 and result.returned_iter == (2 if mode == "last" else 1)
+    assert result.losses["harmful"]["restored"] == pytest.approx(returned["harmful"], abs=1e-12)
+    assert result.losses["task"]["restored"] == pytest.approx(returned["task"], abs=1e-12)
+    assert result.losses["refusal"]["restored"] == pytest.approx(returned["refusal"], abs=1e-9)
+    assert float(per_example_losses(model, harmful).mean()) == pytest.approx(returned["harmful"], abs=1e-9)
+    assert result.ratio == pytest.approx(returned["ratio"], abs=1e-9)
+    if mode == "safest":  # D_r is the tracked refusal set here, so each iterate's safety can be recomputed
+        safety = [-min(h["harmful"], result.tau) + h["refusal"] for h in result.history]
+        assert safety[result.returned_iter] == pytest.approx(min(safety), abs=1e-9)
+    vec.set(theta_ft)
 
 
 def test_pull_back_to_cap_lands_on_the_cap_along_the_ray(fine_tuned):
@@ -319,6 +349,78 @@ def test_projection_at_the_cap_keeps_the_search_going(fine_tuned):
     on_cap = [h for h in results["project"].history if h["ratio"] >= 0.0199]
     assert len(on_cap) >= 2  # it moved along the cap
     assert results["project"].history[-1]["objective"] < results["backtrack"].history[-1]["objective"] - 1e-4
+
+
+@pytest.mark.parametrize("kind", ["fisher_diag", "woodbury", "lbfgs"])
+def test_raising_the_damping_turns_the_curvature_step_into_the_gradient(kind):
+    """Levenberg–Marquardt at the cap: each raise multiplies λ by the growth; the direction moves from
+    (C + λI)⁻¹g toward g, and raising stops (None) once it is g's to float precision."""
+    gen = torch.Generator().manual_seed(0)
+    P = 12
+    g = torch.randn(P, generator=gen, dtype=torch.float64)
+    if kind == "fisher_diag":
+        preconditioner = _DiagonalFisher(torch.rand(P, generator=gen, dtype=torch.float64) * 10, 1e-3)
+    elif kind == "woodbury":
+        preconditioner = _WoodburyFisher(torch.randn(4, P, generator=gen, dtype=torch.float64), 1e-3)
+    else:
+        preconditioner = _Lbfgs(memory=5, damping=1e-3)
+        M = torch.randn(P, P, generator=gen, dtype=torch.float64)
+        H = M @ M.T + 0.1 * torch.eye(P, dtype=torch.float64)
+        for _ in range(5):
+            s = torch.randn(P, generator=gen, dtype=torch.float64)
+            preconditioner.update(s, H @ s)
+    unit = -preconditioner.apply(g)
+    unit = unit / unit.norm()
+    cosines = [float(torch.dot(unit, -g) / g.norm())]
+    while (raised := _raise_damping(preconditioner, g, unit, growth=10.0)) is not None:
+        unit = raised
+        cosines.append(float(torch.dot(unit, -g) / g.norm()))
+    assert cosines[0] < 0.99  # the curvature step is not the gradient's
+    assert cosines[-1] == pytest.approx(1.0, abs=1e-6)
+    assert preconditioner.damping_scale == MAX_DAMPING_SCALE and len(cosines) >= 3
+    assert _raise_damping(_Identity(), g, -g / g.norm(), growth=10.0) is None  # first-order: nothing to raise
+    assert _raise_damping(_DiagonalFisher(torch.ones(P, dtype=torch.float64), 1.0), g, -g / g.norm(), 1.0) is None
+
+
+def test_damping_raises_at_the_cap_keep_the_curvature_run_moving_along_it(fine_tuned):
+    """With a tight cap and projection, the curvature run with raises (growth 10) moves along the cap to a lower J
+    than the same run without them (growth 1), records its raises, and never leaves the cap."""
+    model, harmful, task, _, theta_ft = fine_tuned
+    results = {}
+    for growth in (1.0, 10.0):
+        LoraVector(model).set(theta_ft)
+        settings = RestoreSettings(preconditioner="fisher_diag", max_iters=12, max_update_ratio=0.02,
+                                   at_update_cap="project", cap_damping_growth=growth)
+        results[growth] = restore(model, harmful, task, settings)
+    LoraVector(model).set(theta_ft)
+    assert results[1.0].damping_raises == 0 and all(h.get("damping_scale", 1.0) == 1.0 for h in results[1.0].history)
+    raised = results[10.0]
+    assert raised.damping_raises > 0 and max(h.get("damping_scale", 1.0) for h in raised.history) > 1.0
+    assert all(h["ratio"] <= 0.02 + 1e-9 for h in raised.history)
+    assert raised.history[-1]["objective"] < results[1.0].history[-1]["objective"] - 1e-4
+    with pytest.raises(ConfigError, match="cap_damping_growth"):
+        RestoreSettings(cap_damping_growth=0.5)
+
+
+def test_harmful_cap_ends_the_ascent_only_run_but_not_the_refusal_descent(fine_tuned):
+    """At L_h ≥ τ the notes' J is flat and the run stops; with β·L_r it still descends, so the run goes on."""
+    model, harmful, task, refusal, theta_ft = fine_tuned
+    vec = LoraVector(model)
+    vec.set(theta_ft)
+    tau = float(per_example_losses(model, harmful).mean()) + 0.05  # met within the first steps
+    results = {}
+    for beta in (0.0, 1.0):
+        vec.set(theta_ft)
+        settings = RestoreSettings(preconditioner="none", max_iters=15, harmful_cap=tau, refusal_weight=beta)
+        results[beta] = restore(model, harmful, task, settings, refusal=refusal,
+                                refusal_train=refusal if beta else None)
+    vec.set(theta_ft)
+    ascent, descent = results[0.0], results[1.0]
+    assert ascent.stop_reason == "harmful_cap" and ascent.losses["harmful"]["restored"] >= tau
+    first_past = next(h["iter"] for h in descent.history if h["harmful"] >= tau)
+    assert descent.stop_reason != "harmful_cap" and descent.iterations > first_past
+    after = [h["refusal"] for h in descent.history if h["iter"] >= first_past]
+    assert after[-1] < after[0]  # and past τ it kept lowering the refusal loss
 
 
 def test_recovery_at_equal_task_increase_on_hand_paths():
