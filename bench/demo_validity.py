@@ -76,6 +76,24 @@ def mitigation_checks(seed_dir: Path) -> list[dict]:
     return out
 
 
+def s1_curation_at(seed_dir: Path, fraction: float) -> dict:
+    """S1 curated at another q (plain and the three curations, fine-tuned again; seed_dir/mitigate_q<q>/):
+    the refusal-NLL rise of each, from the seed's own mitigate config."""
+    config = json.loads((seed_dir / "mitigate" / "config.json").read_text())
+    out = seed_dir / f"mitigate_q{round(fraction * 100)}"
+    config.update(corpora=["S1"], methods=["plain", "curated", "curated_random", "curated_longest"],
+                  curate_fraction=fraction, output_dir=str(out))
+    init_ray(RayConfig(local_num_cpus=2, object_store_mb=256))
+    try:
+        run_mitigate(from_dict(MitigateConfig, config))
+    finally:
+        ray.shutdown()
+    table = pd.read_csv(out / "table.csv")
+    rise = table[table["corpus"] == "S1"].set_index("method")["refusal_nll_rise"]
+    return {"plain": rise["plain"], "sqsd": rise["curated"], "random": rise["curated_random"],
+            "longest": rise["curated_longest"]}
+
+
 BASELINES = ["Self-Inf-N", "Bi-Anchor (Grad)", "Bi-Anchor (Reps)", "LARF"]
 ABLATIONS = ["SQSD w/o norm", "danger only", "safety only"]
 
@@ -93,10 +111,13 @@ def main() -> int:
     parser.add_argument("--at-update-cap", choices=["project", "backtrack"], default=None,
                         help="with --rerun-mitigate: the restorations' restore.settings.at_update_cap (default: as "
                         "the run's config says)")
+    parser.add_argument("--s1-fraction", type=float, default=None,
+                        help="also curate S1 at this q (plain + the three curations fine-tuned again per seed, in "
+                        "seed-N/mitigate_q<q>/): a band that is mostly risky keeps enough risky samples after q = 0.2")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     seeds = [int(s) for s in args.seeds.split(",")]
-    rows, seconds, mitigation = [], {}, []
+    rows, seconds, mitigation, s1_curations = [], {}, [], {}
     for seed in seeds:
         started = time.perf_counter()
         seed_dir = Path(args.work) / f"seed-{seed}"
@@ -116,6 +137,8 @@ def main() -> int:
         for row in summary["table"]:
             rows.append({"seed": seed, "theta0": summary["theta0_asr"], **row})
         mitigation += [{"seed": seed, **m} for m in mitigation_checks(Path(args.work) / f"seed-{seed}")]
+        if args.s1_fraction:
+            s1_curations[seed] = s1_curation_at(Path(args.work) / f"seed-{seed}", args.s1_fraction)
         print(f"seed {seed}: {seconds[seed]:.0f} s", flush=True)
     table = pd.DataFrame(rows)
 
@@ -153,11 +176,22 @@ def main() -> int:
             mitigation_goals[f"{corpus}: {goal}"] = met >= round(0.8 * len(seeds))
             print(f"- {'met' if mitigation_goals[f'{corpus}: {goal}'] else 'MISSED'}: {corpus}: {goal} "
                   f"({met}/{len(seeds)})")
+    if s1_curations:
+        print(f"\n## S1 curated at q = {args.s1_fraction:g} (refusal-NLL rise over θ0)\n")
+        print("| seed | plain | SQSD | random | longest |\n|---|---|---|---|---|")
+        for seed, r in s1_curations.items():
+            print(f"| {seed} | {r['plain']:.3f} | {r['sqsd']:.3f} | {r['random']:.3f} | {r['longest']:.3f} |")
+        for rival in ("random", "longest"):
+            met = sum(r["sqsd"] < r[rival] for r in s1_curations.values())
+            mitigation_goals[f"S1 at q = {args.s1_fraction:g}: curated by SQSD < {rival}"] = met >= round(0.8 * len(seeds))
+            print(f"- {'met' if met >= round(0.8 * len(seeds)) else 'MISSED'}: S1 at q = {args.s1_fraction:g}: "
+                  f"curated by SQSD < {rival} ({met}/{len(seeds)})")
     print(f"\nwall time per seed: {', '.join(f'{s:.0f} s' for s in seconds.values())}")
     if args.out:
         Path(args.out).write_text(json.dumps({"rows": rows, "per_arm": per_arm.reset_index().to_dict("records"),
                                               "goals": {k: bool(v) for k, v in goals.items()},
                                               "mitigation": mitigation, "mitigation_goals": mitigation_goals,
+                                              "s1_curations": s1_curations,
                                               "seconds": seconds}, indent=1, default=float))
     return 0
 

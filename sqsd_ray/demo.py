@@ -98,8 +98,10 @@ class Recipe:
     mitigate_corpora: list[str] | None = None  # None: no mitigate stage
     mitigate_methods: list[str] | None = None  # None: every method
     mitigate_epochs: int = 1  # epochs of the whole-corpus fine-tunes (S1 uses ``epochs``)
-    # Ray actors that score and generate side by side: one for the organism (an actor's start-up outweighs its
-    # work), two for SmolLM2 (one process per core: generation and per-sample gradients gain little from threads)
+    # Ray actors that score and generate: one for the organism (an actor's start-up outweighs its work), two for
+    # SmolLM2 (one process per core: generation gains little from threads). Measured on 2 cores: the two
+    # generation actors run side by side; Ray Data's per-operator resource reservation kept one of the two
+    # scoring actors busy at a time, so scoring takes as long as with one
     actors: int = 1
     pilot_lr: float | None = None  # the trajectory's pilot fine-tune (None: ``lr``)
 
