@@ -607,7 +607,7 @@ class _Objective:
     def value(self, theta: torch.Tensor, L_h: float, L_t: float, L_r: float = 0.0) -> float:
         """J = −min(L_h, τ) + β L_r + γ L_t + (μ/2)‖θ − θ_ft‖² (β = 0: no refusal term)."""
         proximal = 0.5 * self.settings.mu * float((theta - self.theta_ft).square().sum())
-        return -min(L_h, self.tau) + self.settings.refusal_weight * L_r + self.settings.gamma * L_t + proximal
+        return self.safety(L_h, L_r) + self.settings.gamma * L_t + proximal
 
     def safety(self, L_h: float, L_r: float = 0.0) -> float:
         """−min(L_h, τ) + β L_r: J without its task and proximal terms, what the restoration is for."""
@@ -683,7 +683,7 @@ def restore(
         _probe_pairs(objective, preconditioner, theta, g_t, objective.gradient(theta, L_h, g_h, g_t, g_r), settings)
     step_length = settings.initial_step * float(theta_ft.norm())
     stop_reason, iteration, damping_raises = "max_iters", 0, 0
-    safest = (objective.safety(L_h, L_r), 0, theta, L_h, L_t)  # (safety, iteration, θ, L_h, L_t)
+    safest = (objective.safety(L_h, L_r), 0, theta)  # (safety, iteration, θ) of the safest accepted iterate
     # The notes stop at L_h ≥ τ: there the ascent-only J has nothing left to do. With the refusal term J keeps a
     # descent direction past the cap (−min(L_h, τ) is flat, β·L_r is not), so the run goes on to the other stops
     stop_at_harmful_cap = objective.refusal_train is None
@@ -700,31 +700,30 @@ def restore(
         if unit is None:
             stop_reason, iteration = "no_progress", iteration - 1
             break
-        accepted, blocked, trial = None, [], 0
-        while trial <= settings.max_backtracks:
+        accepted, blocked = None, []
+        for trial in range(settings.max_backtracks + 1):
             t = step_length * 0.5**trial
             candidate = theta + t * unit
             update_norm = vec.merged_delta_norm(candidate, theta_ft)
             if update_norm > cap:
                 blocked.append("update_cap")
-                # Levenberg–Marquardt with the cap as the trust region: the quadratic model's minimiser within
-                # a norm ball is (C + νI)⁻¹∇J with ν growing as the ball binds; raise λ and retry this length
-                raised = _raise_damping(preconditioner, grad_J, unit, settings.cap_damping_growth)
-                if raised is not None:
-                    unit, damping_raises = raised, damping_raises + 1
-                    continue
+            # Levenberg–Marquardt with the cap as the trust region: the quadratic model's minimiser within a norm
+            # ball is (C + νI)⁻¹∇J with ν growing as the ball binds; raise λ and retry this length
+            while update_norm > cap and (raised := _raise_damping(preconditioner, grad_J, unit,
+                                                                  settings.cap_damping_growth)) is not None:
+                unit, damping_raises = raised, damping_raises + 1
+                candidate = theta + t * unit
+                update_norm = vec.merged_delta_norm(candidate, theta_ft)
+            if update_norm > cap:
                 if settings.at_update_cap == "backtrack":
-                    trial += 1
                     continue
                 candidate, update_norm = pull_back_to_cap(vec, theta_ft, candidate, cap)
                 if not float((candidate - theta).norm()) > 1e-12 * float(theta_ft.norm()):
-                    trial += 1
                     continue  # θ is on the cap and the step points straight out of it
             vec.set(candidate)
             L_t_new, g_t_new = objective.task_point()
             if L_t_new > task_limit:
                 blocked.append("task_budget")
-                trial += 1
                 continue
             L_h_new, g_h_new = objective.harmful_point()
             L_r_new, g_r_new = objective.refusal_point()
@@ -734,7 +733,6 @@ def restore(
             predicted = min(float(torch.dot(grad_J, candidate - theta)), 0.0)
             if not J_new < J + ARMIJO_C1 * predicted or (predicted == 0.0 and not J_new < J):
                 blocked.append("no_progress")
-                trial += 1
                 continue
             accepted = (trial, t, candidate, L_h_new, g_h_new, L_t_new, g_t_new, J_new, update_norm, L_r_new, g_r_new)
             break
@@ -746,8 +744,9 @@ def restore(
         trial, t, candidate, L_h, g_h_new, L_t, g_t_new, J, update_norm, L_r, g_r = accepted
         preconditioner.update(candidate - theta, g_t_new - g_t)
         theta, g_h, g_t = candidate, g_h_new, g_t_new
-        if objective.safety(L_h, L_r) < safest[0]:
-            safest = (objective.safety(L_h, L_r), iteration, theta, L_h, L_t)
+        safety = objective.safety(L_h, L_r)
+        if safety < safest[0]:
+            safest = (safety, iteration, theta)
         step_length = t * 2.0 if trial == 0 else t
         history.append({"iter": iteration, "harmful": L_h, "task": L_t, "objective": J, "step": t, "trials": trial + 1,
                         "update_norm": update_norm, "ratio": update_norm / ft_update_norm,
@@ -762,7 +761,8 @@ def restore(
 
     returned_iter = iteration
     if settings.return_iterate == "safest":
-        _, returned_iter, theta, L_h, L_t = safest
+        _, returned_iter, theta = safest
+        L_h, L_t = history[returned_iter]["harmful"], history[returned_iter]["task"]
     vec.set(theta)
     update_norm = vec.merged_delta_norm(theta, theta_ft)
     losses = {"harmful": {"base": float(base.harmful.mean()), "fine_tuned": L_h_ft, "restored": L_h},
