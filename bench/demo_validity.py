@@ -76,6 +76,15 @@ def mitigation_checks(seed_dir: Path) -> list[dict]:
     return out
 
 
+def mitigate_on_local_ray(config: dict) -> None:
+    """``experiment mitigate`` from a config dict, on a 2-CPU local Ray as the demo starts it."""
+    init_ray(RayConfig(local_num_cpus=2, object_store_mb=256))
+    try:
+        run_mitigate(from_dict(MitigateConfig, config))
+    finally:
+        ray.shutdown()
+
+
 def s1_curation_at(seed_dir: Path, fraction: float) -> dict:
     """S1 curated at another q (plain and the three curations, fine-tuned again; seed_dir/mitigate_q<q>/):
     the refusal-NLL rise of each, from the seed's own mitigate config."""
@@ -83,11 +92,7 @@ def s1_curation_at(seed_dir: Path, fraction: float) -> dict:
     out = seed_dir / f"mitigate_q{round(fraction * 100)}"
     config.update(corpora=["S1"], methods=["plain", "curated", "curated_random", "curated_longest"],
                   curate_fraction=fraction, output_dir=str(out))
-    init_ray(RayConfig(local_num_cpus=2, object_store_mb=256))
-    try:
-        run_mitigate(from_dict(MitigateConfig, config))
-    finally:
-        ray.shutdown()
+    mitigate_on_local_ray(config)
     table = pd.read_csv(out / "table.csv")
     rise = table[table["corpus"] == "S1"].set_index("method")["refusal_nll_rise"]
     return {"plain": rise["plain"], "sqsd": rise["curated"], "random": rise["curated_random"],
@@ -127,11 +132,7 @@ def main() -> int:
             config = json.loads((seed_dir / "mitigate" / "config.json").read_text())
             if args.at_update_cap:
                 config["restore"]["settings"]["at_update_cap"] = args.at_update_cap
-            init_ray(RayConfig(local_num_cpus=2, object_store_mb=256))  # as the demo does
-            try:
-                run_mitigate(from_dict(MitigateConfig, config))
-            finally:
-                ray.shutdown()
+            mitigate_on_local_ray(config)
         seconds[seed] = time.perf_counter() - started
         summary = json.loads((Path(args.work) / f"seed-{seed}" / "demo.json").read_text())
         for row in summary["table"]:
