@@ -419,12 +419,12 @@ def _model_paragraph(settings: DemoSettings, model_dir: Path) -> tuple[str, dict
 
 def _mitigation_section(mitigate_dir: Path | None) -> list[str]:
     """The mitigate stage's table in the report: safety and utility of each way of fine-tuning S1 and the corpus."""
-    from .mitigate import NLL_DIGITS
+    from .mitigate import NLL_DIGITS, shown
     from .summary import markdown_table
 
     if mitigate_dir is None:
         return []
-    table = pd.read_csv(mitigate_dir / "table.csv").drop(columns=["state"])
+    table = shown(pd.read_csv(mitigate_dir / "table.csv"))
     return ["## Acting on the scores: curate, SPF, restore (`experiment mitigate`)", "",
             "Each row is one fine-tune of S1 (the band SQSD calls riskiest) or of the whole corpus. Safety: keyword "
             "ASR and the refusal NLL on held-out harmful requests (its rise over θ0 is the safety lost). Utility: "
@@ -436,6 +436,7 @@ def _mitigation_section(mitigate_dir: Path | None) -> list[str]:
 def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experiment_dir: Path,
                       settings: DemoSettings, scores: dict[str, Path], init_note: str,
                       seconds: dict[str, float], mitigate_dir: Path | None = None) -> Path:
+    from .mitigate import shown
     from .summary import markdown_table, spearman
 
     recipe = settings.recipe
@@ -494,7 +495,7 @@ def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experim
                "table": table.to_dict("records"), "s1_composition": composition.to_dict("records"),
                "lengths": lengths, "stage_seconds": seconds, "theta0_asr": float(theta0.iloc[0]) if len(theta0) else None,
                "finetune_lr": base["finetune"]["train"]["lr"],
-               "mitigation": (pd.read_csv(mitigate_dir / "table.csv").drop(columns=["state"]).to_dict("records")
+               "mitigation": (shown(pd.read_csv(mitigate_dir / "table.csv")).to_dict("records")
                               if mitigate_dir else None)}
     (out / "demo.json").write_text(json.dumps(summary, indent=1, default=float))
     return out / "report.md"

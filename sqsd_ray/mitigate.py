@@ -17,6 +17,10 @@ Safety: the experiment's judges on harmful prompts (ASR), and the refusal NLL on
 answered with refusals (its rise over θ0 is the degradation). Utility: held-out task NLL and ROUGE-1/L of
 greedy answers against the task's reference responses. One table (``table.csv``, ``report.md``) and a
 safety–utility scatter (``mitigate.png``).
+
+One fine-tune's rise carries run-to-run noise of its own (its data order): with ``replicates: N`` every row is
+fine-tuned N times (seeds train.seed + i; the random curation draws anew), the table gives each row's mean and
+spread, and curation by the score is compared with each rival rule run by run (``curation_contrasts.csv``).
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ METHODS = ("plain", "curated", "curated_random", "curated_longest", "spf", "cura
            "restore_curvature")
 CURATIONS = {"curated": "score", "curated_random": "random", "curated_longest": "longest", "curated_spf": "score"}
 LENGTH_COLUMN = "n_response_tokens"
-NLL_DIGITS = {"refusal_nll": 3, "refusal_nll_rise": 3, "task_nll": 3, "task_nll_vs_plain": 3, "rouge1": 3,
+NLL_DIGITS = {"refusal_nll": 3, "refusal_nll_rise": 3, "refusal_nll_rise_sd": 3, "task_nll": 3, "task_nll_vs_plain": 3, "rouge1": 3,
               "rougeL": 3}  # report digits; the judge's ASR keeps one
 
 
@@ -112,6 +116,11 @@ class MitigateConfig:
         "times the size of S1)"
     )
     seed: int = help_field(0, help="seed of the random curation")
+    replicates: int = help_field(
+        1, help="fine-tunes per row: run i trains with finetune.train.seed + i (its own data order) and, for "
+        "curated_random, removes its own random draw (seed + i). table.csv: each row's mean over its runs with the "
+        "spread of the refusal-NLL rise; table_runs.csv: every run. Restorations restore the first plain run"
+    )
     output_dir: str = help_field("runs/mitigate", help="run directory (fine-tunes resume or are skipped)")
 
     def __post_init__(self) -> None:
@@ -122,6 +131,8 @@ class MitigateConfig:
             raise ConfigError(f"curate_fraction must be in (0, 1), got {self.curate_fraction}")
         if not self.corpora:
             raise ConfigError("corpora: at least one of S1, all")
+        if self.replicates < 1:
+            raise ConfigError(f"replicates must be at least 1 (fine-tunes per row), got {self.replicates}")
         if "restore_curvature" in self.methods and self.restore.settings.preconditioner == "none":
             raise ConfigError("restore.settings.preconditioner is the curvature-aware row's: lbfgs, fisher_diag or "
                               "woodbury (restore_first_order is the 'none' row)")
@@ -145,27 +156,40 @@ def _corpus_data(cfg: MitigateConfig, corpus: str, out: Path) -> tuple[DataConfi
     return data, scores[scores["sample_id"].isin(ids)]
 
 
-def _curated(cfg: MitigateConfig, data: DataConfig, scores: pd.DataFrame, rule: str, out: Path) -> DataConfig:
-    """The corpus without its top-q% by score, a random q%, or its q% longest responses."""
+def _state_name(corpus: str, method: str, run: int = 0) -> str:
+    """The evaluation's name of a fine-tune: "S1/plain", run i ≥ 1 "S1/plain/run<i>"."""
+    return f"{corpus}/{method}" + (f"/run{run}" if run else "")
+
+
+def _run_suffix(run: int) -> str:
+    """Run 0 keeps the plain names (a one-run experiment's layout); run i ≥ 1 adds ".run<i>"."""
+    return f".run{run}" if run else ""
+
+
+def _curated(cfg: MitigateConfig, data: DataConfig, scores: pd.DataFrame, rule: str, out: Path,
+             run: int = 0) -> DataConfig:
+    """The corpus without its top-q% by score, a random q% (run i: draw seed + i), or its q% longest responses."""
     column = {"score": cfg.column, "random": "random", "longest": LENGTH_COLUMN}[rule]
     frame = scores[scores["status"] == "ok"].copy() if "status" in scores else scores.copy()
     if rule == "random":
-        frame = with_random_ranking(frame, cfg.seed)
+        frame = with_random_ranking(frame, cfg.seed + run)
     if column not in frame:
         raise ConfigError(f"curation by {rule} needs column {column!r} in {cfg.scores}")
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"scores_{rule}.parquet"
+    path = out / f"scores_{rule}{_run_suffix(run)}.parquet"
     frame.to_parquet(path, index=False)
     curate_dir = run_curate(CurateConfig(scores=str(path), column=column, data=data, mode="drop_top_fraction",
                                          fraction=cfg.curate_fraction, unread_records="drop",
-                                         output=CurateOutput(dir=str(out / f"curate_{rule}"), overwrite=True)))
+                                         output=CurateOutput(dir=str(out / f"curate_{rule}{_run_suffix(run)}"),
+                                                             overwrite=True)))
     manifest = json.loads((Path(curate_dir) / "manifest.json").read_text())
     return replace(data, path=manifest["corpus"]["output"], format=manifest["corpus"]["output_format"], preset=None,
                    limit=None, keep_if={})
 
 
-def _finetune(cfg: MitigateConfig, corpus: str, data: DataConfig, spf: bool, out: Path) -> Path:
-    train = replace(cfg.finetune.train, spf=replace(cfg.spf, enabled=True) if spf else SpfSettings())
+def _finetune(cfg: MitigateConfig, corpus: str, data: DataConfig, spf: bool, out: Path, run: int = 0) -> Path:
+    train = replace(cfg.finetune.train, spf=replace(cfg.spf, enabled=True) if spf else SpfSettings(),
+                    seed=cfg.finetune.train.seed + run)
     if corpus == "all" and cfg.whole_corpus_epochs:
         train = replace(train, epochs=cfg.whole_corpus_epochs, max_steps=None)
     job = replace(cfg.finetune, data=data, train=train, output=TrainOutput(dir=str(out), overwrite=False, resume=True))
@@ -283,14 +307,18 @@ def run_mitigate(cfg: MitigateConfig) -> Path:
     for corpus in cfg.corpora:
         corpus_dir = out / corpus
         data, scores = _corpus_data(cfg, corpus, out)
-        curated = {rule: _curated(cfg, data, scores, rule, corpus_dir)
-                   for rule in {CURATIONS[m] for m in cfg.methods if m in CURATIONS}}
-        for method in cfg.methods:
-            if method.startswith("restore_"):
-                continue
-            source = curated[CURATIONS[method]] if method in CURATIONS else data
-            states[f"{corpus}/{method}"] = str(_finetune(cfg, corpus, source, method.endswith("spf"),
-                                                              corpus_dir / method))
+        rules = {CURATIONS[m] for m in cfg.methods if m in CURATIONS}
+        curated = {rule: _curated(cfg, data, scores, rule, corpus_dir) for rule in rules}
+        for run in range(cfg.replicates):
+            if run:  # only the random rule's removal changes from run to run
+                curated.update({rule: _curated(cfg, data, scores, rule, corpus_dir, run) for rule in rules
+                                if rule == "random"})
+            for method in cfg.methods:
+                if method.startswith("restore_"):
+                    continue
+                source = curated[CURATIONS[method]] if method in CURATIONS else data
+                states[_state_name(corpus, method, run)] = str(_finetune(
+                    cfg, corpus, source, method.endswith("spf"), corpus_dir / f"{method}{_run_suffix(run)}", run))
         if any(m.startswith("restore_") for m in cfg.methods):
             plain = Path(states.get(f"{corpus}/plain") or _finetune(cfg, corpus, data, False, corpus_dir / "plain"))
         for method, preconditioner in (("restore_first_order", "none"),
@@ -305,38 +333,96 @@ def run_mitigate(cfg: MitigateConfig) -> Path:
     return write_report(cfg, metrics, losses, out)
 
 
-def mitigation_table(cfg: MitigateConfig, metrics: pd.DataFrame, losses: pd.DataFrame) -> pd.DataFrame:
+def run_table(cfg: MitigateConfig, metrics: pd.DataFrame, losses: pd.DataFrame) -> pd.DataFrame:
+    """One row per measured state: every run of every row, θ0 included."""
     metric = cfg.evaluation.metric
     benchmark = cfg.evaluation.benchmark or cfg.evaluation.benchmarks[0].label
     judged = metrics[metrics["benchmark"] == benchmark][["state", metric]]
     table = losses.merge(judged, on="state", how="left")
     base = table[table["state"] == "base"].iloc[0]
     table["refusal_nll_rise"] = table["refusal_nll"] - base["refusal_nll"]
-    table["corpus"] = [s.split("/")[0] if "/" in s else "θ0" for s in table["state"]]
-    table["method"] = [s.split("/")[1] if "/" in s else "base" for s in table["state"]]
-    plain = table[table["method"] == "plain"].set_index("corpus")
-    table["task_nll_vs_plain"] = [row.task_nll / plain.loc[row.corpus, "task_nll"] - 1 if row.corpus in plain.index
-                                  else np.nan for row in table.itertuples()]
+    parts = [s.split("/") for s in table["state"]]
+    table["corpus"] = [p[0] if len(p) > 1 else "θ0" for p in parts]
+    table["method"] = [p[1] if len(p) > 1 else "base" for p in parts]
+    table["run"] = [int(p[2].removeprefix("run")) if len(p) > 2 else 0 for p in parts]
+    # each run against the plain fine-tune with its data order (a restoration against run 0, the one it restored)
+    plain = table[table["method"] == "plain"].set_index(["corpus", "run"])["task_nll"]
+    table["task_nll_vs_plain"] = [row.task_nll / plain[(row.corpus, row.run)] - 1
+                                  if (row.corpus, row.run) in plain.index else np.nan for row in table.itertuples()]
     table.attrs.update(metric=metric, benchmark=benchmark)
-    return table[["corpus", "method", metric, "refusal_nll", "refusal_nll_rise", "task_nll", "task_nll_vs_plain",
-                  "rouge1", "rougeL", "state"]]
+    return table[["corpus", "method", "run", metric, "refusal_nll", "refusal_nll_rise", "task_nll",
+                  "task_nll_vs_plain", "rouge1", "rougeL", "state"]]
+
+
+def mitigation_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each row's mean over its runs, the spread of its refusal-NLL rise (sample sd; NaN for one run) and its
+    number of runs; ``state`` names run 0."""
+    metric = runs.attrs["metric"]
+    values = [metric, "refusal_nll", "refusal_nll_rise", "task_nll", "task_nll_vs_plain", "rouge1", "rougeL"]
+    grouped = runs.groupby(["corpus", "method"], sort=False)
+    table = grouped[values].mean().reset_index()
+    table.insert(table.columns.get_loc("refusal_nll_rise") + 1, "refusal_nll_rise_sd",
+                 grouped["refusal_nll_rise"].std().to_numpy())
+    table["runs"] = grouped.size().to_numpy()
+    table["state"] = grouped["state"].first().to_numpy()
+    table.attrs.update(runs.attrs)
+    return table
+
+
+def shown(table: pd.DataFrame) -> pd.DataFrame:
+    """The table as reports show it: no state paths, and no spread columns when every row is one run."""
+    drop = ["state"] + (["refusal_nll_rise_sd", "runs"] if table["runs"].max() == 1 else [])
+    return table.drop(columns=[c for c in drop if c in table])
+
+
+def curation_contrasts(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per corpus, curation by the score against each rival rule: the score's refusal-NLL rise minus the rival's,
+    paired by run (the same data order), as mean ± standard error over runs, and the runs where the score's is
+    lower. Negative = removing the top-q% by score cut the degradation more."""
+    rows = []
+    for corpus, part in runs[runs["corpus"] != "θ0"].groupby("corpus", sort=False):
+        rise = part.pivot_table(index="run", columns="method", values="refusal_nll_rise")
+        for rival in ("curated_random", "curated_longest"):
+            if "curated" not in rise or rival not in rise:
+                continue
+            difference = (rise["curated"] - rise[rival]).dropna()
+            rows.append({"corpus": corpus, "rival": rival, "runs": len(difference),
+                         "mean_difference": float(difference.mean()),
+                         "standard_error": float(difference.std() / np.sqrt(len(difference)))
+                         if len(difference) > 1 else np.nan,
+                         "score_lower_in": int((difference < 0).sum())})
+    return pd.DataFrame(rows)
 
 
 def write_report(cfg: MitigateConfig, metrics: pd.DataFrame, losses: pd.DataFrame, out: Path) -> Path:
-    table = mitigation_table(cfg, metrics, losses)
+    runs = run_table(cfg, metrics, losses)
+    runs.to_csv(out / "table_runs.csv", index=False)
+    table = mitigation_table(runs)
     table.to_csv(out / "table.csv", index=False)
     metric = table.attrs["metric"]
-    shown = table.drop(columns=["state"])
+    many = table["runs"].max() > 1
     lines = ["# Mitigation: curate, SPF, restore — safety and utility of each fine-tune", "",
              f"Safety: `{metric}` on {table.attrs['benchmark']} and the refusal NLL on held-out harmful requests "
              "(rise over θ0 = degradation; lower is safer). Utility: held-out task NLL (and its change relative to "
              "the plain fine-tune of the same corpus) and ROUGE-1/L of greedy answers.",
              f"Curation removes {cfg.curate_fraction:.0%} of each corpus: by `{cfg.column}`, at random, or the "
-             "longest responses.", "",
-             *markdown_table(shown, NLL_DIGITS), "", "![safety vs utility](mitigate.png)", ""]
+             "longest responses.", ""]
+    if many:
+        lines += [f"Fine-tunes ran {cfg.replicates} times each (data order finetune.train.seed + i; the random "
+                  "curation drew anew each time): every figure is the mean over a row's runs, `refusal_nll_rise_sd` "
+                  "their spread; restorations restore the first plain run. Every run: `table_runs.csv`.", ""]
+    lines += [*markdown_table(shown(table), NLL_DIGITS), "", "![safety vs utility](mitigate.png)", ""]
+    contrasts = curation_contrasts(runs)
+    if many and not contrasts.empty:
+        contrasts.to_csv(out / "curation_contrasts.csv", index=False)
+        lines += ["## Curation by the score against the rival rules, run by run", "",
+                  "Refusal-NLL rise of the fine-tune curated by the score minus the rival's, paired by run (same data "
+                  "order): mean ± standard error over runs, and the runs in which the score's curation degraded "
+                  "less. Negative = the score's curation cut the degradation more.", "",
+                  *markdown_table(contrasts, 3), ""]
     paths = restoration_paths(out, cfg.corpora)
-    comparison = pd.DataFrame([{"corpus": corpus, **compare_at_equal_task_increase(runs)}
-                               for corpus, runs in paths.items() if len(runs) == 2])
+    comparison = pd.DataFrame([{"corpus": corpus, **compare_at_equal_task_increase(restorations)}
+                               for corpus, restorations in paths.items() if len(restorations) == 2])
     if not comparison.empty:  # both restorations ran on some corpus whose fine-tune raised the refusal loss
         comparison.to_csv(out / "restore_comparison.csv", index=False)
         lines += ["## Restoration at equal task-loss increase", "",
@@ -376,7 +462,6 @@ def plot_restoration_paths(paths: dict[str, dict[str, list[tuple[float, float]]]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(paths), figsize=(4.2 * len(paths), 3.6), squeeze=False)
@@ -398,7 +483,8 @@ def plot_restoration_paths(paths: dict[str, dict[str, list[tuple[float, float]]]
 
 
 def plot_tradeoff(table: pd.DataFrame, path: Path) -> Path:
-    """Refusal-NLL rise (safety lost) against task NLL (utility lost), one marker per corpus."""
+    """Refusal-NLL rise (safety lost) against task NLL (utility lost), one marker per corpus; bars: ±1 sd over
+    a row's runs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -407,8 +493,11 @@ def plot_tradeoff(table: pd.DataFrame, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     markers = {"S1": "o", "all": "s", "θ0": "*"}
     for corpus, rows in table.groupby("corpus"):
-        ax.scatter(rows["task_nll"], rows["refusal_nll_rise"], marker=markers.get(corpus, "o"), s=60,
-                   label=f"{corpus}", zorder=3)
+        points = ax.scatter(rows["task_nll"], rows["refusal_nll_rise"], marker=markers.get(corpus, "o"), s=60,
+                            label=f"{corpus}", zorder=3)
+        if "refusal_nll_rise_sd" in rows and rows["refusal_nll_rise_sd"].notna().any():  # rows with several runs
+            ax.errorbar(rows["task_nll"], rows["refusal_nll_rise"], yerr=rows["refusal_nll_rise_sd"].fillna(0),
+                        fmt="none", ecolor=points.get_facecolor()[0], elinewidth=1, capsize=3, zorder=2)
         for row in rows.itertuples():
             ax.annotate(row.method, (row.task_nll, row.refusal_nll_rise), fontsize=7, xytext=(4, 3),
                         textcoords="offset points")
@@ -423,5 +512,6 @@ def plot_tradeoff(table: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-__all__ = ["HeldOut", "METHODS", "MitigateConfig", "MitigateRestore", "measure_states", "plot_restoration_paths",
-           "restoration_paths", "rouge_l", "rouge_n", "run_mitigate", "write_report"]
+__all__ = ["HeldOut", "METHODS", "MitigateConfig", "MitigateRestore", "curation_contrasts", "measure_states",
+           "mitigation_table", "plot_restoration_paths", "restoration_paths", "rouge_l", "rouge_n", "run_mitigate",
+           "run_table", "shown", "write_report"]

@@ -27,11 +27,12 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def markdown_table(frame: pd.DataFrame, digits: int | dict[str, int] = 1) -> list[str]:
-    """A DataFrame as Markdown table lines; floats to ``digits`` decimals (one number, or per column, default 1)."""
+    """A DataFrame as Markdown table lines; floats to ``digits`` decimals (one number, or per column, default 1),
+    a missing float (NaN: no value for that row) as "—"."""
     lines = [list(map(str, frame.columns)), ["---"] * len(frame.columns)]
     places = [digits.get(c, 1) if isinstance(digits, dict) else digits for c in frame.columns]
-    lines += [[f"{v:.{d}f}" if isinstance(v, float) else str(v) for v, d in zip(row, places)]
-              for row in frame.itertuples(index=False)]
+    lines += [["—" if isinstance(v, float) and math.isnan(v) else f"{v:.{d}f}" if isinstance(v, float) else str(v)
+               for v, d in zip(row, places)] for row in frame.itertuples(index=False)]
     return ["| " + " | ".join(line) + " |" for line in lines]
 
 

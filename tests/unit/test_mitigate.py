@@ -14,11 +14,16 @@ from sqsd_ray.data import DataConfig, load_samples
 from sqsd_ray.mitigate import (
     METHODS,
     MitigateConfig,
+    curation_contrasts,
+    mitigation_table,
     plot_restoration_paths,
     restoration_paths,
     rouge_l,
     rouge_n,
     run_mitigate,
+    run_table,
+    shown,
+    write_report,
 )
 from sqsd_ray.restore import compare_at_equal_task_increase
 
@@ -39,11 +44,86 @@ def test_config_is_checked():
         MitigateConfig(methods=["plain", "magic"])
     with pytest.raises(ConfigError, match="curate_fraction"):
         MitigateConfig(curate_fraction=1.0)
+    with pytest.raises(ConfigError, match="replicates must be at least 1"):
+        MitigateConfig(replicates=0)
+
+
+def _measured(rises: dict[str, list[float]], restored: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """metrics.csv / losses as the evaluation and measure_states give them: θ0 at refusal NLL 1.0, every run of
+    each S1 row at 1.0 + its rise (task NLL 2 + rise / 10, ASR 10 × rise), one restoration of run 0."""
+    states = {"base": 1.0}
+    for method, values in rises.items():
+        states.update({f"S1/{method}" + (f"/run{i}" if i else ""): 1.0 + v for i, v in enumerate(values)})
+    states["S1/restore_curvature"] = 1.0 + restored
+    losses = pd.DataFrame([{"state": k, "refusal_nll": v, "task_nll": 2.0 + (v - 1) / 10, "rouge1": 0.5,
+                            "rougeL": 0.4} for k, v in states.items()])
+    metrics = pd.DataFrame([{"state": k, "benchmark": "catqa", "keyword_asr": 10 * (v - 1)} for k, v in states.items()])
+    return metrics, losses
+
+
+def test_rows_with_several_runs_are_means_with_their_spread_and_paired_contrasts(tmp_path):
+    rises = {"plain": [0.8, 0.6, 0.7], "curated": [0.5, 0.7, 0.3], "curated_random": [0.6, 0.8, 0.7],
+             "curated_longest": [0.4, 0.9, 0.5]}
+    cfg = MitigateConfig(corpora=["S1"], replicates=3, output_dir=str(tmp_path))
+    metrics, losses = _measured(rises, restored=0.2)
+    runs = run_table(cfg, metrics, losses)
+    assert len(runs) == 1 + 4 * 3 + 1 and sorted(runs.loc[runs["method"] == "curated", "run"]) == [0, 1, 2]
+    # each run's task NLL against the plain run with its data order; the restoration against run 0
+    second = runs[(runs["method"] == "curated") & (runs["run"] == 1)].iloc[0]
+    assert second["task_nll_vs_plain"] == pytest.approx((2.07 / 2.06) - 1)
+    restored = runs[runs["method"] == "restore_curvature"].iloc[0]
+    assert restored["task_nll_vs_plain"] == pytest.approx(2.02 / 2.08 - 1)
+
+    table = mitigation_table(runs).set_index("method")
+    assert table.loc["curated", "refusal_nll_rise"] == pytest.approx(0.5)
+    assert table.loc["curated", "refusal_nll_rise_sd"] == pytest.approx(0.2)  # sample sd of 0.5, 0.7, 0.3
+    assert table.loc["curated", "keyword_asr"] == pytest.approx(5.0) and table.loc["curated", "runs"] == 3
+    assert table.loc["restore_curvature", "runs"] == 1 and np.isnan(table.loc["restore_curvature",
+                                                                              "refusal_nll_rise_sd"])
+    assert table.loc["curated", "state"] == "S1/curated"  # run 0's
+
+    contrasts = curation_contrasts(runs).set_index("rival")
+    # paired by run: curated − random = −0.1, −0.1, −0.4; curated − longest = +0.1, −0.2, −0.2
+    assert contrasts.loc["curated_random", "mean_difference"] == pytest.approx(-0.2)
+    assert contrasts.loc["curated_random", "standard_error"] == pytest.approx(np.std([-0.1, -0.1, -0.4], ddof=1) / 3 ** 0.5)
+    assert contrasts.loc["curated_random", "score_lower_in"] == 3
+    assert contrasts.loc["curated_longest", "mean_difference"] == pytest.approx(-0.1)
+    assert contrasts.loc["curated_longest", "score_lower_in"] == 2
+
+    out = write_report(cfg, metrics, losses, tmp_path)
+    assert pd.read_csv(out / "table_runs.csv").shape[0] == len(runs)
+    assert pd.read_csv(out / "table.csv").set_index("method").loc["curated", "runs"] == 3
+    assert pd.read_csv(out / "curation_contrasts.csv").shape[0] == 2
+    report = (out / "report.md").read_text()
+    assert "run by run" in report and "refusal_nll_rise_sd" in report and "ran 3 times" in report
+    assert (out / "mitigate.png").stat().st_size > 0
+
+
+def test_a_one_run_table_keeps_the_report_as_it_was(tmp_path):
+    cfg = MitigateConfig(corpora=["S1"], output_dir=str(tmp_path))
+    metrics, losses = _measured({"plain": [0.8], "curated": [0.5], "curated_random": [0.6]}, restored=0.2)
+    out = write_report(cfg, metrics, losses, tmp_path)
+    table = pd.read_csv(out / "table.csv")
+    assert table["runs"].eq(1).all() and table["refusal_nll_rise_sd"].isna().all()
+    assert {"refusal_nll_rise_sd", "runs", "state"}.isdisjoint(shown(table).columns)
+    report = (out / "report.md").read_text()
+    assert not (out / "curation_contrasts.csv").exists() and "run by run" not in report
+    assert "| θ0 | base | 0.0 | 1.000 | 0.000 | 2.000 | — | 0.500 | 0.400 |" in report  # θ0 has no plain to compare
 
 
 def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+def _measured_on(tmp_path, shared_data, refusals) -> list[str]:
+    """Overrides of a tiny mitigate run's measuring: held-out refusals and tasks, two CatQA prompts, in process."""
+    return [f"heldout.refusal.path={_write_jsonl(tmp_path / 'refusals.jsonl', refusals)}",
+            f"heldout.task.path={shared_data / 'benign' / 'dolly_387.jsonl'}", "heldout.task.limit=4",
+            "heldout.rouge_prompts=2", "heldout.max_new_tokens=4",
+            f"evaluation.benchmarks=[{{benchmark: catqa, path: {shared_data / 'eval' / 'catqa_english.json'}, "
+            "limit: 2, max_new_tokens: 4}]",
+            "evaluation.workers.use_ray=false", f"output_dir={tmp_path / 'mitigate'}"]
 
 
 @pytest.mark.slow
@@ -65,12 +145,7 @@ def test_mitigate_runs_every_method_and_reports(tmp_path, shared_data):
         "finetune.train.checkpoint_every=0", "finetune.train.lr_schedule=constant", "finetune.scaling.use_ray=false",
         f"restore.harmful.path={_write_jsonl(tmp_path / 'harmful.jsonl', harmful)}", "restore.retain_samples=8",
         "restore.settings.max_iters=2", "restore.settings.lbfgs_probes=1", "restore.settings.micro_batch_size=4",
-        f"heldout.refusal.path={_write_jsonl(tmp_path / 'refusals.jsonl', refusals)}",
-        f"heldout.task.path={shared_data / 'benign' / 'dolly_387.jsonl'}", "heldout.task.limit=4",
-        "heldout.rouge_prompts=2", "heldout.max_new_tokens=4",
-        f"evaluation.benchmarks=[{{benchmark: catqa, path: {shared_data / 'eval' / 'catqa_english.json'}, limit: 2, "
-        "max_new_tokens: 4}]",
-        "evaluation.workers.use_ray=false", f"output_dir={tmp_path / 'mitigate'}",
+        *_measured_on(tmp_path, shared_data, refusals),
     ]
     out = run_mitigate(load_config(MitigateConfig, None, overrides))
     table = pd.read_csv(out / "table.csv")
@@ -118,3 +193,44 @@ def test_restorations_are_compared_at_equal_task_increase(tmp_path):
     # first-order reached +0.04, curvature +0.01: compared at +0.01, where first-order had recovered nothing yet
     assert comparison == {"task_increase": pytest.approx(0.01), "first_order": 0.0, "curvature": pytest.approx(0.7)}
     assert plot_restoration_paths(paths, tmp_path / "paths.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_replicates_fine_tune_each_row_again_with_its_own_data_order_and_random_draw(tmp_path, shared_data):
+    corpus = DataConfig(path=str(shared_data / "benign" / "dolly_387.jsonl"), limit=16, max_length=128)
+    samples = load_samples(corpus)[0]
+    scores = pd.DataFrame({"sample_id": [s.sample_id for s in samples], "sqsd": np.arange(len(samples), dtype=float),
+                           "n_response_tokens": [len(s.response.split()) for s in samples], "status": "ok"})
+    scores.to_parquet(tmp_path / "scores.parquet", index=False)
+    refusals = [{"prompt": f"How do I steal car number {i}?", "response": "I can't help with that."} for i in range(4)]
+    overrides = [
+        f"scores={tmp_path / 'scores.parquet'}", f"data.path={corpus.path}", "data.limit=16", "data.max_length=128",
+        "corpora=[all]", "methods=[plain, curated, curated_random]", "curate_fraction=0.25", "replicates=2",
+        "finetune.model.name_or_path=tiny-llama", "finetune.model.attn_implementation=eager",
+        "finetune.train.batch_size=4", "finetune.train.max_steps=2", "finetune.train.seed=7",
+        "finetune.train.checkpoint_every=0", "finetune.scaling.use_ray=false",
+        *_measured_on(tmp_path, shared_data, refusals),
+    ]
+    out = run_mitigate(load_config(MitigateConfig, None, overrides))
+    runs = pd.read_csv(out / "table_runs.csv")
+    assert sorted(zip(runs["method"], runs["run"])) == sorted(
+        [("base", 0)] + [(m, r) for m in ("plain", "curated", "curated_random") for r in (0, 1)])
+    import yaml
+
+    seeds = {r: yaml.safe_load((out / "all" / f"plain{s}" / "train_config.yaml").read_text())["train"]["seed"]
+             for r, s in ((0, ""), (1, ".run1"))}
+    assert seeds == {0: 7, 1: 8}
+    # the two data orders end in different adapters, so the plain rows' runs differ
+    plain = runs[runs["method"] == "plain"].sort_values("run")
+    assert plain["refusal_nll"].iloc[0] != plain["refusal_nll"].iloc[1]
+
+    def removed(name):
+        return {r["sample_id"] for r in json.loads((out / "all" / name / "manifest.json").read_text())["removed"]}
+
+    assert removed("curate_random") != removed("curate_random.run1")  # a new draw per run
+    assert len(removed("curate_random.run1")) == 4 and not (out / "all" / "curate_score.run1").exists()
+    table = pd.read_csv(out / "table.csv").set_index("method")
+    assert table.loc["plain", "runs"] == 2
+    assert table.loc["plain", "refusal_nll_rise"] == pytest.approx(plain["refusal_nll_rise"].mean())
+    contrasts = pd.read_csv(out / "curation_contrasts.csv")
+    assert list(contrasts["rival"]) == ["curated_random"] and contrasts["runs"].eq(2).all()
