@@ -640,10 +640,9 @@ def plot_curation(table: pd.DataFrame, column: str, reweight: bool, path: Path) 
     scored = table[table["state"] == "scored"]
     if not len(scored):
         return None
-    import matplotlib
+    from .summary import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     has_tokens = bool(scored["response_tokens"].notna().all())
     x = scored["response_tokens" if has_tokens else "response_chars"].to_numpy(float)

@@ -503,10 +503,9 @@ def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experim
 
 def plot_demo(table: pd.DataFrame, composition: pd.DataFrame, theta0: float | None, path: Path) -> None:
     """Left: ASR per band for every ranking (SQSD on top). Right: what each ranking put in S1, by kind."""
-    import matplotlib
+    from .summary import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     bands = ["S1", "S2", "S3", "S4", "S5"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [1.1, 1]})

@@ -219,10 +219,9 @@ def _linear_table_md(table: list[dict], top_k: int, delta: float) -> str:
 
 def plot_steering(rows: list[dict], path: Path) -> Path:
     """Fig. 5: safety as a function of the steering magnitude α, one line per direction."""
-    import matplotlib
+    from .summary import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in dict.fromkeys(r["direction"] for r in rows):
@@ -336,10 +335,9 @@ def _draw_trajectory(ax, points: list[dict], names: list[str], title: str) -> No
 
 def plot_trajectory(points: list[dict], names: list[str], path: Path) -> Path:
     """Fig. 2: ⟨θ_t − θ0, V̂⟩ per direction against the step, and safety on a second axis."""
-    import matplotlib
+    from .summary import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     _draw_trajectory(ax, points, names, "Parameter drift along safety-related directions")
@@ -351,11 +349,11 @@ def plot_trajectory(points: list[dict], names: list[str], path: Path) -> Path:
 
 def plot_trajectory_grid(run_dirs: list[Path], path: Path, columns: int = 2) -> Path:
     """Fig. 3: the trajectories of several runs (models × data sets) side by side, one panel per run."""
-    import matplotlib
     import pandas as pd
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .summary import pyplot
+
+    plt = pyplot()
 
     rows = -(-len(run_dirs) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 4 * rows), squeeze=False)

@@ -265,10 +265,9 @@ def write_report(cfg: ExperimentConfig, metrics: pd.DataFrame, out: Path) -> Pat
 
 
 def _plot_bands(table: pd.DataFrame, bands: list[str], metric: str, benchmark: str, base, path: Path) -> None:
-    import matplotlib
+    from .summary import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (_, row) in enumerate(table.iterrows()):  # the first arm (the method under test) drawn on top

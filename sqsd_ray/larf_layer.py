@@ -177,10 +177,9 @@ def run_larf_layer(cfg: LarfLayerConfig) -> Path:
 
 
 def _plot(table, best: int, base: float, path: Path) -> None:
-    import matplotlib
+    from .summary import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 3.2))
     colours = ["tab:red" if layer == best else "tab:blue" for layer in table["layer"]]

@@ -66,10 +66,9 @@ def run_length_bias(scores: str | Path, columns: list[str], output_dir: str | Pa
 
 
 def _plot(result: pd.DataFrame, columns: list[str], n_bands: int, metric: pd.DataFrame | None, path: Path) -> None:
-    import matplotlib
+    from .summary import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     bands = [f"S{i + 1}" for i in range(n_bands)]
     fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.6), squeeze=False)

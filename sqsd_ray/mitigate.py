@@ -458,10 +458,9 @@ def restoration_paths(out: Path, corpora: list[str]) -> dict[str, dict[str, list
 
 def plot_restoration_paths(paths: dict[str, dict[str, list[tuple[float, float]]]], path: Path) -> Path:
     """Recovery against task-loss increase along each restoration, one panel per corpus."""
-    import matplotlib
+    from .summary import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(paths), figsize=(4.2 * len(paths), 3.6), squeeze=False)
@@ -485,10 +484,9 @@ def plot_restoration_paths(paths: dict[str, dict[str, list[tuple[float, float]]]
 def plot_tradeoff(table: pd.DataFrame, path: Path) -> Path:
     """Refusal-NLL rise (safety lost) against task NLL (utility lost), one marker per corpus; bars: ±1 sd over
     a row's runs."""
-    import matplotlib
+    from .summary import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     markers = {"S1": "o", "all": "s", "θ0": "*"}

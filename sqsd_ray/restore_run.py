@@ -363,10 +363,9 @@ def _markdown(result: RestoreResult, cfg: RestoreConfig) -> str:
 
 def plot_history(result: RestoreResult, path: Path) -> Path:
     """L_h and L_t per accepted iteration, with the cap τ and the task-loss limit."""
-    import matplotlib
+    from .summary import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     iters = [h["iter"] for h in result.history]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)

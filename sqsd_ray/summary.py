@@ -50,13 +50,22 @@ def length_correlations(df: pd.DataFrame) -> dict[str, float]:
     return out
 
 
-def plot_histogram(df: pd.DataFrame, path: Path) -> Path:
-    """SQSD and its unnormalised variant side by side (the raw one is on its own scale)."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (Ray workers and CI have no display), imported on first use
+    so that importing a module that plots does not import matplotlib."""
     import matplotlib
-    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_histogram(df: pd.DataFrame, path: Path) -> Path:
+    """SQSD and its unnormalised variant side by side (the raw one is on its own scale)."""
+    import matplotlib.ticker
+
+    plt = pyplot()
 
     cols = [c for c in ("sqsd", "sqsd_raw") if c in df]
     fig, axes = plt.subplots(1, len(cols) + 1, figsize=(4.2 * (len(cols) + 1), 3.4))

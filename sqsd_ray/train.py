@@ -986,10 +986,9 @@ def _write_run_files(run: TrainRun, cfg: TrainJobConfig) -> None:
 def plot_training_curve(history: list[dict[str, float]], path: Path, objective: str) -> Path | None:
     if not history:
         return None
-    import matplotlib
+    from .summary import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     steps = [h["step"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.5))
