@@ -144,7 +144,8 @@ def _finetune_jobs(cfg: ExperimentConfig, out: Path) -> dict[tuple[str, str], Tr
     return jobs
 
 
-def _final_state(run_dir: Path, method: str) -> str:
+def final_state(run_dir: Path, method: str) -> str:
+    """The state a finished fine-tune leaves for evaluation: its final LoRA adapter, or its full model."""
     from .train import load_run
 
     final = load_run(run_dir).final
@@ -171,7 +172,7 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
         init_ray(next(iter(jobs.values())).scaling)  # once, before the threads (each would race to start it)
     with ThreadPoolExecutor(max_workers=concurrent) as pool:
         runs = dict(zip(jobs, pool.map(run_training, jobs.values())))
-    states = {f"{arm}/{band}": _final_state(run.dir, jobs[(arm, band)].train.method)
+    states = {f"{arm}/{band}": final_state(run.dir, jobs[(arm, band)].train.method)
               for (arm, band), run in runs.items()}
     if cfg.evaluation.include_base:
         states = {"base": "base", **states}
@@ -180,15 +181,15 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
         # adapters of another base model, or whole models: one evaluation per arm, on its own base
         eval_dirs = _evaluate_per_arm(cfg, jobs, states, out)
     else:
-        eval_dirs = [run_evaluate(_eval_job(cfg, next(iter(jobs.values())), states, out / "evaluation"))]
+        eval_dirs = [run_evaluate(eval_job(cfg.evaluation, next(iter(jobs.values())), states, out / "evaluation"))]
     metrics = pd.concat([pd.read_csv(d / "metrics.csv") for d in eval_dirs], ignore_index=True)
     return write_report(cfg, metrics, out)
 
 
-def _eval_job(cfg: ExperimentConfig, job: TrainJobConfig, states: dict[str, str], out: Path) -> EvalJobConfig:
-    ev = cfg.evaluation
-    return EvalJobConfig(model=job.model, lora=job.lora, states=states, benchmarks=ev.benchmarks, judges=ev.judges,
-                         workers=ev.workers, output_dir=str(out))
+def eval_job(evaluation: ExperimentEval, job: TrainJobConfig, states: dict[str, str], out: Path) -> EvalJobConfig:
+    """The evaluation of an experiment's states (name -> "base" or a state dir) on the fine-tunes' model."""
+    return EvalJobConfig(model=job.model, lora=job.lora, states=states, benchmarks=evaluation.benchmarks,
+                         judges=evaluation.judges, workers=evaluation.workers, output_dir=str(out))
 
 
 def _evaluate_per_arm(cfg, jobs, states, out) -> list[Path]:
@@ -198,7 +199,7 @@ def _evaluate_per_arm(cfg, jobs, states, out) -> list[Path]:
         arm_states = {k: v for k, v in states.items() if k.startswith(f"{arm.name}/")}
         if cfg.evaluation.include_base:
             arm_states = {f"{arm.name}/base": "base", **arm_states}
-        dirs.append(run_evaluate(_eval_job(cfg, job, arm_states, out / _slug(arm.name) / "evaluation")))
+        dirs.append(run_evaluate(eval_job(cfg.evaluation, job, arm_states, out / _slug(arm.name) / "evaluation")))
     return dirs
 
 
@@ -284,4 +285,5 @@ def _plot_bands(table: pd.DataFrame, bands: list[str], metric: str, benchmark: s
     plt.close(fig)
 
 
-__all__ = ["Arm", "ExperimentConfig", "ExperimentEval", "band_table", "run_experiment", "write_report"]
+__all__ = ["Arm", "ExperimentConfig", "ExperimentEval", "band_table", "eval_job", "final_state", "run_experiment",
+           "write_report"]

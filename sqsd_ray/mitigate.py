@@ -41,7 +41,7 @@ from .data import DataConfig, load_samples
 from .dynamics import RunOutput
 from .eval_run import run_evaluate
 from .evaluate import EvalPrompt, generate_responses
-from .experiments import ExperimentEval, _eval_job, _final_state, with_random_ranking
+from .experiments import ExperimentEval, eval_job, final_state, with_random_ranking
 from .models import (
     LoraSettings,
     ModelConfig,
@@ -193,7 +193,7 @@ def _finetune(cfg: MitigateConfig, corpus: str, data: DataConfig, spf: bool, out
     if corpus == "all" and cfg.whole_corpus_epochs:
         train = replace(train, epochs=cfg.whole_corpus_epochs, max_steps=None)
     job = replace(cfg.finetune, data=data, train=train, output=TrainOutput(dir=str(out), overwrite=False, resume=True))
-    return Path(_final_state(run_training(job).dir, job.train.method))
+    return Path(final_state(run_training(job).dir, job.train.method))
 
 
 def _restore(cfg: MitigateConfig, data: DataConfig, adapter: Path, preconditioner: str, out: Path) -> Path:
@@ -327,7 +327,7 @@ def run_mitigate(cfg: MitigateConfig) -> Path:
                 states[f"{corpus}/{method}"] = str(_restore(cfg, data, plain, preconditioner,
                                                             corpus_dir / method))
     all_states = {"base": "base", **states}
-    judged = run_evaluate(_eval_job(cfg, cfg.finetune, all_states, out / "evaluation"))
+    judged = run_evaluate(eval_job(cfg.evaluation, cfg.finetune, all_states, out / "evaluation"))
     metrics = pd.read_csv(judged / "metrics.csv")
     losses = measure_states(cfg.finetune.model, cfg.finetune.lora, all_states, cfg.heldout)
     return write_report(cfg, metrics, losses, out)
