@@ -74,7 +74,7 @@ def mitigation_checks(seed_dir: Path) -> list[dict]:
             MITIGATION_GOALS[4]: rise["curated"] < rise["curated_longest"],
         }
         out.append({"corpus": corpus, "runs": int(by.loc["plain", "runs"]) if "runs" in by else 1,
-                    "rise_plain": rise["plain"], "rise_spf": rise["spf"],
+                    "rise_plain": rise["plain"], "rise_plain_run0": first["plain"], "rise_spf": rise["spf"],
                     "spf_task_vs_plain": by.loc["spf", "task_nll_vs_plain"], "restore_recovery": rec_c,
                     "restore_task_increase": dtask_c, "restore_ratio": info_c["ratio"],
                     "first_order_recovery": rec_f, "first_order_task_increase": dtask_f,
@@ -95,7 +95,8 @@ def _contrast_columns(seed_dir: Path, corpus: str) -> dict:
     out = {}
     for row in contrasts[contrasts["corpus"] == corpus].itertuples():
         rival = row.rival.removeprefix("curated_")
-        out[f"sqsd_minus_{rival}"] = f"{row.mean_difference:+.3f} ± {row.standard_error:.3f} ({row.score_lower_in}/{row.runs})"
+        spread = f" ± {row.standard_error:.3f}" if row.runs > 1 else ""
+        out[f"sqsd_minus_{rival}"] = f"{row.mean_difference:+.3f}{spread} ({row.score_lower_in}/{row.runs})"
     return out
 
 
@@ -108,13 +109,13 @@ def mitigate_on_local_ray(config: dict) -> None:
         ray.shutdown()
 
 
-def s1_curation_at(seed_dir: Path, fraction: float) -> dict:
+def s1_curation_at(seed_dir: Path, fraction: float, replicates: int = 1) -> dict:
     """S1 curated at another q (plain and the three curations, fine-tuned again; seed_dir/mitigate_q<q>/):
-    the refusal-NLL rise of each, from the seed's own mitigate config."""
+    the refusal-NLL rise of each (the mean over ``replicates`` runs), from the seed's own mitigate config."""
     config = json.loads((seed_dir / "mitigate" / "config.json").read_text())
     out = seed_dir / f"mitigate_q{round(fraction * 100)}"
     config.update(corpora=["S1"], methods=["plain", "curated", "curated_random", "curated_longest"],
-                  curate_fraction=fraction, output_dir=str(out))
+                  curate_fraction=fraction, output_dir=str(out), replicates=replicates)
     mitigate_on_local_ray(config)
     table = pd.read_csv(out / "table.csv")
     rise = table[table["corpus"] == "S1"].set_index("method")["refusal_nll_rise"]
@@ -140,13 +141,15 @@ def main() -> int:
                         help="with --rerun-mitigate: the restorations' restore.settings.at_update_cap (default: as "
                         "the run's config says)")
     parser.add_argument("--replicates", type=int, default=None,
-                        help="with --rerun-mitigate: fine-tune every mitigate row this many times (data order "
+                        help="with --rerun-mitigate: fine-tune every mitigate row this many times (seed "
                         "train.seed + i, a new random draw per run; run 0 is the kept one) and judge SPF and curation "
                         "on the rows' means")
     parser.add_argument("--s1-fraction", type=float, default=None,
                         help="also curate S1 at this q (plain + the three curations fine-tuned again per seed, in "
                         "seed-N/mitigate_q<q>/): a band that is mostly risky keeps enough risky samples after q = 0.2")
     args = parser.parse_args()
+    if args.replicates is not None and not (args.reuse and args.rerun_mitigate):
+        parser.error("--replicates reruns kept seeds' mitigate stages: use it with --reuse --rerun-mitigate")
     logging.basicConfig(level=logging.WARNING)
     seeds = [int(s) for s in args.seeds.split(",")]
     rows, seconds, mitigation, s1_curations = [], {}, [], {}
@@ -159,7 +162,7 @@ def main() -> int:
             config = json.loads((seed_dir / "mitigate" / "config.json").read_text())
             if args.at_update_cap:
                 config["restore"]["settings"]["at_update_cap"] = args.at_update_cap
-            if args.replicates:
+            if args.replicates is not None:
                 config["replicates"] = args.replicates
             mitigate_on_local_ray(config)
         seconds[seed] = time.perf_counter() - started
@@ -168,7 +171,8 @@ def main() -> int:
             rows.append({"seed": seed, "theta0": summary["theta0_asr"], **row})
         mitigation += [{"seed": seed, **m} for m in mitigation_checks(Path(args.work) / f"seed-{seed}")]
         if args.s1_fraction:
-            s1_curations[seed] = s1_curation_at(Path(args.work) / f"seed-{seed}", args.s1_fraction)
+            s1_curations[seed] = s1_curation_at(Path(args.work) / f"seed-{seed}", args.s1_fraction,
+                                                args.replicates or 1)
         print(f"seed {seed}: {seconds[seed]:.0f} s", flush=True)
     table = pd.DataFrame(rows)
 

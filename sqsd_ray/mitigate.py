@@ -18,9 +18,10 @@ answered with refusals (its rise over θ0 is the degradation). Utility: held-out
 greedy answers against the task's reference responses. One table (``table.csv``, ``report.md``) and a
 safety–utility scatter (``mitigate.png``).
 
-One fine-tune's rise carries run-to-run noise of its own (its data order): with ``replicates: N`` every row is
-fine-tuned N times (seeds train.seed + i; the random curation draws anew), the table gives each row's mean and
-spread, and curation by the score is compared with each rival rule run by run (``curation_contrasts.csv``).
+One fine-tune's rise carries run-to-run noise of its own (its seed: data order, LoRA init): with
+``replicates: N`` every row is fine-tuned N times (seeds train.seed + i; the random curation draws anew), the table
+gives each row's mean and spread, and curation by the score is compared with each rival rule run by run
+(``curation_contrasts.csv``).
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ METHODS = ("plain", "curated", "curated_random", "curated_longest", "spf", "cura
            "restore_curvature")
 CURATIONS = {"curated": "score", "curated_random": "random", "curated_longest": "longest", "curated_spf": "score"}
 LENGTH_COLUMN = "n_response_tokens"
-NLL_DIGITS = {"refusal_nll": 3, "refusal_nll_rise": 3, "refusal_nll_rise_sd": 3, "task_nll": 3, "task_nll_vs_plain": 3, "rouge1": 3,
-              "rougeL": 3}  # report digits; the judge's ASR keeps one
+NLL_DIGITS = {"refusal_nll": 3, "refusal_nll_rise": 3, "refusal_nll_rise_sd": 3, "task_nll": 3,
+              "task_nll_vs_plain": 3, "rouge1": 3, "rougeL": 3}  # report digits; the judge's ASR keeps one
 
 
 @dataclass
@@ -117,9 +118,9 @@ class MitigateConfig:
     )
     seed: int = help_field(0, help="seed of the random curation")
     replicates: int = help_field(
-        1, help="fine-tunes per row: run i trains with finetune.train.seed + i (its own data order) and, for "
-        "curated_random, removes its own random draw (seed + i). table.csv: each row's mean over its runs with the "
-        "spread of the refusal-NLL rise; table_runs.csv: every run. Restorations restore the first plain run"
+        1, help="fine-tunes per row: run i trains with finetune.train.seed + i (its own data order and LoRA init) "
+        "and, for curated_random, removes its own random draw (seed + i). table.csv: each row's mean over its runs "
+        "with the spread of the refusal-NLL rise; table_runs.csv: every run. Restorations restore the first plain run"
     )
     output_dir: str = help_field("runs/mitigate", help="run directory (fine-tunes resume or are skipped)")
 
@@ -345,7 +346,7 @@ def run_table(cfg: MitigateConfig, metrics: pd.DataFrame, losses: pd.DataFrame) 
     table["corpus"] = [p[0] if len(p) > 1 else "θ0" for p in parts]
     table["method"] = [p[1] if len(p) > 1 else "base" for p in parts]
     table["run"] = [int(p[2].removeprefix("run")) if len(p) > 2 else 0 for p in parts]
-    # each run against the plain fine-tune with its data order (a restoration against run 0, the one it restored)
+    # each run against the plain fine-tune with its seed (a restoration against run 0, the one it restored)
     plain = table[table["method"] == "plain"].set_index(["corpus", "run"])["task_nll"]
     table["task_nll_vs_plain"] = [row.task_nll / plain[(row.corpus, row.run)] - 1
                                   if (row.corpus, row.run) in plain.index else np.nan for row in table.itertuples()]
@@ -371,13 +372,13 @@ def mitigation_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 def shown(table: pd.DataFrame) -> pd.DataFrame:
     """The table as reports show it: no state paths, and no spread columns when every row is one run."""
-    drop = ["state"] + (["refusal_nll_rise_sd", "runs"] if table["runs"].max() == 1 else [])
+    drop = ["state"] + (["refusal_nll_rise_sd", "runs"] if table.get("runs", pd.Series([1])).max() == 1 else [])
     return table.drop(columns=[c for c in drop if c in table])
 
 
 def curation_contrasts(runs: pd.DataFrame) -> pd.DataFrame:
     """Per corpus, curation by the score against each rival rule: the score's refusal-NLL rise minus the rival's,
-    paired by run (the same data order), as mean ± standard error over runs, and the runs where the score's is
+    paired by run (the same seed), as mean ± standard error over runs, and the runs where the score's is
     lower. Negative = removing the top-q% by score cut the degradation more."""
     rows = []
     for corpus, part in runs[runs["corpus"] != "θ0"].groupby("corpus", sort=False):
@@ -408,16 +409,18 @@ def write_report(cfg: MitigateConfig, metrics: pd.DataFrame, losses: pd.DataFram
              f"Curation removes {cfg.curate_fraction:.0%} of each corpus: by `{cfg.column}`, at random, or the "
              "longest responses.", ""]
     if many:
-        lines += [f"Fine-tunes ran {cfg.replicates} times each (data order finetune.train.seed + i; the random "
-                  "curation drew anew each time): every figure is the mean over a row's runs, `refusal_nll_rise_sd` "
-                  "their spread; restorations restore the first plain run. Every run: `table_runs.csv`.", ""]
+        lines += [f"Fine-tunes ran {cfg.replicates} times each (seed finetune.train.seed + i: data order and LoRA "
+                  "init; the random curation drew anew each time): every figure is the mean over a row's runs, "
+                  "`refusal_nll_rise_sd` their spread; restorations restore the first plain run. Every run: "
+                  "`table_runs.csv`.", ""]
     lines += [*markdown_table(shown(table), NLL_DIGITS), "", "![safety vs utility](mitigate.png)", ""]
     contrasts = curation_contrasts(runs)
+    (out / "curation_contrasts.csv").unlink(missing_ok=True)  # a re-run with one run per row leaves none behind
     if many and not contrasts.empty:
         contrasts.to_csv(out / "curation_contrasts.csv", index=False)
         lines += ["## Curation by the score against the rival rules, run by run", "",
-                  "Refusal-NLL rise of the fine-tune curated by the score minus the rival's, paired by run (same data "
-                  "order): mean ± standard error over runs, and the runs in which the score's curation degraded "
+                  "Refusal-NLL rise of the fine-tune curated by the score minus the rival's, paired by run (same "
+                  "seed): mean ± standard error over runs, and the runs in which the score's curation degraded "
                   "less. Negative = the score's curation cut the degradation more.", "",
                   *markdown_table(contrasts, 3), ""]
     paths = restoration_paths(out, cfg.corpora)
