@@ -311,9 +311,8 @@ def run_mitigate(cfg: MitigateConfig) -> Path:
         rules = {CURATIONS[m] for m in cfg.methods if m in CURATIONS}
         curated = {rule: _curated(cfg, data, scores, rule, corpus_dir) for rule in rules}
         for run in range(cfg.replicates):
-            if run:  # only the random rule's removal changes from run to run
-                curated.update({rule: _curated(cfg, data, scores, rule, corpus_dir, run) for rule in rules
-                                if rule == "random"})
+            if run and "random" in rules:  # only the random rule's removal changes from run to run
+                curated["random"] = _curated(cfg, data, scores, "random", corpus_dir, run)
             for method in cfg.methods:
                 if method.startswith("restore_"):
                     continue
@@ -321,12 +320,13 @@ def run_mitigate(cfg: MitigateConfig) -> Path:
                 states[_state_name(corpus, method, run)] = str(_finetune(
                     cfg, corpus, source, method.endswith("spf"), corpus_dir / f"{method}{_run_suffix(run)}", run))
         if any(m.startswith("restore_") for m in cfg.methods):
-            plain = Path(states.get(f"{corpus}/plain") or _finetune(cfg, corpus, data, False, corpus_dir / "plain"))
+            plain = Path(states.get(_state_name(corpus, "plain"))
+                         or _finetune(cfg, corpus, data, False, corpus_dir / "plain"))
         for method, preconditioner in (("restore_first_order", "none"),
                                        ("restore_curvature", cfg.restore.settings.preconditioner)):
             if method in cfg.methods:
-                states[f"{corpus}/{method}"] = str(_restore(cfg, data, plain, preconditioner,
-                                                            corpus_dir / method))
+                states[_state_name(corpus, method)] = str(_restore(cfg, data, plain, preconditioner,
+                                                                   corpus_dir / method))
     all_states = {"base": "base", **states}
     judged = run_evaluate(eval_job(cfg.evaluation, cfg.finetune, all_states, out / "evaluation"))
     metrics = pd.read_csv(judged / "metrics.csv")
@@ -461,10 +461,11 @@ def restoration_paths(out: Path, corpora: list[str]) -> dict[str, dict[str, list
 
 def plot_restoration_paths(paths: dict[str, dict[str, list[tuple[float, float]]]], path: Path) -> Path:
     """Recovery against task-loss increase along each restoration, one panel per corpus."""
+    from matplotlib.ticker import MaxNLocator
+
     from .summary import pyplot
 
     plt = pyplot()
-    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(paths), figsize=(4.2 * len(paths), 3.6), squeeze=False)
     for ax, (corpus, runs) in zip(axes[0], paths.items()):
