@@ -123,6 +123,12 @@ def s1_curation_at(seed_dir: Path, fraction: float, replicates: int = 1) -> dict
             "longest": rise["curated_longest"]}
 
 
+def _seed_goal(goals: dict[str, bool], name: str, met: int, n_seeds: int) -> None:
+    """A goal counted over seeds (met in ≥ 4 of 5, scaled to the seeds run): recorded in ``goals`` and printed."""
+    goals[name] = met >= round(0.8 * n_seeds)
+    print(f"- {'met' if goals[name] else 'MISSED'}: {name} ({met}/{n_seeds})")
+
+
 BASELINES = ["Self-Inf-N", "Bi-Anchor (Grad)", "Bi-Anchor (Reps)", "LARF"]
 ABLATIONS = ["SQSD w/o norm", "danger only", "safety only"]
 
@@ -206,20 +212,15 @@ def main() -> int:
     mitigation_goals = {}
     for corpus, part in frame.groupby("corpus"):
         for goal in MITIGATION_GOALS:
-            met = int(part[goal].sum())
-            mitigation_goals[f"{corpus}: {goal}"] = met >= round(0.8 * len(seeds))
-            print(f"- {'met' if mitigation_goals[f'{corpus}: {goal}'] else 'MISSED'}: {corpus}: {goal} "
-                  f"({met}/{len(seeds)})")
+            _seed_goal(mitigation_goals, f"{corpus}: {goal}", int(part[goal].sum()), len(seeds))
     if s1_curations:
         print(f"\n## S1 curated at q = {args.s1_fraction:g} (refusal-NLL rise over θ0)\n")
         print("| seed | plain | SQSD | random | longest |\n|---|---|---|---|---|")
         for seed, r in s1_curations.items():
             print(f"| {seed} | {r['plain']:.3f} | {r['sqsd']:.3f} | {r['random']:.3f} | {r['longest']:.3f} |")
         for rival in ("random", "longest"):
-            met = sum(r["sqsd"] < r[rival] for r in s1_curations.values())
-            mitigation_goals[f"S1 at q = {args.s1_fraction:g}: curated by SQSD < {rival}"] = met >= round(0.8 * len(seeds))
-            print(f"- {'met' if met >= round(0.8 * len(seeds)) else 'MISSED'}: S1 at q = {args.s1_fraction:g}: "
-                  f"curated by SQSD < {rival} ({met}/{len(seeds)})")
+            _seed_goal(mitigation_goals, f"S1 at q = {args.s1_fraction:g}: curated by SQSD < {rival}",
+                       sum(r["sqsd"] < r[rival] for r in s1_curations.values()), len(seeds))
     print(f"\nwall time per seed: {', '.join(f'{s:.0f} s' for s in seconds.values())}")
     if args.out:
         Path(args.out).write_text(json.dumps({"rows": rows, "per_arm": per_arm.reset_index().to_dict("records"),
