@@ -50,6 +50,26 @@ def length_correlations(df: pd.DataFrame) -> dict[str, float]:
     return out
 
 
+def term_shares(df: pd.DataFrame, top_fraction: float = 0.2) -> pd.DataFrame:
+    """What orders the scores: SQSD = Σ danger cosines − Σ safety cosines (Eq. 12), and a term whose spread dwarfs
+    the other's ranks the samples almost alone. Per sample group (all scored samples; the riskiest ``top_fraction``
+    by SQSD, the S1 band): each term's standard deviation and the Spearman ρ of SQSD with the danger term and with
+    the negated safety term (the part SQSD adds), and of the two terms with each other."""
+    ok = df[df["status"] == "ok"] if "status" in df else df
+    ok = ok[np.isfinite(ok["sqsd"].to_numpy(float))]
+    top = ok.nlargest(max(1, round(top_fraction * len(ok))), "sqsd") if len(ok) else ok
+    rows = []
+    for name, part in (("all samples", ok), (f"riskiest {round(100 * top_fraction)} % by SQSD", top)):
+        sqsd, danger = part["sqsd"].to_numpy(float), part["danger_proj"].to_numpy(float)
+        neg_safety = -part["safety_proj"].to_numpy(float)
+        rows.append({"samples": name, "n": len(part),
+                     "sd danger": float(np.std(danger, ddof=1)) if len(part) > 1 else float("nan"),
+                     "sd safety": float(np.std(neg_safety, ddof=1)) if len(part) > 1 else float("nan"),
+                     "ρ(SQSD, danger)": spearman(sqsd, danger), "ρ(SQSD, −safety)": spearman(sqsd, neg_safety),
+                     "ρ(danger, −safety)": spearman(danger, neg_safety)})
+    return pd.DataFrame(rows)
+
+
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend (Ray workers and CI have no display), imported on first use
     so that importing a module that plots does not import matplotlib."""
@@ -108,6 +128,15 @@ def render_summary(
     for col, rho in length_correlations(ok).items():
         lines.append(f"- Spearman ρ({col}, response tokens) = {rho:.3f}")
     lines.append("")
+    if len(ok) >= 3:  # Spearman needs three samples
+        shares = term_shares(ok)
+        lines += ["## What orders the scores", "",
+                  "SQSD = danger term − safety term (Eq. 12). A term whose ρ with SQSD is near 1 orders the samples "
+                  "almost alone; the other then only reorders samples whose dominant terms are close. Which term "
+                  "predicts degradation is measured by the effectiveness experiment's `danger_only` / `safety_only` "
+                  "arms, not by these figures.", "",
+                  *markdown_table(shares, {"n": 0, "sd danger": 3, "sd safety": 3, "ρ(SQSD, danger)": 2,
+                                           "ρ(SQSD, −safety)": 2, "ρ(danger, −safety)": 2}), ""]
     merged = ok.merge(texts, on="sample_id", how="left") if texts is not None else ok
     for title, part in (
         (f"Top {top_k} (riskiest)", merged.nlargest(top_k, "sqsd")),

@@ -1,0 +1,53 @@
+"""The score summary's term diagnostics against the closed-form Spearman correlation (no ties) and pandas' sd."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sqsd_ray.summary import render_summary, term_shares
+
+
+def _scores(n: int = 200, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    danger = rng.normal(0.0, 0.3, n)
+    safety = rng.normal(-5.0, 4.0, n)  # the safety term's spread dwarfs the danger term's
+    return pd.DataFrame({"sample_id": [f"s{i}" for i in range(n)], "danger_proj": danger, "safety_proj": safety,
+                         "sqsd": danger - safety, "sqsd_raw": danger - safety, "n_response_tokens": rng.integers(3, 60, n),
+                         "status": "ok"})
+
+
+def _spearman_closed_form(x: pd.Series, y: pd.Series) -> float:
+    """1 − 6 Σ d² / (n (n² − 1)) on the ranks: exact when no value repeats (continuous draws)."""
+    rank_x, rank_y = np.argsort(np.argsort(x.to_numpy())), np.argsort(np.argsort(y.to_numpy()))
+    n = len(x)
+    return 1 - 6 * float(((rank_x - rank_y) ** 2).sum()) / (n * (n * n - 1))
+
+
+def test_term_shares_match_pandas_on_all_samples_and_the_riskiest_fifth():
+    df = _scores()
+    df.loc[0, "status"] = "zero_norm"  # not scored: left out of every figure
+    df.loc[0, "sqsd"] = 1e9
+    shares = term_shares(df).set_index("samples")
+    ok = df[df["status"] == "ok"]
+    top = ok.nlargest(round(0.2 * len(ok)), "sqsd")
+    for name, part in (("all samples", ok), ("riskiest 20 % by SQSD", top)):
+        row = shares.loc[name]
+        assert row["n"] == len(part)
+        assert row["sd danger"] == pytest.approx(part["danger_proj"].std())
+        assert row["sd safety"] == pytest.approx(part["safety_proj"].std())
+        assert row["ρ(SQSD, danger)"] == pytest.approx(_spearman_closed_form(part["sqsd"], part["danger_proj"]))
+        assert row["ρ(SQSD, −safety)"] == pytest.approx(_spearman_closed_form(part["sqsd"], -part["safety_proj"]))
+        assert row["ρ(danger, −safety)"] == pytest.approx(_spearman_closed_form(part["danger_proj"], -part["safety_proj"]))
+    # the dominant term orders the corpus almost alone; inside the top fifth its hold loosens
+    assert shares.loc["all samples", "ρ(SQSD, −safety)"] > 0.99
+    assert shares.loc["riskiest 20 % by SQSD", "ρ(SQSD, −safety)"] < shares.loc["all samples", "ρ(SQSD, −safety)"]
+
+
+def test_summary_shows_what_orders_the_scores():
+    df = _scores()
+    text = render_summary(df)
+    assert "## What orders the scores" in text
+    rho = _spearman_closed_form(df["sqsd"], -df["safety_proj"])
+    line = next(line for line in text.splitlines() if line.startswith("| all samples |"))
+    assert line.split(" | ")[5] == f"{rho:.2f}"
+    assert "## What orders the scores" not in render_summary(df.head(2))  # too few samples for a rank correlation
