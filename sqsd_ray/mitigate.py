@@ -7,6 +7,8 @@ product offers and measure each result the same way::
     curated          drop the top-q% by the score (``sqsd-ray curate``), then fine-tune
     curated_random   drop q% at random (the chance row of curation)
     curated_longest  drop the q% longest responses (scores correlate with length, App. H: is curation more?)
+    curated_by_<c>   drop the top-q% by another score column c (``curate_also_by``: e.g. the danger or safety term
+                     alone, or SQSD without normalisation): which part of the score finds the eroding samples
     spf              fine-tune with train.spf (docs/spf.md)
     curated_spf      both
     restore_first_order / restore_curvature
@@ -42,7 +44,13 @@ from .data import DataConfig, load_samples
 from .dynamics import RunOutput
 from .eval_run import run_evaluate
 from .evaluate import EvalPrompt, generate_responses
-from .experiments import ExperimentEval, eval_job, final_state, with_random_ranking
+from .experiments import (
+    DERIVED_COLUMNS,
+    ExperimentEval,
+    eval_job,
+    final_state,
+    with_random_ranking,
+)
 from .models import (
     LoraSettings,
     ModelConfig,
@@ -68,6 +76,7 @@ log = logging.getLogger(__name__)
 METHODS = ("plain", "curated", "curated_random", "curated_longest", "spf", "curated_spf", "restore_first_order",
            "restore_curvature")
 CURATIONS = {"curated": "score", "curated_random": "random", "curated_longest": "longest", "curated_spf": "score"}
+BY_COLUMN = "curated_by_"  # + a score column: a row of curate_also_by
 LENGTH_COLUMN = "n_response_tokens"
 NLL_DIGITS = {"refusal_nll": 3, "refusal_nll_rise": 3, "refusal_nll_rise_sd": 3, "task_nll": 3,
               "task_nll_vs_plain": 3, "rouge1": 3, "rougeL": 3}  # report digits; the judge's ASR keeps one
@@ -116,6 +125,11 @@ class MitigateConfig:
         None, help="epochs of the whole-corpus fine-tunes (default finetune.train.epochs; the corpus is n_bands "
         "times the size of S1)"
     )
+    curate_also_by: list[str] = help_field(
+        [], help="more score columns to curate by, each a row curated_by_<column> that removes the top "
+        "curate_fraction by it (as `curated` does by `column`), compared with random and longest curation like "
+        "`curated`: e.g. sqsd_raw (w/o norm), danger_proj (danger only), neg_safety_proj (safety only: −safety_proj)"
+    )
     seed: int = help_field(0, help="seed of the random curation")
     replicates: int = help_field(
         1, help="fine-tunes per row: run i trains with finetune.train.seed + i (its own data order and LoRA init) "
@@ -132,6 +146,10 @@ class MitigateConfig:
             raise ConfigError(f"curate_fraction must be in (0, 1), got {self.curate_fraction}")
         if not self.corpora:
             raise ConfigError("corpora: at least one of S1, all")
+        repeated = sorted({c for c in self.curate_also_by if self.curate_also_by.count(c) > 1})
+        if repeated or self.column in self.curate_also_by:
+            raise ConfigError(f"curate_also_by: {repeated or [self.column]} named twice (`column` is the `curated` "
+                              "row's)")
         if self.replicates < 1:
             raise ConfigError(f"replicates must be at least 1 (fine-tunes per row), got {self.replicates}")
         if "restore_curvature" in self.methods and self.restore.settings.preconditioner == "none":
@@ -167,13 +185,42 @@ def _run_suffix(run: int) -> str:
     return f".run{run}" if run else ""
 
 
+def _rows(cfg: MitigateConfig) -> list[str]:
+    """The table's rows: the configured methods, then a curated_by_<column> row per ``curate_also_by`` column."""
+    return [*cfg.methods, *(BY_COLUMN + column for column in cfg.curate_also_by)]
+
+
+def _curation_rule(method: str) -> str | None:
+    """How a row's corpus is curated: score / random / longest, by_<column>, or None (not curated)."""
+    return method.removeprefix("curated_") if method.startswith(BY_COLUMN) else CURATIONS.get(method)
+
+
+def _check_score_columns(cfg: MitigateConfig) -> None:
+    """Every column the experiment ranks by is in the score file: an error before any fine-tune, not after some."""
+    import pyarrow.parquet as pq
+
+    if not Path(cfg.scores).is_file():
+        raise ConfigError(f"scores: no score file at {cfg.scores!r}")
+    present = set(pq.read_schema(cfg.scores).names)
+    missing = [f"column: {cfg.column!r}"] if cfg.column not in present else []  # S1's partition reads it as is
+    missing += [f"curate_also_by: {c!r}" for c in cfg.curate_also_by if DERIVED_COLUMNS.get(c, (c,))[0] not in present]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} not in {cfg.scores} (columns: {sorted(present)}; derived: "
+                          f"{sorted(DERIVED_COLUMNS)})")
+
+
 def _curated(cfg: MitigateConfig, data: DataConfig, scores: pd.DataFrame, rule: str, out: Path,
              run: int = 0) -> DataConfig:
-    """The corpus without its top-q% by score, a random q% (run i: draw seed + i), or its q% longest responses."""
-    column = {"score": cfg.column, "random": "random", "longest": LENGTH_COLUMN}[rule]
+    """The corpus without its top-q% by score (or by another column: rule by_<column>), a random q% (run i: draw
+    seed + i), or its q% longest responses."""
+    column = rule.removeprefix("by_") if rule.startswith("by_") else {
+        "score": cfg.column, "random": "random", "longest": LENGTH_COLUMN}[rule]
     frame = scores[scores["status"] == "ok"].copy() if "status" in scores else scores.copy()
     if rule == "random":
         frame = with_random_ranking(frame, cfg.seed + run)
+    if column in DERIVED_COLUMNS:
+        source, sign = DERIVED_COLUMNS[column]
+        frame[column] = sign * frame[source]
     if column not in frame:
         raise ConfigError(f"curation by {rule} needs column {column!r} in {cfg.scores}")
     out.mkdir(parents=True, exist_ok=True)
@@ -301,6 +348,7 @@ def run_mitigate(cfg: MitigateConfig) -> Path:
     if cfg.finetune.train.method != "lora":
         raise ConfigError("experiment mitigate measures LoRA fine-tunes (finetune.train.method: lora); restore a "
                           "full fine-tune with `sqsd-ray restore` (fine_tuned.full_model)")
+    _check_score_columns(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
@@ -308,15 +356,16 @@ def run_mitigate(cfg: MitigateConfig) -> Path:
     for corpus in cfg.corpora:
         corpus_dir = out / corpus
         data, scores = _corpus_data(cfg, corpus, out)
-        rules = {CURATIONS[m] for m in cfg.methods if m in CURATIONS}
+        rules = {_curation_rule(m) for m in _rows(cfg)} - {None}
         curated = {rule: _curated(cfg, data, scores, rule, corpus_dir) for rule in rules}
         for run in range(cfg.replicates):
             if run and "random" in rules:  # only the random rule's removal changes from run to run
                 curated["random"] = _curated(cfg, data, scores, "random", corpus_dir, run)
-            for method in cfg.methods:
+            for method in _rows(cfg):
                 if method.startswith("restore_"):
                     continue
-                source = curated[CURATIONS[method]] if method in CURATIONS else data
+                rule = _curation_rule(method)
+                source = curated[rule] if rule else data
                 states[_state_name(corpus, method, run)] = str(_finetune(
                     cfg, corpus, source, method.endswith("spf"), corpus_dir / f"{method}{_run_suffix(run)}", run))
         if any(m.startswith("restore_") for m in cfg.methods):
@@ -377,21 +426,24 @@ def shown(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def curation_contrasts(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per corpus, curation by the score against each rival rule: the score's refusal-NLL rise minus the rival's,
-    paired by run (the same seed), as mean ± standard error over runs, and the runs where the score's is
-    lower. Negative = removing the top-q% by score cut the degradation more."""
+    """Per corpus, each curation by a score (``curated``, and every ``curated_by_<column>`` row) against each rival
+    rule: its refusal-NLL rise minus the rival's, paired by run (the same seed), as mean ± standard error over
+    runs, and the runs where the score's is lower. Negative = removing the top-q% by score cut the degradation
+    more."""
     rows = []
     for corpus, part in runs[runs["corpus"] != "θ0"].groupby("corpus", sort=False):
         rise = part.pivot_table(index="run", columns="method", values="refusal_nll_rise")
-        for rival in ("curated_random", "curated_longest"):
-            if "curated" not in rise or rival not in rise:
-                continue
-            difference = (rise["curated"] - rise[rival]).dropna()
-            rows.append({"corpus": corpus, "rival": rival, "runs": len(difference),
-                         "mean_difference": float(difference.mean()),
-                         "standard_error": float(difference.std() / np.sqrt(len(difference)))
-                         if len(difference) > 1 else np.nan,
-                         "score_lower_in": int((difference < 0).sum())})
+        by_score = ["curated", *sorted(m for m in rise.columns if m.startswith(BY_COLUMN))]
+        for curation in by_score:
+            for rival in ("curated_random", "curated_longest"):
+                if curation not in rise or rival not in rise:
+                    continue
+                difference = (rise[curation] - rise[rival]).dropna()
+                rows.append({"corpus": corpus, "curation": curation, "rival": rival, "runs": len(difference),
+                             "mean_difference": float(difference.mean()),
+                             "standard_error": float(difference.std() / np.sqrt(len(difference)))
+                             if len(difference) > 1 else np.nan,
+                             "score_lower_in": int((difference < 0).sum())})
     return pd.DataFrame(rows)
 
 
@@ -406,8 +458,9 @@ def write_report(cfg: MitigateConfig, metrics: pd.DataFrame, losses: pd.DataFram
              f"Safety: `{metric}` on {table.attrs['benchmark']} and the refusal NLL on held-out harmful requests "
              "(rise over θ0 = degradation; lower is safer). Utility: held-out task NLL (and its change relative to "
              "the plain fine-tune of the same corpus) and ROUGE-1/L of greedy answers.",
-             f"Curation removes {cfg.curate_fraction:.0%} of each corpus: by `{cfg.column}`, at random, or the "
-             "longest responses.", ""]
+             f"Curation removes {cfg.curate_fraction:.0%} of each corpus: by `{cfg.column}`"
+             + "".join(f", by `{c}` (`{BY_COLUMN}{c}`)" for c in cfg.curate_also_by)
+             + ", at random, or the longest responses.", ""]
     if many:
         lines += [f"Fine-tunes ran {cfg.replicates} times each (seed finetune.train.seed + i: data order and LoRA "
                   "init; the random curation drew anew each time): every figure is the mean over a row's runs, "
@@ -419,7 +472,7 @@ def write_report(cfg: MitigateConfig, metrics: pd.DataFrame, losses: pd.DataFram
     if many and not contrasts.empty:
         contrasts.to_csv(out / "curation_contrasts.csv", index=False)
         lines += ["## Curation by the score against the rival rules, run by run", "",
-                  "Refusal-NLL rise of the fine-tune curated by the score minus the rival's, paired by run (same "
+                  "Refusal-NLL rise of the fine-tune curated by a score minus the rival's, paired by run (same "
                   "seed): mean ± standard error over runs, and the runs in which the score's curation degraded "
                   "less. Negative = the score's curation cut the degradation more.", "",
                   *markdown_table(contrasts, 3), ""]

@@ -46,6 +46,24 @@ def test_config_is_checked():
         MitigateConfig(curate_fraction=1.0)
     with pytest.raises(ConfigError, match="replicates must be at least 1"):
         MitigateConfig(replicates=0)
+    with pytest.raises(ConfigError, match=r"curate_also_by: \['sqsd_raw'\] named twice"):
+        MitigateConfig(curate_also_by=["sqsd_raw", "danger_proj", "sqsd_raw"])
+    with pytest.raises(ConfigError, match=r"curate_also_by: \['sqsd'\] named twice"):
+        MitigateConfig(curate_also_by=["sqsd"])
+
+
+def test_a_curation_column_missing_from_the_score_file_stops_before_any_fine_tune(tmp_path):
+    pd.DataFrame({"sample_id": ["a", "b"], "sqsd": [1.0, 2.0], "safety_proj": [0.1, 0.2]}).to_parquet(
+        tmp_path / "scores.parquet")
+    out = tmp_path / "mitigate"
+    cfg = MitigateConfig(scores=str(tmp_path / "scores.parquet"), output_dir=str(out),
+                         curate_also_by=["neg_safety_proj", "danger_proj"])  # −safety_proj is derived: fine
+    with pytest.raises(ConfigError, match=r"curate_also_by: 'danger_proj' not in .*columns: \['safety_proj', "
+                       r"'sample_id', 'sqsd'\]"):
+        run_mitigate(cfg)
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="no score file"):
+        run_mitigate(MitigateConfig(scores=str(tmp_path / "nothing.parquet"), output_dir=str(out)))
 
 
 def _measured(rises: dict[str, list[float]], restored: float) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -63,11 +81,11 @@ def _measured(rises: dict[str, list[float]], restored: float) -> tuple[pd.DataFr
 
 def test_rows_with_several_runs_are_means_with_their_spread_and_paired_contrasts(tmp_path):
     rises = {"plain": [0.8, 0.6, 0.7], "curated": [0.5, 0.7, 0.3], "curated_random": [0.6, 0.8, 0.7],
-             "curated_longest": [0.4, 0.9, 0.5]}
-    cfg = MitigateConfig(corpora=["S1"], replicates=3, output_dir=str(tmp_path))
+             "curated_longest": [0.4, 0.9, 0.5], "curated_by_sqsd_raw": [0.7, 0.6, 0.9]}
+    cfg = MitigateConfig(corpora=["S1"], replicates=3, output_dir=str(tmp_path), curate_also_by=["sqsd_raw"])
     metrics, losses = _measured(rises, restored=0.2)
     runs = run_table(cfg, metrics, losses)
-    assert len(runs) == 1 + 4 * 3 + 1 and sorted(runs.loc[runs["method"] == "curated", "run"]) == [0, 1, 2]
+    assert len(runs) == 1 + 5 * 3 + 1 and sorted(runs.loc[runs["method"] == "curated", "run"]) == [0, 1, 2]
     # each run's task NLL against the plain run with its data order; the restoration against run 0
     second = runs[(runs["method"] == "curated") & (runs["run"] == 1)].iloc[0]
     assert second["task_nll_vs_plain"] == pytest.approx((2.07 / 2.06) - 1)
@@ -82,7 +100,10 @@ def test_rows_with_several_runs_are_means_with_their_spread_and_paired_contrasts
                                                                               "refusal_nll_rise_sd"])
     assert table.loc["curated", "state"] == "S1/curated"  # run 0's
 
-    contrasts = curation_contrasts(runs).set_index("rival")
+    every = curation_contrasts(runs)
+    assert list(zip(every["curation"], every["rival"])) == [
+        (c, r) for c in ("curated", "curated_by_sqsd_raw") for r in ("curated_random", "curated_longest")]
+    contrasts = every[every["curation"] == "curated"].set_index("rival")
     # paired by run: curated − random = −0.1, −0.1, −0.4; curated − longest = +0.1, −0.2, −0.2
     assert contrasts.loc["curated_random", "mean_difference"] == pytest.approx(-0.2)
     standard_error = np.std([-0.1, -0.1, -0.4], ddof=1) / 3 ** 0.5
@@ -90,13 +111,19 @@ def test_rows_with_several_runs_are_means_with_their_spread_and_paired_contrasts
     assert contrasts.loc["curated_random", "score_lower_in"] == 3
     assert contrasts.loc["curated_longest", "mean_difference"] == pytest.approx(-0.1)
     assert contrasts.loc["curated_longest", "score_lower_in"] == 2
+    # by the other column: − random = +0.1, −0.2, +0.2; − longest = +0.3, −0.3, +0.4
+    other = every[every["curation"] == "curated_by_sqsd_raw"].set_index("rival")
+    assert other.loc["curated_random", "mean_difference"] == pytest.approx(0.1 / 3)
+    assert other.loc["curated_longest", "mean_difference"] == pytest.approx(0.4 / 3)
+    assert other["score_lower_in"].tolist() == [1, 1]
 
     out = write_report(cfg, metrics, losses, tmp_path)
     assert pd.read_csv(out / "table_runs.csv").shape[0] == len(runs)
     assert pd.read_csv(out / "table.csv").set_index("method").loc["curated", "runs"] == 3
-    assert pd.read_csv(out / "curation_contrasts.csv").shape[0] == 2
+    assert pd.read_csv(out / "curation_contrasts.csv").shape[0] == 4
     report = (out / "report.md").read_text()
     assert "run by run" in report and "refusal_nll_rise_sd" in report and "ran 3 times" in report
+    assert "by `sqsd_raw` (`curated_by_sqsd_raw`)" in report and "| S1 | curated_by_sqsd_raw |" in report
     assert (out / "mitigate.png").stat().st_size > 0
 
 
@@ -201,12 +228,14 @@ def test_replicates_fine_tune_each_row_again_with_its_own_data_order_and_random_
     corpus = DataConfig(path=str(shared_data / "benign" / "dolly_387.jsonl"), limit=16, max_length=128)
     samples = load_samples(corpus)[0]
     scores = pd.DataFrame({"sample_id": [s.sample_id for s in samples], "sqsd": np.arange(len(samples), dtype=float),
+                           "safety_proj": np.random.default_rng(1).normal(size=len(samples)),
                            "n_response_tokens": [len(s.response.split()) for s in samples], "status": "ok"})
     scores.to_parquet(tmp_path / "scores.parquet", index=False)
     refusals = [{"prompt": f"How do I steal car number {i}?", "response": "I can't help with that."} for i in range(4)]
     overrides = [
         f"scores={tmp_path / 'scores.parquet'}", f"data.path={corpus.path}", "data.limit=16", "data.max_length=128",
         "corpora=[all]", "methods=[plain, curated, curated_random]", "curate_fraction=0.25", "replicates=2",
+        "curate_also_by=[neg_safety_proj]",
         "finetune.model.name_or_path=tiny-llama", "finetune.model.attn_implementation=eager",
         "finetune.train.batch_size=4", "finetune.train.max_steps=2", "finetune.train.seed=7",
         "finetune.train.checkpoint_every=0", "finetune.scaling.use_ray=false",
@@ -215,7 +244,8 @@ def test_replicates_fine_tune_each_row_again_with_its_own_data_order_and_random_
     out = run_mitigate(load_config(MitigateConfig, None, overrides))
     runs = pd.read_csv(out / "table_runs.csv")
     assert sorted(zip(runs["method"], runs["run"])) == sorted(
-        [("base", 0)] + [(m, r) for m in ("plain", "curated", "curated_random") for r in (0, 1)])
+        [("base", 0)] + [(m, r) for m in ("plain", "curated", "curated_random", "curated_by_neg_safety_proj")
+                         for r in (0, 1)])
     import yaml
 
     seeds = {r: yaml.safe_load((out / "all" / f"plain{s}" / "train_config.yaml").read_text())["train"]["seed"]
@@ -229,9 +259,14 @@ def test_replicates_fine_tune_each_row_again_with_its_own_data_order_and_random_
         return {r["sample_id"] for r in json.loads((out / "all" / name / "manifest.json").read_text())["removed"]}
 
     assert removed("curate_random") != removed("curate_random.run1")  # a new draw per run
+    # curated_by_neg_safety_proj removed the four lowest safety projections, the same in both runs
+    assert removed("curate_by_neg_safety_proj") == set(scores.nsmallest(4, "safety_proj")["sample_id"])
+    assert not (out / "all" / "curate_by_neg_safety_proj.run1").exists()
     assert len(removed("curate_random.run1")) == 4 and not (out / "all" / "curate_score.run1").exists()
     table = pd.read_csv(out / "table.csv").set_index("method")
     assert table.loc["plain", "runs"] == 2
     assert table.loc["plain", "refusal_nll_rise"] == pytest.approx(plain["refusal_nll_rise"].mean())
     contrasts = pd.read_csv(out / "curation_contrasts.csv")
-    assert list(contrasts["rival"]) == ["curated_random"] and contrasts["runs"].eq(2).all()
+    assert list(zip(contrasts["curation"], contrasts["rival"])) == [
+        ("curated", "curated_random"), ("curated_by_neg_safety_proj", "curated_random")]
+    assert contrasts["runs"].eq(2).all()
