@@ -12,8 +12,8 @@ def _scores(n: int = 200, seed: int = 0) -> pd.DataFrame:
     danger = rng.normal(0.0, 0.3, n)
     safety = rng.normal(-5.0, 4.0, n)  # the safety term's spread dwarfs the danger term's
     return pd.DataFrame({"sample_id": [f"s{i}" for i in range(n)], "danger_proj": danger, "safety_proj": safety,
-                         "sqsd": danger - safety, "sqsd_raw": danger - safety, "n_response_tokens": rng.integers(3, 60, n),
-                         "status": "ok"})
+                         "sqsd": danger - safety, "sqsd_raw": danger - safety,
+                         "n_response_tokens": rng.integers(3, 60, n), "status": "ok"})
 
 
 def _spearman_closed_form(x: pd.Series, y: pd.Series) -> float:
@@ -37,7 +37,8 @@ def test_term_shares_match_pandas_on_all_samples_and_the_riskiest_fifth():
         assert row["sd safety"] == pytest.approx(part["safety_proj"].std())
         assert row["ρ(SQSD, danger)"] == pytest.approx(_spearman_closed_form(part["sqsd"], part["danger_proj"]))
         assert row["ρ(SQSD, −safety)"] == pytest.approx(_spearman_closed_form(part["sqsd"], -part["safety_proj"]))
-        assert row["ρ(danger, −safety)"] == pytest.approx(_spearman_closed_form(part["danger_proj"], -part["safety_proj"]))
+        assert row["ρ(danger, −safety)"] == pytest.approx(
+            _spearman_closed_form(part["danger_proj"], -part["safety_proj"]))
     # the dominant term orders the corpus almost alone; inside the top fifth its hold loosens
     assert shares.loc["all samples", "ρ(SQSD, −safety)"] > 0.99
     assert shares.loc["riskiest 20 % by SQSD", "ρ(SQSD, −safety)"] < shares.loc["all samples", "ρ(SQSD, −safety)"]
