@@ -15,9 +15,13 @@ S1…S5 fine-tunes per ranking, held-out ASR). Printed, in one run:
   the rise more than removing the same share at random or the longest responses. One fine-tune's rise has
   run-to-run noise of its own: ``--replicates N`` fine-tunes every row N times and judges SPF and curation on the
   rows' means, printing SQSD's curation minus each rival's paired by run (mean ± standard error, runs won).
+* ``--curate-by-terms``: S1 and the whole corpus curated again by each part of the score instead of SQSD (the
+  danger term alone, the safety term alone, SQSD without normalisation), same q, fine-tune settings and train seeds
+  as the kept runs: which part of the score finds the eroding samples, within the riskiest band and overall.
 
     PYTHONPATH=. python bench/demo_validity.py --seeds 0,1,2,3,4 --work runs/demo_validity --out validity.json
     PYTHONPATH=. python bench/demo_validity.py --work runs/demo_validity --reuse --rerun-mitigate --replicates 5
+    PYTHONPATH=. python bench/demo_validity.py --work runs/demo_validity --reuse --curate-by-terms --replicates 5
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import ray
 
 from sqsd_ray.config import from_dict
+from sqsd_ray.data import DataConfig, load_samples
 from sqsd_ray.demo import DemoSettings, run_demo
 from sqsd_ray.mitigate import MitigateConfig, restoration_paths, run_mitigate
 from sqsd_ray.restore import compare_at_equal_task_increase
@@ -92,6 +98,8 @@ def _contrast_columns(seed_dir: Path, corpus: str) -> dict:
     if not path.is_file():
         return {}
     contrasts = pd.read_csv(path)
+    if "curation" in contrasts:  # the score's own curation, not a curate_also_by row
+        contrasts = contrasts[contrasts["curation"] == "curated"]
     out = {}
     for row in contrasts[contrasts["corpus"] == corpus].itertuples():
         rival = row.rival.removeprefix("curated_")
@@ -121,6 +129,89 @@ def s1_curation_at(seed_dir: Path, fraction: float, replicates: int = 1) -> dict
     rise = table[table["corpus"] == "S1"].set_index("method")["refusal_nll_rise"]
     return {"plain": rise["plain"], "sqsd": rise["curated"], "random": rise["curated_random"],
             "longest": rise["curated_longest"]}
+
+
+# The score's parts as curation rules (higher = riskier): Eq. 12's two terms alone, and Eq. 12 without normalisation.
+TERMS = {"danger_only": ("danger_proj", 1.0), "safety_only": ("safety_proj", -1.0), "sqsd_raw": ("sqsd_raw", 1.0)}
+KEPT_RULES = {"plain": "plain", "curated": "sqsd", "curated_random": "random", "curated_longest": "longest"}
+
+
+def curation_by_terms(seed_dir: Path, corpus: str, replicates: int) -> pd.DataFrame:
+    """``corpus`` (S1 or all) with its top q% removed by each of the score's parts (``TERMS``) instead of SQSD,
+    fine-tuned ``replicates`` times with the seed's own mitigate settings and train seeds
+    (seed_dir/curate_terms/<corpus>/<rule>/); returned with the kept runs of plain, SQSD, random and longest as one
+    row per (rule, run): the refusal-NLL rise over θ0. Each part is the `curated` row of a mitigate run of its own,
+    beside the kept one: ``curate_also_by`` in the kept run would measure every one of its states again."""
+    config = json.loads((seed_dir / "mitigate" / "config.json").read_text())
+    scores = pd.read_parquet(config["scores"])
+    data_path = config["data"]["path"]
+    if corpus == "S1":
+        data_path = str(seed_dir / "mitigate" / "S1" / "partition" / "S1.jsonl")
+        band = load_samples(DataConfig(path=data_path, format="jsonl", schema="messages"))[0]
+        scores = scores[scores["sample_id"].isin({sample.sample_id for sample in band})].copy()
+    for rule, (column, sign) in TERMS.items():
+        scores[rule] = sign * scores[column]
+    out = seed_dir / "curate_terms" / corpus
+    out.mkdir(parents=True, exist_ok=True)
+    scores.to_parquet(out / "scores.parquet", index=False)
+    rows = []
+    for rule in TERMS:
+        run_config = json.loads(json.dumps(config))
+        run_config["data"]["path"] = data_path
+        run_config.update(scores=str(out / "scores.parquet"), column=rule, corpora=["all"], methods=["curated"],
+                          replicates=replicates, output_dir=str(out / rule))
+        if corpus == "S1":  # S1 given as the corpus itself ("all" of S1.jsonl), fine-tuned for S1's epochs
+            run_config["whole_corpus_epochs"] = None
+        mitigate_on_local_ray(run_config)
+        runs = pd.read_csv(out / rule / "table_runs.csv")
+        rows += [{"rule": rule, "run": int(r.run), "rise": r.refusal_nll_rise}
+                 for r in runs[runs["method"] == "curated"].itertuples()]
+    kept = pd.read_csv(seed_dir / "mitigate" / "table_runs.csv")
+    kept = kept[(kept["corpus"] == corpus) & kept["method"].isin(list(KEPT_RULES)) & (kept["run"] < replicates)]
+    if kept.groupby("method")["run"].nunique().min() < replicates:
+        raise SystemExit(f"{seed_dir}: the kept mitigate runs have fewer than {replicates} runs per row; rerun them "
+                         f"first (--rerun-mitigate --replicates {replicates})")
+    rows += [{"rule": KEPT_RULES[r.method], "run": int(r.run), "rise": r.refusal_nll_rise} for r in kept.itertuples()]
+    return pd.DataFrame(rows)
+
+
+def paired_difference(rises: pd.DataFrame, rule: str, rival: str) -> tuple[float, float, int, int]:
+    """``rule`` minus ``rival`` paired by run: mean, standard error (NaN with one run), runs where ``rule`` is lower,
+    runs."""
+    by = rises.pivot(index="run", columns="rule", values="rise")
+    diff = (by[rule] - by[rival]).to_numpy(float)
+    se = float(np.std(diff, ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    return float(diff.mean()), se, int((diff < 0).sum()), len(diff)
+
+
+def print_curation_by_terms(corpus: str, by_seed: dict[int, pd.DataFrame]) -> dict:
+    """Per seed, each rule's mean rise; per part of the score, its paired difference with the longest and the random
+    removal and the seeds where its mean rise is the lower. Returns the figures for the JSON output."""
+    rules = ["plain", "sqsd", *TERMS, "random", "longest"]
+    print(f"\n## {corpus} curated by each part of the score (mean refusal-NLL rise over θ0)\n")
+    print("| seed | " + " | ".join(rules) + " |\n|" + "---|" * (len(rules) + 1))
+    figures: dict = {}
+    for seed, rises in by_seed.items():
+        means = rises.groupby("rule")["rise"].mean()
+        print(f"| {seed} | " + " | ".join(f"{means[r]:.3f}" for r in rules) + " |")
+        figures[seed] = {"mean_rise": means.to_dict(), "contrasts": {}}
+        for rule in ["sqsd", *TERMS]:
+            for rival in ("longest", "random"):
+                figures[seed]["contrasts"][f"{rule}-{rival}"] = paired_difference(rises, rule, rival)
+    for rival in ("longest", "random"):
+        print(f"\n{corpus}: each rule minus {rival}, paired by run: mean ± standard error (runs where the rule's rise "
+              "is lower)\n")
+        print("| seed | " + " | ".join(["sqsd", *TERMS]) + " |\n|" + "---|" * (len(TERMS) + 2))
+        for seed in by_seed:
+            cells = []
+            for rule in ["sqsd", *TERMS]:
+                mean, se, lower, runs = figures[seed]["contrasts"][f"{rule}-{rival}"]
+                cells.append(f"{mean:+.3f}" + (f" ± {se:.3f}" if runs > 1 else "") + f" ({lower}/{runs})")
+            print(f"| {seed} | " + " | ".join(cells) + " |")
+        for rule in ["sqsd", *TERMS]:
+            won = sum(figures[seed]["mean_rise"][rule] < figures[seed]["mean_rise"][rival] for seed in by_seed)
+            print(f"- {corpus}, {rule}: mean rise below {rival}'s in {won}/{len(by_seed)} seeds")
+    return figures
 
 
 def _seed_goal(goals: dict[str, bool], name: str, met: int, n_seeds: int) -> None:
@@ -153,12 +244,20 @@ def main() -> int:
     parser.add_argument("--s1-fraction", type=float, default=None,
                         help="also curate S1 at this q (plain + the three curations fine-tuned again per seed, in "
                         "seed-N/mitigate_q<q>/): a band that is mostly risky keeps enough risky samples after q = 0.2")
+    parser.add_argument("--curate-by-terms", action="store_true",
+                        help="with --reuse: also curate each kept seed's S1 and whole corpus by the danger term "
+                        "alone, the safety term alone and SQSD without normalisation (--replicates runs each, "
+                        "default 1; the kept mitigate runs must have as many)")
     args = parser.parse_args()
-    if args.replicates is not None and not (args.reuse and args.rerun_mitigate):
-        parser.error("--replicates reruns kept seeds' mitigate stages: use it with --reuse --rerun-mitigate")
+    if args.replicates is not None and not (args.reuse and (args.rerun_mitigate or args.curate_by_terms)):
+        parser.error("--replicates reruns kept seeds' mitigate stages or curates them by the score's parts: use it "
+                     "with --reuse and --rerun-mitigate or --curate-by-terms")
+    if args.curate_by_terms and not args.reuse:
+        parser.error("--curate-by-terms curates kept seeds' runs: use it with --reuse")
     logging.basicConfig(level=logging.WARNING)
     seeds = [int(s) for s in args.seeds.split(",")]
     rows, seconds, mitigation, s1_curations = [], {}, [], {}
+    by_terms: dict[str, dict[int, pd.DataFrame]] = {"S1": {}, "all": {}}
     for seed in seeds:
         started = time.perf_counter()
         seed_dir = Path(args.work) / f"seed-{seed}"
@@ -171,7 +270,6 @@ def main() -> int:
             if args.replicates is not None:
                 config["replicates"] = args.replicates
             mitigate_on_local_ray(config)
-        seconds[seed] = time.perf_counter() - started
         summary = json.loads((Path(args.work) / f"seed-{seed}" / "demo.json").read_text())
         for row in summary["table"]:
             rows.append({"seed": seed, "theta0": summary["theta0_asr"], **row})
@@ -179,6 +277,10 @@ def main() -> int:
         if args.s1_fraction:
             s1_curations[seed] = s1_curation_at(Path(args.work) / f"seed-{seed}", args.s1_fraction,
                                                 args.replicates or 1)
+        if args.curate_by_terms:
+            for corpus, by_seed in by_terms.items():
+                by_seed[seed] = curation_by_terms(Path(args.work) / f"seed-{seed}", corpus, args.replicates or 1)
+        seconds[seed] = time.perf_counter() - started
         print(f"seed {seed}: {seconds[seed]:.0f} s", flush=True)
     table = pd.DataFrame(rows)
 
@@ -221,12 +323,14 @@ def main() -> int:
         for rival in ("random", "longest"):
             _seed_goal(mitigation_goals, f"S1 at q = {args.s1_fraction:g}: curated by SQSD < {rival}",
                        sum(r["sqsd"] < r[rival] for r in s1_curations.values()), len(seeds))
+    terms_figures = {corpus: print_curation_by_terms(corpus, by_seed) for corpus, by_seed in by_terms.items()
+                     if by_seed}
     print(f"\nwall time per seed: {', '.join(f'{s:.0f} s' for s in seconds.values())}")
     if args.out:
         Path(args.out).write_text(json.dumps({"rows": rows, "per_arm": per_arm.reset_index().to_dict("records"),
                                               "goals": {k: bool(v) for k, v in goals.items()},
                                               "mitigation": mitigation, "mitigation_goals": mitigation_goals,
-                                              "s1_curations": s1_curations,
+                                              "s1_curations": s1_curations, "curation_by_terms": terms_figures,
                                               "seconds": seconds}, indent=1, default=float))
     return 0
 
