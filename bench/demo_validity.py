@@ -142,6 +142,12 @@ def curation_by_terms(seed_dir: Path, corpus: str, replicates: int) -> pd.DataFr
     (seed_dir/curate_terms/<corpus>/<rule>/); returned with the kept runs of plain, SQSD, random and longest as one
     row per (rule, run): the refusal-NLL rise over θ0. Each part is the `curated` row of a mitigate run of its own,
     beside the kept one: ``curate_also_by`` in the kept run would measure every one of its states again."""
+    kept = pd.read_csv(seed_dir / "mitigate" / "table_runs.csv")
+    kept = kept[(kept["corpus"] == corpus) & kept["method"].isin(list(KEPT_RULES)) & (kept["run"] < replicates)]
+    if kept.groupby("method")["run"].nunique().reindex(list(KEPT_RULES)).fillna(0).min() < replicates:
+        raise SystemExit(f"{seed_dir}: the kept mitigate runs of {corpus} lack some of {list(KEPT_RULES)} or have "
+                         f"fewer than {replicates} runs of them; rerun first (--rerun-mitigate --replicates "
+                         f"{replicates})")
     config = json.loads((seed_dir / "mitigate" / "config.json").read_text())
     scores = pd.read_parquet(config["scores"])
     data_path = config["data"]["path"]
@@ -166,11 +172,6 @@ def curation_by_terms(seed_dir: Path, corpus: str, replicates: int) -> pd.DataFr
         runs = pd.read_csv(out / rule / "table_runs.csv")
         rows += [{"rule": rule, "run": int(r.run), "rise": r.refusal_nll_rise}
                  for r in runs[runs["method"] == "curated"].itertuples()]
-    kept = pd.read_csv(seed_dir / "mitigate" / "table_runs.csv")
-    kept = kept[(kept["corpus"] == corpus) & kept["method"].isin(list(KEPT_RULES)) & (kept["run"] < replicates)]
-    if kept.groupby("method")["run"].nunique().min() < replicates:
-        raise SystemExit(f"{seed_dir}: the kept mitigate runs have fewer than {replicates} runs per row; rerun them "
-                         f"first (--rerun-mitigate --replicates {replicates})")
     rows += [{"rule": KEPT_RULES[r.method], "run": int(r.run), "rise": r.refusal_nll_rise} for r in kept.itertuples()]
     return pd.DataFrame(rows)
 

@@ -76,7 +76,8 @@ log = logging.getLogger(__name__)
 METHODS = ("plain", "curated", "curated_random", "curated_longest", "spf", "curated_spf", "restore_first_order",
            "restore_curvature")
 CURATIONS = {"curated": "score", "curated_random": "random", "curated_longest": "longest", "curated_spf": "score"}
-BY_COLUMN = "curated_by_"  # + a score column: a row of curate_also_by
+BY_RULE = "by_"  # curation rule "by_<column>": the top-q% by a curate_also_by column
+CURATED_BY_PREFIX = f"curated_{BY_RULE}"  # its row: "curated_by_<column>"
 LENGTH_COLUMN = "n_response_tokens"
 NLL_DIGITS = {"refusal_nll": 3, "refusal_nll_rise": 3, "refusal_nll_rise_sd": 3, "task_nll": 3,
               "task_nll_vs_plain": 3, "rouge1": 3, "rougeL": 3}  # report digits; the judge's ASR keeps one
@@ -147,9 +148,15 @@ class MitigateConfig:
         if not self.corpora:
             raise ConfigError("corpora: at least one of S1, all")
         repeated = sorted({c for c in self.curate_also_by if self.curate_also_by.count(c) > 1})
-        if repeated or self.column in self.curate_also_by:
-            raise ConfigError(f"curate_also_by: {repeated or [self.column]} named twice (`column` is the `curated` "
-                              "row's)")
+        if repeated:
+            raise ConfigError(f"curate_also_by: {repeated} named twice")
+        if self.column in self.curate_also_by:
+            raise ConfigError(f"curate_also_by: {self.column!r} is `column` (the `curated` row already curates by "
+                              "it)")
+        unnamed = [c for c in self.curate_also_by if not c.strip() or "/" in c]
+        if unnamed:
+            raise ConfigError(f"curate_also_by: {unnamed} are not column names (empty, or with '/', which row and "
+                              "state names use)")
         if self.replicates < 1:
             raise ConfigError(f"replicates must be at least 1 (fine-tunes per row), got {self.replicates}")
         if "restore_curvature" in self.methods and self.restore.settings.preconditioner == "none":
@@ -187,22 +194,27 @@ def _run_suffix(run: int) -> str:
 
 def _rows(cfg: MitigateConfig) -> list[str]:
     """The table's rows: the configured methods, then a curated_by_<column> row per ``curate_also_by`` column."""
-    return [*cfg.methods, *(BY_COLUMN + column for column in cfg.curate_also_by)]
+    return [*cfg.methods, *(CURATED_BY_PREFIX + column for column in cfg.curate_also_by)]
 
 
 def _curation_rule(method: str) -> str | None:
     """How a row's corpus is curated: score / random / longest, by_<column>, or None (not curated)."""
-    return method.removeprefix("curated_") if method.startswith(BY_COLUMN) else CURATIONS.get(method)
+    return method.removeprefix("curated_") if method.startswith(CURATED_BY_PREFIX) else CURATIONS.get(method)
 
 
 def _check_score_columns(cfg: MitigateConfig) -> None:
-    """Every column the experiment ranks by is in the score file: an error before any fine-tune, not after some."""
+    """Every column the experiment ranks by is in the score file: one clear error before the first fine-tune."""
     import pyarrow.parquet as pq
 
     if not Path(cfg.scores).is_file():
         raise ConfigError(f"scores: no score file at {cfg.scores!r}")
     present = set(pq.read_schema(cfg.scores).names)
-    missing = [f"column: {cfg.column!r}"] if cfg.column not in present else []  # S1's partition reads it as is
+    rules = {CURATIONS.get(m) for m in cfg.methods}
+    missing = []
+    if cfg.column not in present and ("S1" in cfg.corpora or "score" in rules):  # S1's partition reads it as is
+        missing.append(f"column: {cfg.column!r}")
+    if LENGTH_COLUMN not in present and "longest" in rules:
+        missing.append(f"{LENGTH_COLUMN!r} (curated_longest)")
     missing += [f"curate_also_by: {c!r}" for c in cfg.curate_also_by if DERIVED_COLUMNS.get(c, (c,))[0] not in present]
     if missing:
         raise ConfigError(f"{', '.join(missing)} not in {cfg.scores} (columns: {sorted(present)}; derived: "
@@ -213,7 +225,7 @@ def _curated(cfg: MitigateConfig, data: DataConfig, scores: pd.DataFrame, rule: 
              run: int = 0) -> DataConfig:
     """The corpus without its top-q% by score (or by another column: rule by_<column>), a random q% (run i: draw
     seed + i), or its q% longest responses."""
-    column = rule.removeprefix("by_") if rule.startswith("by_") else {
+    column = rule.removeprefix(BY_RULE) if rule.startswith(BY_RULE) else {
         "score": cfg.column, "random": "random", "longest": LENGTH_COLUMN}[rule]
     frame = scores[scores["status"] == "ok"].copy() if "status" in scores else scores.copy()
     if rule == "random":
@@ -367,7 +379,8 @@ def run_mitigate(cfg: MitigateConfig) -> Path:
                 rule = _curation_rule(method)
                 source = curated[rule] if rule else data
                 states[_state_name(corpus, method, run)] = str(_finetune(
-                    cfg, corpus, source, method.endswith("spf"), corpus_dir / f"{method}{_run_suffix(run)}", run))
+                    cfg, corpus, source, method in ("spf", "curated_spf"), corpus_dir / f"{method}{_run_suffix(run)}",
+                    run))
         if any(m.startswith("restore_") for m in cfg.methods):
             plain = Path(states.get(_state_name(corpus, "plain"))
                          or _finetune(cfg, corpus, data, False, corpus_dir / "plain"))
@@ -433,7 +446,7 @@ def curation_contrasts(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for corpus, part in runs[runs["corpus"] != "θ0"].groupby("corpus", sort=False):
         rise = part.pivot_table(index="run", columns="method", values="refusal_nll_rise")
-        by_score = ["curated", *sorted(m for m in rise.columns if m.startswith(BY_COLUMN))]
+        by_score = ["curated", *(m for m in part["method"].unique() if m.startswith(CURATED_BY_PREFIX))]
         for curation in by_score:
             for rival in ("curated_random", "curated_longest"):
                 if curation not in rise or rival not in rise:
@@ -459,7 +472,7 @@ def write_report(cfg: MitigateConfig, metrics: pd.DataFrame, losses: pd.DataFram
              "(rise over θ0 = degradation; lower is safer). Utility: held-out task NLL (and its change relative to "
              "the plain fine-tune of the same corpus) and ROUGE-1/L of greedy answers.",
              f"Curation removes {cfg.curate_fraction:.0%} of each corpus: by `{cfg.column}`"
-             + "".join(f", by `{c}` (`{BY_COLUMN}{c}`)" for c in cfg.curate_also_by)
+             + "".join(f", by `{c}` (`{CURATED_BY_PREFIX}{c}`)" for c in cfg.curate_also_by)
              + ", at random, or the longest responses.", ""]
     if many:
         lines += [f"Fine-tunes ran {cfg.replicates} times each (seed finetune.train.seed + i: data order and LoRA "

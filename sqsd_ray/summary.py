@@ -50,7 +50,7 @@ def length_correlations(df: pd.DataFrame) -> dict[str, float]:
     return out
 
 
-def term_shares(df: pd.DataFrame, top_fraction: float = 0.2) -> pd.DataFrame:
+def term_ordering(df: pd.DataFrame, top_fraction: float = 0.2) -> pd.DataFrame:
     """What orders the scores: SQSD = Σ danger cosines − Σ safety cosines (Eq. 12), and a term whose spread dwarfs
     the other's ranks the samples almost alone. Per sample group (all scored samples; the riskiest ``top_fraction``
     by SQSD, the S1 band): each term's standard deviation and the Spearman ρ of SQSD with the danger term and with
@@ -129,13 +129,14 @@ def render_summary(
         lines.append(f"- Spearman ρ({col}, response tokens) = {rho:.3f}")
     lines.append("")
     if len(ok) >= 3:  # Spearman needs three samples
-        shares = term_shares(ok)
+        ordering = term_ordering(ok)
         lines += ["## What orders the scores", "",
                   "SQSD = danger term − safety term (Eq. 12). A term whose ρ with SQSD is near 1 orders the samples "
                   "almost alone; the other then only reorders samples whose dominant terms are close. Which term "
-                  "predicts degradation is measured by the effectiveness experiment's `danger_only` / `safety_only` "
-                  "arms, not by these figures.", "",
-                  *markdown_table(shares, {"n": 0, "sd danger": 3, "sd safety": 3, "ρ(SQSD, danger)": 2,
+                  "predicts degradation is measured by the ablation experiment's `danger only` / `safety only` arms "
+                  "(columns `danger_proj`, `neg_safety_proj`) and `experiment mitigate`'s `curate_also_by`, not by "
+                  "these figures.", "",
+                  *markdown_table(ordering, {"n": 0, "sd danger": 3, "sd safety": 3, "ρ(SQSD, danger)": 2,
                                            "ρ(SQSD, −safety)": 2, "ρ(danger, −safety)": 2}), ""]
     merged = ok.merge(texts, on="sample_id", how="left") if texts is not None else ok
     for title, part in (

@@ -48,8 +48,10 @@ def test_config_is_checked():
         MitigateConfig(replicates=0)
     with pytest.raises(ConfigError, match=r"curate_also_by: \['sqsd_raw'\] named twice"):
         MitigateConfig(curate_also_by=["sqsd_raw", "danger_proj", "sqsd_raw"])
-    with pytest.raises(ConfigError, match=r"curate_also_by: \['sqsd'\] named twice"):
+    with pytest.raises(ConfigError, match=r"curate_also_by: 'sqsd' is `column`"):
         MitigateConfig(curate_also_by=["sqsd"])
+    with pytest.raises(ConfigError, match=r"curate_also_by: \['a/b', ' '\] are not column names"):
+        MitigateConfig(curate_also_by=["sqsd_raw", "a/b", " "])
 
 
 def test_a_curation_column_missing_from_the_score_file_stops_before_any_fine_tune(tmp_path):
@@ -61,6 +63,9 @@ def test_a_curation_column_missing_from_the_score_file_stops_before_any_fine_tun
     with pytest.raises(ConfigError, match=r"curate_also_by: 'danger_proj' not in .*columns: \['safety_proj', "
                        r"'sample_id', 'sqsd'\]"):
         run_mitigate(cfg)
+    assert not out.exists()
+    with pytest.raises(ConfigError, match=r"column: 'sqsd_raw', 'n_response_tokens' \(curated_longest\) not in"):
+        run_mitigate(MitigateConfig(scores=str(tmp_path / "scores.parquet"), output_dir=str(out), column="sqsd_raw"))
     assert not out.exists()
     with pytest.raises(ConfigError, match="no score file"):
         run_mitigate(MitigateConfig(scores=str(tmp_path / "nothing.parquet"), output_dir=str(out)))

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sqsd_ray.summary import render_summary, term_shares
+from sqsd_ray.summary import render_summary, term_ordering
 
 
 def _scores(n: int = 200, seed: int = 0) -> pd.DataFrame:
@@ -23,15 +23,15 @@ def _spearman_closed_form(x: pd.Series, y: pd.Series) -> float:
     return 1 - 6 * float(((rank_x - rank_y) ** 2).sum()) / (n * (n * n - 1))
 
 
-def test_term_shares_match_pandas_on_all_samples_and_the_riskiest_fifth():
+def test_term_ordering_match_pandas_on_all_samples_and_the_riskiest_fifth():
     df = _scores()
     df.loc[0, "status"] = "zero_norm"  # not scored: left out of every figure
     df.loc[0, "sqsd"] = 1e9
-    shares = term_shares(df).set_index("samples")
+    ordering = term_ordering(df).set_index("samples")
     ok = df[df["status"] == "ok"]
     top = ok.nlargest(round(0.2 * len(ok)), "sqsd")
     for name, part in (("all samples", ok), ("riskiest 20 % by SQSD", top)):
-        row = shares.loc[name]
+        row = ordering.loc[name]
         assert row["n"] == len(part)
         assert row["sd danger"] == pytest.approx(part["danger_proj"].std())
         assert row["sd safety"] == pytest.approx(part["safety_proj"].std())
@@ -40,14 +40,15 @@ def test_term_shares_match_pandas_on_all_samples_and_the_riskiest_fifth():
         assert row["ρ(danger, −safety)"] == pytest.approx(
             _spearman_closed_form(part["danger_proj"], -part["safety_proj"]))
     # the dominant term orders the corpus almost alone; inside the top fifth its hold loosens
-    assert shares.loc["all samples", "ρ(SQSD, −safety)"] > 0.99
-    assert shares.loc["riskiest 20 % by SQSD", "ρ(SQSD, −safety)"] < shares.loc["all samples", "ρ(SQSD, −safety)"]
+    assert ordering.loc["all samples", "ρ(SQSD, −safety)"] > 0.99
+    assert ordering.loc["riskiest 20 % by SQSD", "ρ(SQSD, −safety)"] < ordering.loc["all samples", "ρ(SQSD, −safety)"]
 
 
 def test_summary_shows_what_orders_the_scores():
     df = _scores()
     text = render_summary(df)
     assert "## What orders the scores" in text
+    assert "ablation experiment's `danger only` / `safety only` arms" in text and "`curate_also_by`" in text
     rho = _spearman_closed_form(df["sqsd"], -df["safety_proj"])
     line = next(line for line in text.splitlines() if line.startswith("| all samples |"))
     assert line.split(" | ")[5] == f"{rho:.2f}"
