@@ -99,10 +99,7 @@ class Recipe:
     mitigate_methods: list[str] | None = None  # None: every method
     mitigate_epochs: int = 1  # epochs of the whole-corpus fine-tunes (S1 uses ``epochs``)
     # Ray actors that score and generate: one for the organism (an actor's start-up outweighs its work), two for
-    # SmolLM2 (one process per core: generation gains little from threads). Measured on 2 cores with SmolLM2: the
-    # two generation actors run side by side, but one of the two scoring actors was busy at a time, so scoring
-    # took as long as with one. Cause not found: on the tiny model both scoring actors score side by side, with
-    # Ray Data's per-operator resource reservation on or off and with a slow-starting second actor
+    # SmolLM2 (one process per core: generation and scoring gain little from threads)
     actors: int = 1
     pilot_lr: float | None = None  # the trajectory's pilot fine-tune (None: ``lr``)
 

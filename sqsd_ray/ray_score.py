@@ -31,6 +31,17 @@ from .score_store import ScoreStore
 log = logging.getLogger(__name__)
 
 TOKENIZE_CPUS = 0.5  # per tokenise task: light, and leaves room next to the actors on a small machine
+# A pool shares out whole blocks and an actor holds several at once, so with one block per actor the first actor
+# ready takes them all (SmolLM2 demo: 200 rows as 2 blocks, both in flight on the first actor while the second
+# loaded). Blocks are made small enough that every actor gets several.
+BLOCKS_PER_ACTOR = 4
+
+
+def block_plan(n_rows: int, rows_per_call: int, num_actors: int) -> tuple[int, int]:
+    """(rows per block, blocks): at most ``rows_per_call`` rows per actor call, and ``BLOCKS_PER_ACTOR`` blocks
+    per actor where the corpus has that many rows."""
+    rows_per_block = max(1, min(rows_per_call, -(-n_rows // (BLOCKS_PER_ACTOR * num_actors))))
+    return rows_per_block, max(1, -(-n_rows // rows_per_block))
 
 
 @functools.lru_cache(maxsize=4)
@@ -90,31 +101,33 @@ def score_with_ray(cfg: ScoreJobConfig, store: ScoreStore, rows: list[dict], act
             f"ray.num_actors × ray.num_cpus_per_actor = {resources.num_actors} × {resources.num_cpus_per_actor:g} "
             f"leaves {cpus - pool_cpus:g} of the cluster's {cpus:g} CPUs; tokenisation needs {TOKENIZE_CPUS:g} "
             "beside the pool: lower either (fractions are allowed, e.g. 0.75)")
-    rows_per_call = resources.rows_per_call
-    n_blocks = max(1, -(-len(rows) // rows_per_call))
+    rows_per_block, n_blocks = block_plan(len(rows), resources.rows_per_call, resources.num_actors)
     log.info(
-        "Ray Data scoring: %d samples in %d blocks, %d actor(s) × (%s CPU, %s GPU, %d torch threads), config %s",
-        len(rows), n_blocks, resources.num_actors, resources.num_cpus_per_actor, resources.num_gpus_per_actor,
+        "Ray Data scoring: %d samples in %d blocks of ≤ %d, %d actor(s) × (%s CPU, %s GPU, %d torch threads), "
+        "config %s", len(rows), n_blocks, rows_per_block, resources.num_actors, resources.num_cpus_per_actor,
+        resources.num_gpus_per_actor,
         resources.torch_threads_per_actor,
         stable_hash(cfg),
     )
+    # batch_size=None: each block is one call. A row count would make Ray Data bundle blocks up to it (200 rows in
+    # 4 blocks of 50 with a batch size of 64 became 2 bundles of 100).
     ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
     ds = ds.map_batches(
         tokenize_block,
         fn_kwargs={"model_cfg_json": json.dumps(to_dict(cfg.model)), "data_cfg_json": json.dumps(to_dict(cfg.data))},
         batch_format="pandas",
-        batch_size=rows_per_call,
+        batch_size=None,
         num_cpus=TOKENIZE_CPUS,
     )
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for actor restarts/retries yet: they travel as ray_remote_args,
         # which it marks deprecated. Explicit values beat Ray Data's default of infinite restarts.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
-        ds = _add_scoring_stage(ds, actor_cls, cfg, resources, rows_per_call)
+        ds = _add_scoring_stage(ds, actor_cls, cfg, resources)
     ds.write_parquet(str(store.parts_dir))
 
 
-def _add_scoring_stage(ds, actor_cls, cfg, resources, rows_per_call):
+def _add_scoring_stage(ds, actor_cls, cfg, resources):
     import ray.data
 
     return ds.map_batches(
@@ -122,7 +135,7 @@ def _add_scoring_stage(ds, actor_cls, cfg, resources, rows_per_call):
         fn_constructor_kwargs={"cfg_dict": to_dict(cfg)},
         compute=ray.data.ActorPoolStrategy(size=resources.num_actors),
         batch_format="pandas",
-        batch_size=rows_per_call,
+        batch_size=None,
         num_cpus=resources.num_cpus_per_actor,
         num_gpus=resources.num_gpus_per_actor,
         max_restarts=resources.max_restarts,

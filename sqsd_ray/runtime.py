@@ -41,7 +41,8 @@ class RayConfig:
     rows_per_call: int = help_field(
         256, help="rows handed to an actor per call; sorted by length inside into token-budget micro-batches, "
         "so larger values cut padding at the cost of coarser progress and retries (GPU batching on the Alpaca "
-        "instructions: 64 rows -> 13.7 % padding, 256 -> 4.9 %, 1024 -> 1.7 %)."
+        "instructions: 64 rows -> 13.7 % padding, 256 -> 4.9 %, 1024 -> 1.7 %). Fewer where the corpus is too "
+        "small to give every actor 4 calls."
     )
     max_restarts: int = help_field(3, help="times a dead scoring actor is restarted.")
     max_task_retries: int = help_field(3, help="times a call lost with its actor is retried on another.")

@@ -5,21 +5,28 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
-from ray import cloudpickle
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from ray import cloudpickle
 
 from sqsd_ray.cli import main
 from sqsd_ray.config import ConfigError, load_config
-from sqsd_ray.ray_score import ScoringActor, score_with_ray
-from sqsd_ray.score_run import ScoreJobConfig, run_score, sample_rows, scoring_identity, load_direction
-from sqsd_ray.score_store import ScoreStore
 from sqsd_ray.data import load_samples
+from sqsd_ray.ray_score import ScoringActor, block_plan, score_with_ray
+from sqsd_ray.score_run import (
+    ScoreJobConfig,
+    load_direction,
+    run_score,
+    sample_rows,
+    scoring_identity,
+)
+from sqsd_ray.score_store import ScoreStore
 from tests.conftest import save_random_directions
 
 pytestmark = pytest.mark.ray
@@ -98,6 +105,47 @@ def test_killed_actor_loses_and_doubles_nothing(job, local_ray, tmp_path):
     ref = _scores(job / "inproc")
     got = df.set_index("sample_id")
     assert got.index.is_unique and set(got.index) == set(ref.index)
+    np.testing.assert_allclose(got.loc[ref.index, "sqsd"], ref["sqsd"], atol=1e-6)
+
+
+class LateSecondActor(ScoringActor):
+    """Records which process scored each block; the second actor to start is slow to load, and a block takes a
+    while, as with a real model on CPU."""
+
+    marks: str = ""
+
+    def __init__(self, cfg_dict):
+        marks = Path(self.marks)
+        started = len(list(marks.glob("start-*")))
+        (marks / f"start-{os.getpid()}").touch()
+        if started:  # the second actor
+            time.sleep(3.0)
+        super().__init__(cfg_dict)
+
+    def __call__(self, block):
+        time.sleep(1.0)
+        (Path(self.marks) / f"call-{os.getpid()}-{time.monotonic_ns()}").touch()
+        return super().__call__(block)
+
+
+def test_an_actor_that_starts_late_still_gets_blocks(job, local_ray, tmp_path):
+    # the pool's first ready actor holds several blocks at once: with one block per actor it took them all
+    cfg = load_config(ScoreJobConfig, job / "score.yaml", [f"output.dir={tmp_path / 'out'}", "ray.num_actors=2",
+                                                          "ray.num_cpus_per_actor=0.75", "ray.rows_per_call=16"])
+    assert block_plan(N_RECORDS + 1, 16, 2) == (4, 7)  # 25 rows: 7 blocks of ≤ 4, where ≤ 16 rows gave 2
+    LateSecondActor.marks = str(tmp_path)
+    directions = {d: load_direction(getattr(cfg.directions, d), d) for d in ("danger", "safety")}
+    store = ScoreStore(cfg.output.dir)
+    store.begin(scoring_identity(cfg, directions), overwrite=False, resume=True)
+    samples, _ = load_samples(cfg.data)
+    score_with_ray(cfg, store, sample_rows(samples), actor_cls=LateSecondActor)
+    started = {p.name.split("-")[1] for p in tmp_path.glob("start-*")}
+    scored_by = [p.name.split("-")[1] for p in tmp_path.glob("call-*")]
+    assert len(started) == 2 and len(scored_by) == 7
+    assert set(scored_by) == started, f"one actor scored every block: {scored_by}"
+    got = store.consolidate({})[0].set_index("sample_id")
+    ref = _scores(job / "inproc")
+    assert set(got.index) == set(ref.index)
     np.testing.assert_allclose(got.loc[ref.index, "sqsd"], ref["sqsd"], atol=1e-6)
 
 
