@@ -32,14 +32,19 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import ray
 
 from sqsd_ray.config import from_dict
 from sqsd_ray.data import DataConfig, load_samples
 from sqsd_ray.demo import DemoSettings, run_demo
-from sqsd_ray.mitigate import MitigateConfig, restoration_paths, run_mitigate
+from sqsd_ray.experiments import score_column
+from sqsd_ray.mitigate import (
+    MitigateConfig,
+    paired_difference,
+    restoration_paths,
+    run_mitigate,
+)
 from sqsd_ray.restore import compare_at_equal_task_increase
 from sqsd_ray.runtime import RayConfig, init_ray
 from sqsd_ray.summary import markdown_table
@@ -101,11 +106,15 @@ def _contrast_columns(seed_dir: Path, corpus: str) -> dict:
     if "curation" in contrasts:  # the score's own curation, not a curate_also_by row
         contrasts = contrasts[contrasts["curation"] == "curated"]
     out = {}
-    for row in contrasts[contrasts["corpus"] == corpus].itertuples():
-        rival = row.rival.removeprefix("curated_")
-        spread = f" ± {row.standard_error:.3f}" if row.runs > 1 else ""
-        out[f"sqsd_minus_{rival}"] = f"{row.mean_difference:+.3f}{spread} ({row.score_lower_in}/{row.runs})"
+    for row in contrasts[contrasts["corpus"] == corpus].to_dict("records"):
+        out[f"sqsd_minus_{row['rival'].removeprefix('curated_')}"] = _contrast_text(row)
     return out
+
+
+def _contrast_text(contrast: dict) -> str:
+    """A paired difference (``mitigate.paired_difference``) as "mean ± SE (runs lower/runs)"."""
+    spread = f" ± {contrast['standard_error']:.3f}" if contrast["runs"] > 1 else ""
+    return f"{contrast['mean_difference']:+.3f}{spread} ({contrast['score_lower_in']}/{contrast['runs']})"
 
 
 def mitigate_on_local_ray(config: dict) -> None:
@@ -131,8 +140,9 @@ def s1_curation_at(seed_dir: Path, fraction: float, replicates: int = 1) -> dict
             "longest": rise["curated_longest"]}
 
 
-# The score's parts as curation rules (higher = riskier): Eq. 12's two terms alone, and Eq. 12 without normalisation.
-TERMS = {"danger_only": ("danger_proj", 1.0), "safety_only": ("safety_proj", -1.0), "sqsd_raw": ("sqsd_raw", 1.0)}
+# The score's parts as curation rules (score columns, higher = riskier): Eq. 12's two terms alone, and Eq. 12
+# without normalisation.
+TERMS = {"danger_only": "danger_proj", "safety_only": "neg_safety_proj", "sqsd_raw": "sqsd_raw"}
 KEPT_RULES = {"plain": "plain", "curated": "sqsd", "curated_random": "random", "curated_longest": "longest"}
 
 
@@ -155,8 +165,8 @@ def curation_by_terms(seed_dir: Path, corpus: str, replicates: int) -> pd.DataFr
         data_path = str(seed_dir / "mitigate" / "S1" / "partition" / "S1.jsonl")
         band = load_samples(DataConfig(path=data_path, format="jsonl", schema="messages"))[0]
         scores = scores[scores["sample_id"].isin({sample.sample_id for sample in band})].copy()
-    for rule, (column, sign) in TERMS.items():
-        scores[rule] = sign * scores[column]
+    for rule, column in TERMS.items():
+        scores[rule] = score_column(scores, column)
     out = seed_dir / "curate_terms" / corpus
     out.mkdir(parents=True, exist_ok=True)
     scores.to_parquet(out / "scores.parquet", index=False)
@@ -176,15 +186,6 @@ def curation_by_terms(seed_dir: Path, corpus: str, replicates: int) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
-def paired_difference(rises: pd.DataFrame, rule: str, rival: str) -> tuple[float, float, int, int]:
-    """``rule`` minus ``rival`` paired by run: mean, standard error (NaN with one run), runs where ``rule`` is lower,
-    runs."""
-    by = rises.pivot(index="run", columns="rule", values="rise")
-    diff = (by[rule] - by[rival]).to_numpy(float)
-    se = float(np.std(diff, ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
-    return float(diff.mean()), se, int((diff < 0).sum()), len(diff)
-
-
 def print_curation_by_terms(corpus: str, by_seed: dict[int, pd.DataFrame]) -> dict:
     """Per seed, each rule's mean rise; per part of the score, its paired difference with the longest and the random
     removal and the seeds where its mean rise is the lower. Returns the figures for the JSON output."""
@@ -195,19 +196,16 @@ def print_curation_by_terms(corpus: str, by_seed: dict[int, pd.DataFrame]) -> di
     for seed, rises in by_seed.items():
         means = rises.groupby("rule")["rise"].mean()
         print(f"| {seed} | " + " | ".join(f"{means[r]:.3f}" for r in rules) + " |")
-        figures[seed] = {"mean_rise": means.to_dict(), "contrasts": {}}
-        for rule in ["sqsd", *TERMS]:
-            for rival in ("longest", "random"):
-                figures[seed]["contrasts"][f"{rule}-{rival}"] = paired_difference(rises, rule, rival)
+        by_run = rises.pivot(index="run", columns="rule", values="rise")
+        figures[seed] = {"mean_rise": means.to_dict(), "contrasts": {
+            f"{rule}-{rival}": paired_difference(by_run[rule], by_run[rival])
+            for rule in ["sqsd", *TERMS] for rival in ("longest", "random")}}
     for rival in ("longest", "random"):
         print(f"\n{corpus}: each rule minus {rival}, paired by run: mean ± standard error (runs where the rule's rise "
               "is lower)\n")
         print("| seed | " + " | ".join(["sqsd", *TERMS]) + " |\n|" + "---|" * (len(TERMS) + 2))
         for seed in by_seed:
-            cells = []
-            for rule in ["sqsd", *TERMS]:
-                mean, se, lower, runs = figures[seed]["contrasts"][f"{rule}-{rival}"]
-                cells.append(f"{mean:+.3f}" + (f" ± {se:.3f}" if runs > 1 else "") + f" ({lower}/{runs})")
+            cells = [_contrast_text(figures[seed]["contrasts"][f"{rule}-{rival}"]) for rule in ["sqsd", *TERMS]]
             print(f"| {seed} | " + " | ".join(cells) + " |")
         for rule in ["sqsd", *TERMS]:
             won = sum(figures[seed]["mean_rise"][rule] < figures[seed]["mean_rise"][rival] for seed in by_seed)

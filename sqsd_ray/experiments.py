@@ -108,6 +108,14 @@ def with_random_ranking(frame: pd.DataFrame, seed: int) -> pd.DataFrame:
     return frame
 
 
+def score_column(frame: pd.DataFrame, column: str) -> pd.Series:
+    """A column of a score table, or a derived one (``DERIVED_COLUMNS``, e.g. neg_safety_proj = −safety_proj)."""
+    if column in DERIVED_COLUMNS:
+        source, sign = DERIVED_COLUMNS[column]
+        return sign * frame[source]
+    return frame[column]
+
+
 def _arm_scores(cfg: ExperimentConfig, arm: Arm, out: Path) -> tuple[str, str]:
     """(score file, column) for partitioning, writing a derived column (e.g. −safety_proj) when asked."""
     path = arm.scores or cfg.scores
@@ -119,8 +127,7 @@ def _arm_scores(cfg: ExperimentConfig, arm: Arm, out: Path) -> tuple[str, str]:
     if arm.column == RANDOM_COLUMN:  # the chance row: a seeded random ranking of the same scored samples
         frame = with_random_ranking(frame, cfg.partition.seed)
     else:
-        source, sign = DERIVED_COLUMNS[arm.column]
-        frame[arm.column] = sign * frame[source]
+        frame[arm.column] = score_column(frame, arm.column)
     derived = out / f"scores_{arm.column}.parquet"
     frame.to_parquet(derived, index=False)
     return str(derived), arm.column

@@ -49,6 +49,7 @@ from .experiments import (
     ExperimentEval,
     eval_job,
     final_state,
+    score_column,
     with_random_ranking,
 )
 from .models import (
@@ -231,8 +232,7 @@ def _curated(cfg: MitigateConfig, data: DataConfig, scores: pd.DataFrame, rule: 
     if rule == "random":
         frame = with_random_ranking(frame, cfg.seed + run)
     if column in DERIVED_COLUMNS:
-        source, sign = DERIVED_COLUMNS[column]
-        frame[column] = sign * frame[source]
+        frame[column] = score_column(frame, column)
     if column not in frame:
         raise ConfigError(f"curation by {rule} needs column {column!r} in {cfg.scores}")
     out.mkdir(parents=True, exist_ok=True)
@@ -438,6 +438,15 @@ def shown(table: pd.DataFrame) -> pd.DataFrame:
     return table.drop(columns=[c for c in drop if c in table])
 
 
+def paired_difference(score: pd.Series, rival: pd.Series) -> dict:
+    """``score`` minus ``rival`` (refusal-NLL rises indexed by run), paired by run over the runs both have: mean ±
+    standard error (NaN for one run), and the runs where ``score`` is lower."""
+    difference = (score - rival).dropna()
+    return {"runs": len(difference), "mean_difference": float(difference.mean()),
+            "standard_error": float(difference.std() / np.sqrt(len(difference))) if len(difference) > 1 else np.nan,
+            "score_lower_in": int((difference < 0).sum())}
+
+
 def curation_contrasts(runs: pd.DataFrame) -> pd.DataFrame:
     """Per corpus, each curation by a score (``curated``, and every ``curated_by_<column>`` row) against each rival
     rule: its refusal-NLL rise minus the rival's, paired by run (the same seed), as mean ± standard error over
@@ -451,12 +460,8 @@ def curation_contrasts(runs: pd.DataFrame) -> pd.DataFrame:
             for rival in ("curated_random", "curated_longest"):
                 if curation not in rise or rival not in rise:
                     continue
-                difference = (rise[curation] - rise[rival]).dropna()
-                rows.append({"corpus": corpus, "curation": curation, "rival": rival, "runs": len(difference),
-                             "mean_difference": float(difference.mean()),
-                             "standard_error": float(difference.std() / np.sqrt(len(difference)))
-                             if len(difference) > 1 else np.nan,
-                             "score_lower_in": int((difference < 0).sum())})
+                rows.append({"corpus": corpus, "curation": curation, "rival": rival,
+                             **paired_difference(rise[curation], rise[rival])})
     return pd.DataFrame(rows)
 
 
@@ -581,5 +586,5 @@ def plot_tradeoff(table: pd.DataFrame, path: Path) -> Path:
 
 
 __all__ = ["HeldOut", "METHODS", "MitigateConfig", "MitigateRestore", "curation_contrasts", "measure_states",
-           "mitigation_table", "plot_restoration_paths", "restoration_paths", "rouge_l", "rouge_n", "run_mitigate",
-           "run_table", "shown", "write_report"]
+           "mitigation_table", "paired_difference", "plot_restoration_paths", "restoration_paths", "rouge_l",
+           "rouge_n", "run_mitigate", "run_table", "shown", "write_report"]
