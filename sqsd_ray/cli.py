@@ -2,6 +2,7 @@
 
     sqsd-ray score --config jobs/score_tiny.yaml [--set data.max_length=256 ...]
     sqsd-ray score --help-config          # every config key with its type, default and help
+    sqsd-ray verify runs/score_tiny       # check a finished score run directory
     sqsd-ray demo [--quick]                       # the embedded default: the whole pipeline on a model organism
     sqsd-ray quickstart [--out runs/quickstart]   # scoring only: tiny random model, real corpus
 
@@ -20,6 +21,8 @@
     sqsd-ray curate --config jobs/curate_tiny.yaml [--set mode=reweight]   # drop / down-weight the riskiest samples
 
 Every --config may be given several times: the files merge key by key, later ones winning.
+A failure the tool anticipates (a bad config key, a missing file, a damaged record) is one line on stderr,
+exit code 2; `sqsd-ray -v ...` adds its traceback.
 """
 
 from __future__ import annotations
@@ -27,9 +30,18 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from .config import ConfigError, describe, load_config
+
+# Failures with a message written for the user (a config key, a file, a record): one line, no traceback.
+# ValueError covers ConfigError; the OSErrors listed name the path they concern.
+ANTICIPATED = (ConfigError, ValueError, FileExistsError, FileNotFoundError, PermissionError, NotADirectoryError,
+               IsADirectoryError)
+# Their errors subclass the ones above, but their messages span lines and name no config key: ``models`` turns
+# the expected ones into ConfigError, so one that gets here is a surprise and keeps its traceback.
+UNANTICIPATED_MODULES = ("transformers", "huggingface_hub")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +69,18 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .score_run import ScoreJobConfig, run_score
 
     return _run_job(args, ScoreJobConfig, run_score, show="summary.md")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .score_store import verify_run
+
+    problems = verify_run(Path(args.run_dir))
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    print(f"ok: {args.run_dir} verified")
+    return 0
 
 
 def cmd_directions_build(args: argparse.Namespace) -> int:
@@ -177,10 +201,17 @@ def _job(sub, name: str, help: str, func) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sqsd-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and a traceback with every error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    _job(sub, "score", "score every sample of a corpus with SQSD (writes Parquet + summary)", cmd_score)
+    score = _job(sub, "score", "score every sample of a corpus with SQSD (writes Parquet + summary)", cmd_score)
+    score.add_argument("--break-lock", dest="overrides", action="append_const", const="output.break_lock=true",
+                       help="take over a run directory's lock held by a process on another host (only when you know "
+                       "it is gone)")
+    verify = sub.add_parser("verify", help="check a finished score run directory: no run in progress, every part and "
+                            "the final scores intact; exit 1 listing each problem")
+    verify.add_argument("run_dir", metavar="RUN_DIR", help="output.dir of a score run")
+    verify.set_defaults(func=cmd_verify)
 
     directions = sub.add_parser("directions", help="build, export and validate V_danger / V_safety")
     dsub = directions.add_subparsers(dest="directions_command", required=True)
@@ -261,12 +292,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, FileExistsError, FileNotFoundError) as err:
+    except ANTICIPATED as err:
+        if type(err).__module__.split(".")[0] in UNANTICIPATED_MODULES:
+            raise
+        if args.verbose:
+            traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except ValueError as err:  # data errors, direction mismatches: messages name the record / module
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt as err:  # Ctrl-C; a scoring run says what it kept and how to resume
+        if args.verbose:
+            traceback.print_exc()
+        print(str(err) or "interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,16 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config key is unknown, missing or ill-typed; the message names the dotted key."""
+
+
+class _NotFinite(ConfigError):
+    """NaN or ±inf in a float field: kept apart so a union (``float | None``) reports it as such."""
+
+
+def one_line(text: object) -> str:
+    """``text`` with its line breaks and runs of spaces squashed: YAML and hub errors span several lines,
+    and an error the CLI prints is one line."""
+    return " ".join(str(text).split())
 
 
 def help_field(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
@@ -54,13 +65,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        not_finite = None
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
+            except _NotFinite as err:
+                not_finite = err
             except ConfigError:
                 continue
+        if not_finite is not None:
+            raise not_finite
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value in get_args(tp):
@@ -86,11 +102,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string; it is plainly a number
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected float, got {value!r}")
+        # NaN passes every comparison a __post_init__ makes (nan < 0 is False) and poisons the scores. No
+        # config means "unbounded" by inf (null does that), so ±inf is refused as well.
+        if not math.isfinite(value):
+            raise _NotFinite(f"{key}: must be a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -151,7 +171,13 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     path = [p for p in key.strip().split(".") if p]
     if not path:
         raise ConfigError(f"override {item!r} has an empty key")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"override {item!r}: value is not valid YAML ({one_line(err)}); fix it, or quote a string that "
+            f"holds YAML syntax, e.g. --set 'key=\"a: [b\"'"
+        ) from err
     return path, value
 
 
@@ -219,7 +245,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        raise ConfigError(f"config file {path} is not valid YAML: {one_line(err)}") from err
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -261,6 +287,7 @@ __all__ = [
     "from_dict",
     "help_field",
     "load_config",
+    "one_line",
     "stable_hash",
     "to_dict",
 ]

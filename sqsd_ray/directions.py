@@ -19,18 +19,21 @@ the metadata as JSON strings in the safetensors header. No pickle, no transforme
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from .config import one_line
 
 FORMAT = "sqsd-direction/1"
 DIRECTION_KINDS = ("danger", "safety")
@@ -114,8 +117,23 @@ def _check_kind(kind: str) -> str:
     return kind
 
 
+@contextlib.contextmanager
+def open_safetensors(path: str | Path, what: str, fix: str, device: str = "cpu") -> Iterator[Any]:
+    """``safe_open`` whose errors (a truncated or foreign file) name the file and what to do about it;
+    safetensors' own name neither."""
+    try:
+        with safe_open(str(path), framework="pt", device=device) as handle:
+            yield handle
+    except SafetensorError as err:
+        raise ValueError(f"{what} {path} is not a readable safetensors file ({one_line(err)}): {fix}") from err
+
+
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+_REBUILD = ("rebuild it (sqsd-ray directions build / export) or point the config's direction key "
+            "(e.g. directions.danger) at another file")
 
 
 class Direction:
@@ -257,27 +275,31 @@ class Direction:
                 f"{path} is not a direction file (*.safetensors written by Direction.save); "
                 f"to build one from a peft adapter dir use Direction.from_peft_adapter"
             )
-        with safe_open(str(path), framework="pt") as handle:
+        with open_safetensors(path, "direction file", _REBUILD) as handle:
             header = handle.metadata() or {}
         if header.get("format") != FORMAT:
             raise ValueError(
                 f"{path} is not an SQSD direction file (header format {header.get('format')!r}, expected {FORMAT!r}); "
                 f"to build one from a peft adapter use Direction.from_peft_adapter"
             )
-        return {
-            "format": header["format"],
-            "metadata": json.loads(header["metadata"]),
-            "scalings": json.loads(header["scalings"]),
-            "shapes": {k: tuple(v) for k, v in json.loads(header["shapes"]).items()},
-            "fingerprint": header["fingerprint"],
-        }
+        try:
+            return {
+                "format": header["format"],
+                "metadata": json.loads(header["metadata"]),
+                "scalings": json.loads(header["scalings"]),
+                "shapes": {k: tuple(v) for k, v in json.loads(header["shapes"]).items()},
+                "fingerprint": header["fingerprint"],
+            }
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"direction file {path} has a damaged header ({type(err).__name__}: {err}): "
+                             f"{_REBUILD}") from err
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Direction:
         """Read a file written by ``save``; the stored fingerprint is verified against the tensors."""
         header = cls.read_header(path)
         modules: dict[str, LoraFactors] = {}
-        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+        with open_safetensors(path, "direction file", _REBUILD, device=str(device)) as handle:
             keys = set(handle.keys())
             for name, scaling in header["scalings"].items():
                 if f"{name}.A" not in keys or f"{name}.B" not in keys:
@@ -420,5 +442,6 @@ __all__ = [
     "direction_from_factors",
     "factored_inner",
     "init_state_from_direction",
+    "open_safetensors",
     "random_direction",
 ]

@@ -26,6 +26,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import re
 import sys
 import warnings
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from .config import ConfigError, help_field, stable_hash
+from .config import ConfigError, help_field, one_line, stable_hash
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from peft import PeftModel
@@ -226,7 +227,14 @@ def smollm2_gguf_path() -> Path:
 
 
 def resolve_model_source(cfg: ModelConfig) -> ModelSource:
-    """Map ``cfg.name_or_path`` to a tiny arch, or a (dir or hub id, gguf file) pair."""
+    """Map ``cfg.name_or_path`` to a tiny arch, or a (dir or hub id, gguf file) pair.
+
+    A local path that does not exist, a malformed hub id, or (with HF_HUB_OFFLINE set) a hub id missing from
+    the HF cache is a ConfigError here, before anything is loaded; so is a ``cfg.tokenizer`` path that does not
+    exist, so that a driver resolving the model fails before its workers load it.
+    """
+    if cfg.tokenizer is not None and _looks_local(cfg.tokenizer):
+        _existing_local("model.tokenizer", cfg.tokenizer, "tokenizer directory")
     if cfg.is_tiny:
         return ModelSource("tiny", TINY_MODELS[cfg.name_or_path])
     if cfg.name_or_path == SMOLLM2_ALIAS:
@@ -237,7 +245,77 @@ def resolve_model_source(cfg: ModelConfig) -> ModelSource:
         if not gguf.is_file():
             raise ConfigError(f"model.name_or_path: GGUF file {gguf} does not exist")
         return ModelSource("pretrained", str(gguf.parent.resolve()), gguf.name)
+    if _looks_local(cfg.name_or_path):
+        directory = _existing_local("model.name_or_path", cfg.name_or_path, "model directory")
+        if directory.is_file():
+            raise ConfigError(f"model.name_or_path: {directory} is a file; give the model directory (the one "
+                              "holding config.json) or a .gguf file")
+        if cfg.gguf_file is not None and not (directory / cfg.gguf_file).is_file():
+            raise ConfigError(f"model.gguf_file: {directory} holds no file {cfg.gguf_file!r}")
+        return ModelSource("pretrained", str(directory), cfg.gguf_file)
+    _check_hub_id("model.name_or_path", cfg.name_or_path, cfg.gguf_file or "config.json", cfg.revision)
     return ModelSource("pretrained", cfg.name_or_path, cfg.gguf_file)
+
+
+def _looks_local(name: str) -> bool:
+    # A hub id is "name" or "org/name"; anything else is meant as a path, and huggingface_hub would only
+    # answer it with "Repo id must be in the form ...".
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
+
+
+def _existing_local(key: str, value: str, what: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.exists():
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+        raise ConfigError(f"{key}: local {what} {path}{where} does not exist; fix the path, or give a hub id "
+                          f"such as HuggingFaceTB/SmolLM2-135M-Instruct")
+    return path
+
+
+def _hub_offline() -> bool:
+    # huggingface_hub reads HF_HUB_OFFLINE once, when imported; the environment is what the user set now.
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return constants.HF_HUB_OFFLINE or value.upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _check_hub_id(key: str, repo_id: str, filename: str, revision: str | None) -> None:
+    """A malformed id, or (offline) one the HF cache lacks, fails here at once: offline, transformers answers
+    with a generic "couldn't connect"; online it retries for about a minute first."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ConfigError(f"{key}: {repo_id!r} is neither an existing local path nor a valid hub id "
+                          f"({one_line(err)})") from err
+    if _hub_offline() and not isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str):
+        raise ConfigError(
+            f"{key}: hub model {repo_id!r} (revision {revision or 'main'}) is not in the local HF cache "
+            f"{constants.HF_HUB_CACHE} and the hub is offline (HF_HUB_OFFLINE); download it where the hub is "
+            f"reachable, or point {key} at a local model directory"
+        )
+
+
+@contextlib.contextmanager
+def _load_errors(key: str, name: str) -> Iterator[None]:
+    """transformers' and huggingface_hub's load failures (missing repo or file, no connection) as a ConfigError
+    naming the key and what to do; their own messages span lines and name neither."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import httpx
+
+    try:
+        yield
+    except (OSError, HFValidationError, httpx.HTTPError) as err:
+        if Path(name).expanduser().exists():
+            hint = "is it a complete directory written by save_pretrained?"
+        else:
+            hint = ("check the id; without a connection to the hub, download it elsewhere into the HF cache and "
+                    "set HF_HUB_OFFLINE=1, or point it at a local directory")
+        raise ConfigError(f"{key}: could not load {name!r} ({one_line(err)}); {hint}") from err
 
 
 def _hub_kwargs(cfg: ModelConfig) -> dict[str, Any]:
@@ -246,6 +324,13 @@ def _hub_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.revision is not None:
         kwargs["revision"] = cfg.revision
+    return kwargs
+
+
+def _pretrained_kwargs(cfg: ModelConfig, source: ModelSource) -> dict[str, Any]:
+    kwargs = _hub_kwargs(cfg)
+    if source.gguf_file is not None:
+        kwargs["gguf_file"] = source.gguf_file
     return kwargs
 
 
@@ -258,17 +343,17 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
     source = resolve_model_source(cfg)
     if cfg.tokenizer is not None:
-        # cfg.revision pins the model repo, not this one
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
+        name = os.path.expanduser(cfg.tokenizer)
+        with _load_errors("model.tokenizer", name):
+            # cfg.revision pins the model repo, not this one
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     elif source.kind == "tiny":
         from .tiny import build_tiny_tokenizer
 
         tokenizer = build_tiny_tokenizer()
     else:
-        kwargs = _hub_kwargs(cfg)
-        if source.gguf_file is not None:
-            kwargs["gguf_file"] = source.gguf_file
-        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+        with _load_errors("model.name_or_path", source.path):
+            tokenizer = AutoTokenizer.from_pretrained(source.path, **_pretrained_kwargs(cfg, source))
     if cfg.chat_template is not None:
         template_path = Path(cfg.chat_template).expanduser()
         if not template_path.is_file():
@@ -302,17 +387,33 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
 
     from transformers import AutoModelForCausalLM
 
-    kwargs = _hub_kwargs(cfg)
+    kwargs = _pretrained_kwargs(cfg, source)
     kwargs["dtype"] = cfg.torch_dtype
     kwargs["attn_implementation"] = cfg.attn_implementation
-    if source.gguf_file is not None:
-        kwargs["gguf_file"] = source.gguf_file
-    model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    with _load_errors("model.name_or_path", source.path):
+        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     if source.gguf_file is not None:
         _drop_gguf_quantizer(model)
     if model.dtype != cfg.torch_dtype:  # e.g. a GGUF de-quantised to float32 by default
         model = model.to(cfg.torch_dtype)
     return model.eval()
+
+
+def lora_shapes_without_weights(cfg: ModelConfig, lora: LoraSettings) -> dict[str, tuple[int, int]]:
+    """``lora_module_shapes(load_model(cfg), lora)`` without reading the weights, so a driver can check
+    directions against the model before any worker loads it. A pretrained model is built from its config on
+    the meta device (a GGUF file's header gives the config); a tiny built-in one is simply built."""
+    source = resolve_model_source(cfg)
+    if source.kind == "tiny":
+        return lora_module_shapes(load_model(cfg), lora)
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with _load_errors("model.name_or_path", source.path):
+        config = AutoConfig.from_pretrained(source.path, **_pretrained_kwargs(cfg, source))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    return lora_module_shapes(model, lora)
 
 
 def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
@@ -579,10 +680,15 @@ def load_adapter_state(path: str | Path) -> tuple[FactorDict, AdapterInfo]:
     ``modules_to_save``, embedding LoRA, fan-in-fan-out Conv1D layouts) is refused: its task vector would be
     silently incomplete.
     """
-    from safetensors import safe_open
+    from .directions import open_safetensors
 
     config_path, weights_path = _adapter_files(path)
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err}): re-save the adapter with save_pretrained") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}; re-save the adapter")
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise ValueError(f"{config_path}: peft_type {peft_type!r} is not supported; only plain LoRA adapters are")
@@ -592,7 +698,8 @@ def load_adapter_state(path: str | Path) -> tuple[FactorDict, AdapterInfo]:
 
     factor_parts: dict[str, dict[str, torch.Tensor]] = {}
     adapter_names: set[str] = set()
-    with safe_open(str(weights_path), framework="pt") as handle:
+    fix = "re-save the adapter (save_pretrained) or point the config at another adapter"
+    with open_safetensors(weights_path, "adapter weights file", fix) as handle:
         for key in handle.keys():
             match = _ADAPTER_KEY.match(key)
             if match is None:
@@ -784,6 +891,7 @@ __all__ = [
     "load_model_and_tokenizer",
     "load_tokenizer",
     "lora_module_shapes",
+    "lora_shapes_without_weights",
     "model_fingerprint",
     "resolve_model_source",
     "set_lora_factors",
