@@ -1,8 +1,8 @@
 """Distributed scoring on Ray Data: rows -> tokenise (CPU tasks) -> scoring actor pool -> Parquet parts.
 
-    from_items(rows) ──map_batches(tokenize, CPU tasks)──> token rows
-                     ──map_batches(BlockScorer, ActorPoolStrategy(size=n), GPUs/CPUs per actor)──> scalars
-                     ──write_parquet(<run>/parts)
+    from_pandas(blocks) ──map_batches(tokenize, CPU tasks)──> token rows
+                        ──map_batches(BlockScorer, ActorPoolStrategy(size=n), GPUs/CPUs per actor)──> scalars
+                        ──driver: iter_batches, one ScoreStore.write_part per block, as each block arrives
 
 Each actor is a ``score_run.BlockScorer``: it loads the base model once, both init-state adapters and both
 directions, and sorts every block it receives by length into token-budget micro-batches (length-aware
@@ -10,6 +10,12 @@ batching where the padding is paid). It returns only per-sample scalars keyed by
 larger than a score row crosses the object store. Dead actors are restarted (``ray.max_restarts``) and their
 in-flight blocks retried (``ray.max_task_retries``); a block is written only once it is fully scored, and
 ``ScoreStore.consolidate`` keeps each sample_id once, so a crash neither loses nor doubles a row.
+
+The driver writes each scored block as a part the moment it arrives (Ray Data's own ``write_parquet`` sits
+behind the actor pool, back-pressured, and wrote every file in the last seconds of a run), so an interruption
+keeps every block scored before it. Blocks are cut to exactly ``rows_per_block`` rows and the scoring stage asks
+for batches of that size: Ray Data refuses ``batch_size=None`` where actors request GPUs, and with full blocks
+each call is still one block.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any
 from .config import ConfigError, from_dict, stable_hash, to_dict
 from .data import DataConfig
 from .models import ModelConfig, load_tokenizer
-from .runtime import init_ray
+from .runtime import RayConfig, init_ray
 from .score_run import BlockScorer, ScoreJobConfig, tokenize_rows
 from .score_store import ScoreStore
 
@@ -86,14 +92,43 @@ class ScoringActor(BlockScorer):
         return super().__call__(block)
 
 
-def score_with_ray(cfg: ScoreJobConfig, store: ScoreStore, rows: list[dict], actor_cls: type = ScoringActor) -> None:
-    """Score ``rows`` (from ``score_run.sample_rows``) on Ray and write Parquet parts into ``store``."""
-    ray = init_ray(cfg.ray)
-    import ray.data
+def score_with_ray(cfg: ScoreJobConfig, store: ScoreStore, rows: list[dict], actor_cls: type | None = None) -> None:
+    """Score ``rows`` (from ``score_run.sample_rows``) on Ray, writing each scored block into ``store`` as it arrives.
+
+    A Ray this call started is shut down if scoring fails or is interrupted, so no Ray process outlives the run.
+    """
+    import ray
+
+    started_here = not ray.is_initialized()
+    init_ray(cfg.ray)
+    try:
+        _score_blocks(cfg, store, rows, actor_cls or ScoringActor)
+    except BaseException:
+        if started_here:
+            ray.shutdown()
+        raise
+
+
+def ray_resources(cfg: ScoreJobConfig) -> RayConfig:
+    """Start or attach to Ray and resolve the scoring pool against the cluster; a ConfigError for a pool the
+    cluster cannot feed (a Ray started here is shut down again then)."""
+    import ray
+
+    started_here = not ray.is_initialized()
+    init_ray(cfg.ray)
+    try:
+        return _resolve_pool(cfg)
+    except ConfigError:
+        if started_here:
+            ray.shutdown()
+        raise
+
+
+def _resolve_pool(cfg: ScoreJobConfig) -> RayConfig:
+    import ray
 
     cluster = ray.cluster_resources()
     resources = cfg.ray.resolved(cluster_gpus=float(cluster.get("GPU", 0)))
-    cfg = replace(cfg, ray=resources)
     pool_cpus, cpus = resources.num_actors * resources.num_cpus_per_actor, float(cluster.get("CPU", 0))
     if cpus - pool_cpus < TOKENIZE_CPUS:
         # the pool would hold every CPU and the tokenise tasks feeding it would wait forever (ray#44687)
@@ -101,6 +136,16 @@ def score_with_ray(cfg: ScoreJobConfig, store: ScoreStore, rows: list[dict], act
             f"ray.num_actors × ray.num_cpus_per_actor = {resources.num_actors} × {resources.num_cpus_per_actor:g} "
             f"leaves {cpus - pool_cpus:g} of the cluster's {cpus:g} CPUs; tokenisation needs {TOKENIZE_CPUS:g} "
             "beside the pool: lower either (fractions are allowed, e.g. 0.75)")
+    return resources
+
+
+def _score_blocks(cfg: ScoreJobConfig, store: ScoreStore, rows: list[dict], actor_cls: type) -> None:
+    import pandas as pd
+    import ray.data
+    from tqdm.auto import tqdm
+
+    resources = _resolve_pool(cfg)
+    cfg = replace(cfg, ray=resources)
     rows_per_block, n_blocks = block_plan(len(rows), resources.rows_per_call, resources.num_actors)
     log.info(
         "Ray Data scoring: %d samples in %d blocks of ≤ %d, %d actor(s) × (%s CPU, %s GPU, %d torch threads), "
@@ -109,9 +154,12 @@ def score_with_ray(cfg: ScoreJobConfig, store: ScoreStore, rows: list[dict], act
         resources.torch_threads_per_actor,
         stable_hash(cfg),
     )
-    # batch_size=None: each block is one call. A row count would make Ray Data bundle blocks up to it (200 rows in
-    # 4 blocks of 50 with a batch size of 64 became 2 bundles of 100).
-    ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
+    # Blocks of exactly rows_per_block rows (the last may be shorter): with the scoring stage's batch_size equal to
+    # it, every call is one block. A batch size that does not match the blocks makes Ray Data bundle several blocks
+    # into one call (4 blocks of 50 with a batch size of 64 became 2 bundles of 100), and fewer, larger calls
+    # starve a late actor.
+    blocks = [pd.DataFrame(rows[i:i + rows_per_block]) for i in range(0, len(rows), rows_per_block)]
+    ds = ray.data.from_pandas(blocks)
     ds = ds.map_batches(
         tokenize_block,
         fn_kwargs={"model_cfg_json": json.dumps(to_dict(cfg.model)), "data_cfg_json": json.dumps(to_dict(cfg.data))},
@@ -123,11 +171,14 @@ def score_with_ray(cfg: ScoreJobConfig, store: ScoreStore, rows: list[dict], act
         # Ray 2.60 has no named parameter for actor restarts/retries yet: they travel as ray_remote_args,
         # which it marks deprecated. Explicit values beat Ray Data's default of infinite restarts.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
-        ds = _add_scoring_stage(ds, actor_cls, cfg, resources)
-    ds.write_parquet(str(store.parts_dir))
+        ds = _add_scoring_stage(ds, actor_cls, cfg, resources, rows_per_block)
+    with tqdm(total=len(rows), desc="scoring", unit="sample") as bar:
+        for block in ds.iter_batches(batch_size=None, batch_format="pandas", prefetch_batches=0):
+            store.write_part(block)
+            bar.update(len(block))
 
 
-def _add_scoring_stage(ds, actor_cls, cfg, resources):
+def _add_scoring_stage(ds, actor_cls, cfg, resources, rows_per_block: int):
     import ray.data
 
     return ds.map_batches(
@@ -135,7 +186,7 @@ def _add_scoring_stage(ds, actor_cls, cfg, resources):
         fn_constructor_kwargs={"cfg_dict": to_dict(cfg)},
         compute=ray.data.ActorPoolStrategy(size=resources.num_actors),
         batch_format="pandas",
-        batch_size=None,
+        batch_size=rows_per_block,
         num_cpus=resources.num_cpus_per_actor,
         num_gpus=resources.num_gpus_per_actor,
         max_restarts=resources.max_restarts,

@@ -15,8 +15,11 @@ through ``ScoreStore``, so output, resume and fingerprints are the same. The run
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
+import math
 import resource
 import time
 from collections.abc import Sequence
@@ -54,7 +57,7 @@ from .models import (
 )
 from .runtime import RayConfig
 from .score import InitState, SqsdScorer, plan_passes
-from .score_store import STATUS_SKIPPED, ScoreStore
+from .score_store import STATUS_SKIPPED, RunInterrupted, ScoreStore, locked_run
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,10 @@ class InitStateConfig:
     def __post_init__(self) -> None:
         if self.kind == "adapter" and not self.path:
             raise ConfigError("init state kind=adapter needs path: a peft adapter directory")
+        if not math.isfinite(self.alpha) or not math.isfinite(self.std):
+            raise ConfigError(f"init state alpha and std must be finite numbers, got alpha={self.alpha}, std={self.std}")
+        if self.kind == "random" and self.std <= 0:
+            raise ConfigError(f"init state std must be > 0 for kind=random, got {self.std}")
         if self.kind == "direction" and self.alpha == 0.0:
             raise ConfigError("init state alpha=0 gives B0 = 0 and no safety-sensitive update; use alpha > 0")
 
@@ -113,6 +120,12 @@ class BatchingConfig:
     padding_side: Literal["right", "left"] = help_field("right", help="scores do not depend on it (tested).")
     device: Literal["auto", "cpu", "cuda"] = help_field("auto", help="auto = cuda when available.")
 
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_tokens"):  # 0 would silently mean "the default"
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"batching.{name} must be >= 1 (or null for the device's default), got {value}")
+
     def resolve(self) -> tuple[torch.device, int, int]:
         device = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available() else
                               ("cpu" if self.device == "auto" else self.device))
@@ -126,14 +139,29 @@ class BatchingConfig:
 class OutputConfig:
     dir: str = help_field("runs/score", help="run directory (created); '{method}' in it becomes the method, so one "
                           "job file serves every baseline (--set method=...)")
-    overwrite: bool = help_field(False, help="delete earlier scores in output.dir and start over.")
+    overwrite: bool = help_field(
+        False, help="replace the run in output.dir: the new run is built beside it and swapped in only once it "
+        "succeeded, so a failed or interrupted overwrite leaves the earlier run as it was (rerun to resume it).")
     resume: bool = help_field(
-        True, help="continue an interrupted run of the same job (same config, model, directions): ids already "
-        "written are skipped; a different job refuses with the differences named."
+        True, help="continue an interrupted run of the same job (same config, model, directions): samples already "
+        "scored from their current content are skipped, changed ones scored again, removed ones dropped; a "
+        "different job refuses with the differences named."
     )
     part_rows: int = help_field(256, help="in-process runs: rows per part file (the unit of resume).")
     per_module: bool = help_field(False, help="also store per-module projections (list columns).")
     top_k: int = help_field(10, help="samples shown at each end in summary.md.")
+    break_lock: bool = help_field(
+        False, help="take over the run directory's lock even when its holder ran on another host (only when you "
+        "know that run is gone; a holder on this host that is gone is taken over without it)."
+    )
+
+    def __post_init__(self) -> None:
+        if self.part_rows < 1:
+            raise ConfigError(f"output.part_rows must be >= 1, got {self.part_rows}")
+        if self.top_k < 0:
+            raise ConfigError(f"output.top_k must be >= 0, got {self.top_k}")
+        if not self.dir:
+            raise ConfigError("output.dir must not be empty")
 
 
 @dataclass
@@ -253,6 +281,12 @@ def scoring_identity(cfg: ScoreJobConfig, directions: dict[str, Direction]) -> d
         "model": model_identity(cfg.model),
         **{f"direction_{d}": directions[d].fingerprint() for d in DIRECTION_NAMES},
     }
+
+
+def record_fingerprint(sample: Sample) -> str:
+    """Hash of what a score is computed from: the prompt turns and the response (not the id or the source)."""
+    blob = json.dumps([list(sample.messages), sample.response], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 def sample_rows(samples: Sequence[Sample]) -> list[dict]:
@@ -380,13 +414,39 @@ def _score_in_process(cfg: ScoreJobConfig, store: ScoreStore, rows: list[dict]) 
     return block_scorer
 
 
-def run_score(cfg: ScoreJobConfig) -> Path:
-    """Score the corpus in ``cfg.data`` and write the run directory; returns the Parquet path."""
-    import pandas as pd
+@dataclass
+class CheckedJob:
+    """What ``preflight`` read and checked before anything in the run directory was touched."""
 
-    from .summary import plot_histogram, render_summary
+    samples: list[Sample]
+    report: DataReport
+    directions: dict[str, Direction]
+    identity: dict
+    records: dict[str, str]
 
-    started = time.time()
+
+def _check_init_state_fits(name: str, cfg: InitStateConfig, shapes: dict[str, tuple[int, int]]) -> None:
+    if cfg.kind != "adapter":
+        return
+    factors, _ = load_adapter_state(cfg.path)
+    for module, (A, B) in factors.items():
+        if module not in shapes:
+            raise ConfigError(f"init_states.{name}.path: adapter {cfg.path} has module {module!r}, which is not a "
+                              "LoRA module of the model (another base model or other lora.target_modules?)")
+        d_out, d_in = shapes[module]
+        if A.shape[1] != d_in or B.shape[0] != d_out:
+            raise ConfigError(f"init_states.{name}.path: adapter {cfg.path} module {module!r} has A {tuple(A.shape)}, "
+                              f"B {tuple(B.shape)}; the model's layer is {d_out}×{d_in}")
+
+
+def preflight(cfg: ScoreJobConfig) -> CheckedJob:
+    """Check that the job can run before its run directory is touched: output.dir usable, corpus readable and not
+    empty, model resolvable, directions and init states the model's shape. Errors name the key or file."""
+    from .models import load_tokenizer, lora_shapes_without_weights
+
+    out = Path(cfg.output.dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output.dir: {out} is a file, not a directory; choose another output.dir")
     for d in DIRECTION_NAMES:  # fail on the driver, not after every actor has loaded the model
         state = getattr(cfg.init_states, d)
         if state.kind == "adapter" and not Path(state.path).exists():
@@ -394,24 +454,93 @@ def run_score(cfg: ScoreJobConfig) -> Path:
                               "(on a cluster it must be on storage every node mounts at the same path)")
     sqsd = cfg.method == "sqsd"
     directions = {d: load_direction(getattr(cfg.directions, d), d) for d in DIRECTION_NAMES} if sqsd else {}
-    identity = scoring_identity(cfg, directions)
-    store = ScoreStore(cfg.output.dir)
-    done = store.begin(identity, overwrite=cfg.output.overwrite, resume=cfg.output.resume)
-    (store.dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
     samples, report = load_samples(cfg.data)
-    rows = [r for r in sample_rows(samples) if r["sample_id"] not in done]
-    log.info("%d samples to score (%d already scored)", len(rows), len(samples) - len(rows))
-    block_scorer = None
-    score_started = time.time()
-    if rows and cfg.ray.enabled:
-        from .ray_score import score_with_ray
+    if not samples:
+        raise ConfigError(f"data: {report.source} gave no samples to score ({report.records_read} records read, "
+                          f"{sum(report.skipped.values())} skipped); check data.path and the selection keys")
+    if cfg.method == "reward_model":
+        load_tokenizer(cfg.model)  # the policy model is only a tokenizer here
+    else:
+        shapes = lora_shapes_without_weights(cfg.model, cfg.lora)
+        for d, direction in directions.items():
+            try:
+                direction.check_matches(shapes)
+            except ValueError as err:
+                raise ConfigError(f"directions.{d} ({getattr(cfg.directions, d)}) does not fit "
+                                  f"{cfg.model.name_or_path}: {err}") from None
+        if sqsd:
+            for d in DIRECTION_NAMES:
+                _check_init_state_fits(d, getattr(cfg.init_states, d), shapes)
+    if cfg.ray.enabled:  # last: starts (or attaches to) Ray, and checks the pool fits the cluster
+        from .ray_score import ray_resources
 
-        score_with_ray(cfg, store, rows)
-    elif rows:
-        block_scorer = _score_in_process(cfg, store, rows)
-    score_seconds = time.time() - score_started
+        ray_resources(cfg)
+    records = {s.sample_id: record_fingerprint(s) for s in samples}
+    return CheckedJob(samples, report, directions, scoring_identity(cfg, directions), records)
 
+
+def run_score(cfg: ScoreJobConfig) -> Path:
+    """Score the corpus in ``cfg.data`` and write the run directory; returns the Parquet path.
+
+    Checks everything first (``preflight``), then holds the run directory's lock for the whole run. Ctrl-C (or
+    SIGTERM) keeps every part written so far and raises ``RunInterrupted`` saying how to resume.
+    """
+    started = time.time()
+    job = preflight(cfg)
+    with locked_run(cfg.output.dir, break_lock=cfg.output.break_lock), _sigterm_as_interrupt():
+        store = ScoreStore(cfg.output.dir)
+        plan = store.begin(job.identity, job.records, overwrite=cfg.output.overwrite, resume=cfg.output.resume)
+        (store.dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        rows = [r for r in sample_rows(job.samples) if r["sample_id"] not in plan.done]
+        log.info("%d samples to score (%d kept from an earlier run, %d changed since, %d removed from the corpus)",
+                 len(rows), len(plan.done), plan.changed, plan.removed)
+        block_scorer = None
+        score_started = time.time()
+        try:
+            if rows and cfg.ray.enabled:
+                from .ray_score import score_with_ray
+
+                score_with_ray(cfg, store, rows)
+            elif rows:
+                block_scorer = _score_in_process(cfg, store, rows)
+        except KeyboardInterrupt:
+            kept = len(store.done_ids())
+            raise RunInterrupted(f"interrupted: {kept} of {len(job.samples)} samples kept in {store.dir}; rerun the "
+                                 "same command to resume") from None
+        score_seconds = time.time() - score_started
+        _finish_run(cfg, store, job, plan, block_scorer, len(rows), started, score_seconds)
+        return store.publish() / "scores.parquet"
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """A preempted node's SIGTERM stops the run the way Ctrl-C does: what was written is kept."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _finish_run(cfg: ScoreJobConfig, store: ScoreStore, job: CheckedJob, plan, block_scorer, n_scored_now: int,
+                started: float, score_seconds: float) -> None:
+    """Consolidate the parts into scores.parquet and write summary.md, histogram.png, fidelity.json, run.json."""
+    import pandas as pd
+
+    from .summary import plot_histogram, render_summary
+
+    sqsd = cfg.method == "sqsd"
+    samples, report, directions, identity = job.samples, job.report, job.directions, job.identity
     fingerprints = {"config": stable_hash(cfg), **{k: v for k, v in identity.items() if k != "config"}}
     meta = {
         "sqsd_ray_version": __version__,
@@ -442,7 +571,6 @@ def run_score(cfg: ScoreJobConfig) -> Path:
 
         (store.dir / "summary.md").write_text(render_method_summary(df, texts, cfg.method, cfg.output.top_k,
                                                                     data_lines))
-    n_scored_now = len(rows)
     run_info = {
         **meta,
         "elapsed_s": round(time.time() - started, 3),
@@ -453,6 +581,7 @@ def run_score(cfg: ScoreJobConfig) -> Path:
         "n_rows": len(df),
         "status_counts": df["status"].value_counts().to_dict(),
         "data_report": report_dict,
+        "resume": plan.to_dict(),
         **facts,
     }
     if cfg.fidelity.enabled and sqsd:
@@ -469,4 +598,3 @@ def run_score(cfg: ScoreJobConfig) -> Path:
         (store.dir / "fidelity.json").write_text(json.dumps(fid, indent=2))
         run_info["fidelity"] = fid["summary"]
     (store.dir / "run.json").write_text(json.dumps(run_info, indent=2, default=str))
-    return store.final_path

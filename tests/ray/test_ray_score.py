@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from ray import cloudpickle
 
 from sqsd_ray.cli import main
@@ -22,12 +21,13 @@ from sqsd_ray.ray_score import ScoringActor, block_plan, score_with_ray
 from sqsd_ray.score_run import (
     ScoreJobConfig,
     load_direction,
+    record_fingerprint,
     run_score,
     sample_rows,
     scoring_identity,
 )
 from sqsd_ray.score_store import ScoreStore
-from tests.conftest import save_random_directions
+from tests.ray.conftest import word_records, write_score_job
 
 pytestmark = pytest.mark.ray
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers unpickle KillOnceActor by value
@@ -37,28 +37,9 @@ N_RECORDS = 24
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rayjob")
-    rng = np.random.default_rng(0)
-    words = "alpha beta gamma delta river mountain quiet bright swift orange window garden".split()
-    records = []
-    for i in range(N_RECORDS):
-        prompt = " ".join(rng.choice(words, size=rng.integers(3, 12)))
-        response = " ".join(rng.choice(words, size=rng.integers(1, 30)))
-        records.append({"id": f"r{i:03d}", "prompt": f"Q{i}: {prompt}?", "response": response.capitalize() + "."})
-    records.append({"id": "too-long", "prompt": "x" * 400, "response": "y"})  # skipped at tokenisation
-    (root / "corpus.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    save_random_directions(root, "tiny-qwen3", seeds=(11, 12))
-    config = {
-        "model": {"name_or_path": "tiny-qwen3"},
-        "data": {"path": str(root / "corpus.jsonl"), "max_length": 256},
-        "directions": {"danger": str(root / "danger.safetensors"), "safety": str(root / "safety.safetensors")},
-        "batching": {"max_batch_size": 4, "max_tokens": 2048},
-        "output": {"dir": str(root / "inproc")},
-        "ray": {"rows_per_call": 5, "num_cpus_per_actor": 1.0},
-    }
-    (root / "score.yaml").write_text(yaml.safe_dump(config))
-    assert main(["score", "--config", str(root / "score.yaml"), "--set", "ray.enabled=false"]) == 0
-    return root
+    records = word_records(N_RECORDS, seed=0) + [{"id": "too-long", "prompt": "x" * 400, "response": "y"}]
+    return write_score_job(tmp_path_factory.mktemp("rayjob"), records, direction_seeds=(11, 12),
+                           ray={"rows_per_call": 5, "num_cpus_per_actor": 1.0})
 
 
 def _scores(path: Path) -> pd.DataFrame:
@@ -97,8 +78,9 @@ def test_killed_actor_loses_and_doubles_nothing(job, local_ray, tmp_path):
     KillOnceActor.marker = str(tmp_path / "killed.marker")
     directions = {d: load_direction(getattr(cfg.directions, d), d) for d in ("danger", "safety")}
     store = ScoreStore(cfg.output.dir)
-    store.begin(scoring_identity(cfg, directions), overwrite=False, resume=True)
     samples, _ = load_samples(cfg.data)
+    store.begin(scoring_identity(cfg, directions), {s.sample_id: record_fingerprint(s) for s in samples},
+                overwrite=False, resume=True)
     score_with_ray(cfg, store, sample_rows(samples), actor_cls=KillOnceActor)
     assert Path(KillOnceActor.marker).exists(), "the actor was never killed: the test proved nothing"
     df, facts = store.consolidate({})
@@ -136,8 +118,9 @@ def test_an_actor_that_starts_late_still_gets_blocks(job, local_ray, tmp_path):
     LateSecondActor.marks = str(tmp_path)
     directions = {d: load_direction(getattr(cfg.directions, d), d) for d in ("danger", "safety")}
     store = ScoreStore(cfg.output.dir)
-    store.begin(scoring_identity(cfg, directions), overwrite=False, resume=True)
     samples, _ = load_samples(cfg.data)
+    store.begin(scoring_identity(cfg, directions), {s.sample_id: record_fingerprint(s) for s in samples},
+                overwrite=False, resume=True)
     score_with_ray(cfg, store, sample_rows(samples), actor_cls=LateSecondActor)
     started = {p.name.split("-")[1] for p in tmp_path.glob("start-*")}
     scored_by = [p.name.split("-")[1] for p in tmp_path.glob("call-*")]

@@ -76,7 +76,7 @@ def _write_scores(tmp_path, ids: list[str], extra_rows: int = 2):
     rows += [{"sample_id": f"ghost-{j}", "sqsd": 1.0, "sqsd_raw": 1.0, "n_response_tokens": 3, "n_prompt_tokens": 3,
               "n_tokens": 6, "status": "ok"} for j in range(extra_rows)]
     store = ScoreStore(tmp_path / "score_run")
-    store.begin({"config": {"data": "test"}}, overwrite=True, resume=False)
+    store.begin({"config": {"data": "test"}}, {r["sample_id"]: "fp" for r in rows}, overwrite=True, resume=False)
     store.write_part(pd.DataFrame(rows))
     store.consolidate({"sqsd_ray_version": "test", "fingerprints": {"config": "abc123"}})
     return store.final_path
