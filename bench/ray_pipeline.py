@@ -34,6 +34,7 @@ from sqsd_ray.config import from_dict  # noqa: E402
 from sqsd_ray.data import length_sorted_batches  # noqa: E402
 from sqsd_ray.directions import random_direction  # noqa: E402
 from sqsd_ray.models import LoraSettings, ModelConfig, load_model, lora_module_shapes  # noqa: E402
+from sqsd_ray.runtime import LOOPBACK, loopback_only  # noqa: E402
 from sqsd_ray.score_run import ScoreJobConfig, run_score  # noqa: E402
 
 OPENINGS = ["Sure.", "Here is one way to do it:", "Good question.", "In short:", "The answer is as follows.",
@@ -116,8 +117,9 @@ def main() -> None:
             cfg_dict["data"]["path"] = str(work / "compare.jsonl")
         cfg = from_dict(ScoreJobConfig, cfg_dict)
         if path.startswith("ray") and not ray.is_initialized():
+            loopback_only()
             ray.init(num_cpus=os.cpu_count(), object_store_memory=300_000_000, include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
+                     log_to_driver=False, configure_logging=False, _node_ip_address=LOOPBACK)
         t0 = time.perf_counter()
         run_score(cfg)
         wall = time.perf_counter() - t0

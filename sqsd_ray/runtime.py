@@ -97,8 +97,27 @@ class WorkerScaling:
             raise ConfigError("scaling.num_workers > 1 needs scaling.use_ray: true")
 
 
+LOOPBACK = "127.0.0.1"
+
+
+def loopback_only() -> None:
+    """Make a Ray started from this process listen on 127.0.0.1 only.
+
+    Ray resolves a node address of 127.0.0.1 to the machine's outward address unless its "cluster" mode is off
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read once when Ray is imported); its GCS, raylet, workers and agents
+    then listen on every interface. The variable covers the processes Ray starts; the constant, this one,
+    where Ray was imported before the variable could be set.
+    """
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def init_ray(cfg: RayConfig | WorkerScaling):
-    """Start or attach to Ray; a no-op when Ray is already initialised (tests, notebooks)."""
+    """Start or attach to Ray; a no-op when Ray is already initialised (tests, notebooks).
+
+    A private local Ray listens on 127.0.0.1 only (``loopback_only``), its dashboard too when enabled."""
     import ray
 
     if ray.is_initialized():
@@ -108,12 +127,15 @@ def init_ray(cfg: RayConfig | WorkerScaling):
         log.info("attaching to Ray at %s", address)
         ray.init(address=address, log_to_driver=True)
     else:
-        log.info("starting a local Ray (%s CPUs, object store %d MiB)", cfg.local_num_cpus or "all", cfg.object_store_mb)
+        log.info("starting a local Ray on %s (%s CPUs, object store %d MiB)", LOOPBACK, cfg.local_num_cpus or "all",
+                 cfg.object_store_mb)
+        loopback_only()
         ray.init(
             num_cpus=cfg.local_num_cpus,
             object_store_memory=cfg.object_store_mb * 1024 * 1024,
             include_dashboard=cfg.include_dashboard,
-            dashboard_host="127.0.0.1",
+            dashboard_host=LOOPBACK,
             log_to_driver=True,
+            _node_ip_address=LOOPBACK,
         )
     return ray

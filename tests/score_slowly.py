@@ -50,11 +50,11 @@ if __name__ == "__main__":
     score_on_ray = ray_score.score_with_ray
     ray_score.score_with_ray = lambda cfg, store, rows, actor_cls=None: score_on_ray(cfg, store, rows, SlowActor)
     if args.ray_gpus is not None:
-        import os
-
         import ray
 
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        from sqsd_ray.runtime import LOOPBACK, loopback_only
+
+        loopback_only()
         ray.init(num_cpus=args.ray_cpus, num_gpus=args.ray_gpus, object_store_memory=150_000_000,
-                 include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+                 include_dashboard=False, _node_ip_address=LOOPBACK, log_to_driver=True)
     sys.exit(main(rest))

@@ -52,7 +52,10 @@ def test_cuda_fp32_matches_cpu(job):
 def test_cuda_bf16_through_ray_ranks_like_fp32(job):
     import ray
 
-    ray.init(num_gpus=1, num_cpus=4, include_dashboard=False, log_to_driver=False)
+    from sqsd_ray.runtime import LOOPBACK, loopback_only
+
+    loopback_only()
+    ray.init(num_gpus=1, num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address=LOOPBACK)
     try:
         assert main(["score", "--config", str(job / "score.yaml"), "--set", "ray.enabled=true",
                      "--set", "ray.profile=gpu", "--set", "batching.device=cuda", "--set", "model.dtype=bfloat16",

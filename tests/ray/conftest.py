@@ -9,9 +9,12 @@ import pytest
 def local_ray():
     import ray
 
+    from sqsd_ray.runtime import LOOPBACK, loopback_only
+
     if not ray.is_initialized():
+        loopback_only()
         ray.init(num_cpus=2, object_store_memory=150_000_000, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+                 log_to_driver=False, configure_logging=False, _node_ip_address=LOOPBACK)
     yield ray
     ray.shutdown()
 

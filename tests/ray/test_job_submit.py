@@ -55,7 +55,10 @@ def ray_head(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     temp_dir = Path("/tmp") / f"sqsdray-{os.getpid()}-{int(time.time())}"  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: with --node-ip-address=127.0.0.1, every process of the head listens on
+    # loopback (otherwise Ray swaps in the machine's outward address and binds every interface)
+    env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
     subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     dash_port = _free_port()
