@@ -486,8 +486,13 @@ def run_score(cfg: ScoreJobConfig) -> Path:
     SIGTERM) keeps every part written so far and raises ``RunInterrupted`` saying how to resume.
     """
     started = time.time()
-    job = preflight(cfg)
+    out = Path(cfg.output.dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output.dir: {out} is a file, not a directory; choose another output.dir")
+    # The lock (a file beside output.dir) comes first, so a second run is refused at once rather than after its
+    # own checks and Ray start; nothing inside output.dir is touched before the checks pass.
     with locked_run(cfg.output.dir, break_lock=cfg.output.break_lock), _sigterm_as_interrupt():
+        job = preflight(cfg)
         store = ScoreStore(cfg.output.dir)
         plan = store.begin(job.identity, job.records, overwrite=cfg.output.overwrite, resume=cfg.output.resume)
         (store.dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
