@@ -40,8 +40,8 @@ def _is_loopback(ip: str) -> bool:
     return address.is_loopback
 
 
-def test_private_local_ray_listens_on_loopback_only():
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(REPO_ROOT)}  # no RAY_ADDRESS: a private Ray
+def test_private_local_ray_listens_on_loopback_only(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}  # no RAY_ADDRESS: a private Ray; its token in tmp
     out = subprocess.run([sys.executable, "-c", LIST_SOCKETS], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                          timeout=180)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("SOCKETS ")), None)
