@@ -140,9 +140,20 @@ def _resolve_pool(cfg: ScoreJobConfig) -> RayConfig:
 
 
 def _score_blocks(cfg: ScoreJobConfig, store: ScoreStore, rows: list[dict], actor_cls: type) -> None:
+    from tqdm.auto import tqdm
+
+    ds = scoring_dataset(cfg, rows, actor_cls)
+    with tqdm(total=len(rows), desc="scoring", unit="sample") as bar:
+        for block in ds.iter_batches(batch_size=None, batch_format="pandas", prefetch_batches=0):
+            store.write_part(block)
+            bar.update(len(block))
+
+
+def scoring_dataset(cfg: ScoreJobConfig, rows: list[dict], actor_cls: type | None = None):
+    """The Ray Data pipeline up to the scored stream (tokenise tasks, then the actor pool): one block of scalars
+    per call, not yet written anywhere. ``score_with_ray`` writes each block as a part as it arrives."""
     import pandas as pd
     import ray.data
-    from tqdm.auto import tqdm
 
     resources = _resolve_pool(cfg)
     cfg = replace(cfg, ray=resources)
@@ -171,11 +182,7 @@ def _score_blocks(cfg: ScoreJobConfig, store: ScoreStore, rows: list[dict], acto
         # Ray 2.60 has no named parameter for actor restarts/retries yet: they travel as ray_remote_args,
         # which it marks deprecated. Explicit values beat Ray Data's default of infinite restarts.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
-        ds = _add_scoring_stage(ds, actor_cls, cfg, resources, rows_per_block)
-    with tqdm(total=len(rows), desc="scoring", unit="sample") as bar:
-        for block in ds.iter_batches(batch_size=None, batch_format="pandas", prefetch_batches=0):
-            store.write_part(block)
-            bar.update(len(block))
+        return _add_scoring_stage(ds, actor_cls or ScoringActor, cfg, resources, rows_per_block)
 
 
 def _add_scoring_stage(ds, actor_cls, cfg, resources, rows_per_block: int):
