@@ -20,10 +20,12 @@ each call is still one block.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -97,28 +99,28 @@ def score_with_ray(cfg: ScoreJobConfig, store: ScoreStore, rows: list[dict], act
 
     A Ray this call started is shut down if scoring fails or is interrupted, so no Ray process outlives the run.
     """
-    import ray
-
-    started_here = not ray.is_initialized()
-    init_ray(cfg.ray)
-    try:
+    with _ray_shut_down_on_failure(cfg):
         _score_blocks(cfg, store, rows, actor_cls or ScoringActor)
-    except BaseException:
-        if started_here:
-            ray.shutdown()
-        raise
 
 
 def ray_resources(cfg: ScoreJobConfig) -> RayConfig:
     """Start or attach to Ray and resolve the scoring pool against the cluster; a ConfigError for a pool the
     cluster cannot feed (a Ray started here is shut down again then)."""
+    with _ray_shut_down_on_failure(cfg):
+        return _resolve_pool(cfg)
+
+
+@contextlib.contextmanager
+def _ray_shut_down_on_failure(cfg: ScoreJobConfig) -> Iterator[None]:
+    """Start or attach to Ray; a Ray started here is shut down if the block fails or is interrupted, so no Ray
+    process outlives a failed run."""
     import ray
 
     started_here = not ray.is_initialized()
     init_ray(cfg.ray)
     try:
-        return _resolve_pool(cfg)
-    except ConfigError:
+        yield
+    except BaseException:
         if started_here:
             ray.shutdown()
         raise

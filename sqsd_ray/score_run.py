@@ -16,7 +16,6 @@ through ``ScoreStore``, so output, resume and fingerprints are the same. The run
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -38,6 +37,7 @@ from .data import (
     DataReport,
     Sample,
     collate,
+    content_id,
     length_sorted_batches,
     load_samples,
     tokenize_samples,
@@ -285,8 +285,7 @@ def scoring_identity(cfg: ScoreJobConfig, directions: dict[str, Direction]) -> d
 
 def record_fingerprint(sample: Sample) -> str:
     """Hash of what a score is computed from: the prompt turns and the response (not the id or the source)."""
-    blob = json.dumps([list(sample.messages), sample.response], sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    return content_id(sample.messages, sample.response)
 
 
 def sample_rows(samples: Sequence[Sample]) -> list[dict]:
@@ -440,13 +439,10 @@ def _check_init_state_fits(name: str, cfg: InitStateConfig, shapes: dict[str, tu
 
 
 def preflight(cfg: ScoreJobConfig) -> CheckedJob:
-    """Check that the job can run before its run directory is touched: output.dir usable, corpus readable and not
-    empty, model resolvable, directions and init states the model's shape. Errors name the key or file."""
+    """Check that the job can run before its run directory is touched (``run_score`` has checked output.dir): corpus
+    readable and not empty, model resolvable, directions and init states the model's shape. Errors name the key or file."""
     from .models import load_tokenizer, lora_shapes_without_weights
 
-    out = Path(cfg.output.dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output.dir: {out} is a file, not a directory; choose another output.dir")
     for d in DIRECTION_NAMES:  # fail on the driver, not after every actor has loaded the model
         state = getattr(cfg.init_states, d)
         if state.kind == "adapter" and not Path(state.path).exists():

@@ -104,11 +104,6 @@ def _process_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
 
 
-def _holder_alive(holder: Mapping[str, Any]) -> bool:
-    pid = holder.get("pid")
-    return isinstance(pid, int) and _process_start(pid) is not None and _process_start(pid) == holder.get("pid_start")
-
-
 def _describe_holder(holder: Mapping[str, Any]) -> str:
     return (f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('started')} "
             f"({holder.get('command', '?')})")
@@ -535,7 +530,8 @@ def verify_run(run_dir: Path) -> list[str]:
     if not store.final_path.exists():
         return problems + [f"{store.final_path} is missing: the run did not finish (rerun its command)"]
     try:
-        expected = json.loads(run_json.read_text())["scores_sha256"]
+        run_info = json.loads(run_json.read_text())
+        expected = run_info["scores_sha256"]
     except (OSError, ValueError, KeyError) as err:
         return problems + [f"{run_json}: missing or without scores_sha256 ({err})"]
     sha = file_sha256(store.final_path)
@@ -547,10 +543,7 @@ def verify_run(run_dir: Path) -> list[str]:
     stray = set(ids) - set(records)
     if stray:
         problems.append(f"{store.final_path}: {len(stray)} ids not in the run's corpus (e.g. {sorted(stray)[:3]})")
-    try:
-        skipped = sum(json.loads(run_json.read_text())["data_report"]["tokenisation_skipped"].values())
-    except (KeyError, ValueError):
-        skipped = 0
+    skipped = sum(run_info.get("data_report", {}).get("tokenisation_skipped", {}).values())
     if len(set(ids)) + skipped < len(records):
         problems.append(f"{store.final_path}: {len(records) - len(set(ids)) - skipped} records of the corpus have "
                         "neither a score nor a recorded tokenisation skip")
