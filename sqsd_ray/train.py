@@ -13,7 +13,7 @@ Since the SFT token count of the global batch is known to every worker, each mic
 ``Σ token NLL / global tokens`` and the summed gradient equals one big batch's, for any W and micro-batch size.
 
 A checkpoint is a directory ``step-000150/`` with ``adapter/`` (peft, safetensors), ``optimizer.safetensors``
-(AdamW moments, flattened; no pickle) and ``trainer_state.json`` (step, epoch, the metric history so far).
+(AdamW's step and moments per trainable tensor, whole even under ZeRO; no pickle) and ``trainer_state.json`` (step, epoch, the metric history so far).
 Every ``checkpoint_every`` steps and at the end; a rerun of the same job resumes from the newest one, and a
 Ray Train worker restarted after a failure resumes from the last one reported.
 """
@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "train"  # checkpoints live in <output.dir>/train/step-XXXXXX
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"  # full fine-tuning checkpoints
 
@@ -529,8 +530,28 @@ class Trainer:
                 return get_lora_factors(self.model)
         return get_lora_factors(self.model)
 
+    def _optimizer_tensors(self) -> dict[str, torch.Tensor]:
+        """AdamW's state per trainable tensor, ``"<param name>::<key>"`` (step, exp_avg, exp_avg_sq), whole.
+
+        Without ZeRO it is read from the optimizer directly. Under ZeRO-2/3 each rank holds its slice of one flat
+        fp32 buffer per group: ``safe_get_full_optimizer_state`` assembles every parameter's moments (a
+        collective every rank joins in the same order), so a checkpoint does not depend on the worker count.
+        """
+        if self.engine is None:
+            return {f"{name}::{key}": torch.as_tensor(value).detach().cpu().contiguous()
+                    for name, param in self.named_params for key, value in self.optimizer.state[param].items()}
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        step = _zero_optimizer_step(self.engine.optimizer.optimizer)
+        tensors: dict[str, torch.Tensor] = {}
+        for name, param in self.named_params:
+            tensors[f"{name}::step"] = torch.tensor(float(step))
+            for key in ADAM_MOMENTS:
+                tensors[f"{name}::{key}"] = safe_get_full_optimizer_state(param, key).detach().cpu().contiguous()
+        return tensors
+
     def save(self, directory: Path, identity: str) -> Path | None:
-        """Write the weights (adapter or whole model), optimizer moments (without ZeRO) and trainer state.
+        """Write the weights (adapter or whole model), AdamW's state and the trainer state.
 
         Called on every rank; returns the directory on rank 0 and None elsewhere.
         """
@@ -546,24 +567,21 @@ class Trainer:
             state = self._full_state_dict()  # collective under ZeRO-3
             if self.rank == 0:
                 self.model.save_pretrained(str(directory / MODEL_DIR), state_dict=state, safe_serialization=True)
+        optimizer = self._optimizer_tensors()  # collective under ZeRO
         if self.rank != 0:
             return None
         directory.mkdir(parents=True, exist_ok=True)
-        if self.engine is None:
-            tensors: dict[str, torch.Tensor] = {}
-            for name, param in self.named_params:
-                for key, value in self.optimizer.state[param].items():
-                    tensors[f"{name}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-            save_file(tensors, str(directory / OPTIMIZER_FILE))
+        save_file(optimizer, str(directory / OPTIMIZER_FILE))
         state = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "total_steps": self.total_steps,
                  "steps_per_epoch": self.steps_per_epoch, "identity": identity, "method": self.settings.method,
-                 "optimizer_state": self.engine is None, "history": self.history}
+                 "optimizer_state": True, "history": self.history}
         (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
         return directory
 
     def load_state(self, directory: Path, identity: str) -> None:
-        """Step, metric history and (without ZeRO) AdamW moments of a checkpoint of the same job. The weights are
-        loaded before the trainer is built (``load_weights``), since ZeRO partitions them at construction."""
+        """Step, metric history and AdamW's state of a checkpoint of the same job. The weights are loaded before
+        the trainer is built (``load_weights``), since ZeRO partitions them at construction. The learning-rate
+        schedule is a function of the step (``lr_factor``), so restoring the step restores it."""
         from safetensors.torch import load_file
 
         state = json.loads((directory / STATE_FILE).read_text())
@@ -572,18 +590,62 @@ class Trainer:
                 f"checkpoint {directory} belongs to another training job (identity {state['identity']}, this job "
                 f"{identity}); use output.overwrite: true or another output.dir"
             )
-        if self.engine is None and (directory / OPTIMIZER_FILE).is_file():
+        if (directory / OPTIMIZER_FILE).is_file():
             tensors = load_file(str(directory / OPTIMIZER_FILE))
-            opt_state = self.optimizer.state_dict()
-            for i, (name, _) in enumerate(self.named_params):
-                entries = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == name}
-                if entries:
-                    opt_state["state"][i] = {k: v.to(self.device) if k != "step" else v for k, v in entries.items()}
-            self.optimizer.load_state_dict(opt_state)
-        else:
-            log.warning("resuming %s without optimizer moments (ZeRO checkpoints keep weights and step only); "
-                        "AdamW restarts its moment estimates", directory.name)
+            missing = [name for name, _ in self.named_params if f"{name}::exp_avg" not in tensors]
+            if missing:
+                raise ValueError(f"{directory / OPTIMIZER_FILE} has no AdamW state for {len(missing)} trainable "
+                                 f"tensors (first: {missing[0]}): it belongs to another model or adapter")
+            if self.engine is None:
+                self._load_optimizer_tensors(tensors)
+            else:
+                self._load_zero_optimizer_tensors(tensors)
+        else:  # checkpoints written before ZeRO runs saved their moments
+            log.warning("resuming %s without optimizer moments (the checkpoint has no %s); AdamW restarts its "
+                        "moment estimates", directory.name, OPTIMIZER_FILE)
         self.step, self.history = int(state["step"]), list(state["history"])
+
+    def _load_optimizer_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        opt_state = self.optimizer.state_dict()
+        for i, (name, _) in enumerate(self.named_params):
+            entries = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == name}
+            if entries:
+                opt_state["state"][i] = {k: v.to(self.device) if k != "step" else v for k, v in entries.items()}
+        self.optimizer.load_state_dict(opt_state)
+
+    def _load_zero_optimizer_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Put whole-tensor moments back into this rank's ZeRO partitions.
+
+        The flat fp32 buffers get their AdamW state on the first ``step()`` only, so a fresh engine has nowhere to
+        put them: create that state here, as the optimizer would have (zeros, the saved step), tie the parameters'
+        fragments to it (ZeRO-2 does that lazily after its first step) and fill it with
+        ``safe_set_full_optimizer_state``, which keeps each rank's own slice.
+        """
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        steps = {float(v) for k, v in tensors.items() if k.endswith("::step")}
+        if len(steps) != 1:
+            raise ValueError(f"optimizer state holds {len(steps)} different step counts; expected one")
+        zero_optimizer = self.engine.optimizer
+        inner = zero_optimizer.optimizer
+        step = steps.pop()
+        # this rank's flat fp32 buffers (ZeRO-3 lends them to the optimizer's param groups only inside step())
+        flats = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None) or \
+            zero_optimizer.single_partition_of_fp32_groups
+        for flat in flats:
+            if not inner.state.get(flat):
+                inner.state[flat] = {
+                    # torch's AdamW keeps the step as a float tensor; DeepSpeed's CPU Adam (offload) as an int
+                    "step": torch.tensor(step) if isinstance(inner, torch.optim.Adam | torch.optim.AdamW) else int(step),
+                    **{key: torch.zeros_like(flat, dtype=torch.float32) for key in ADAM_MOMENTS},
+                }
+        link = getattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)  # ZeRO-1/2; ZeRO-3 reads state
+        if link is not None:
+            zero_optimizer._hp_optimizer_states_linked = False
+            link()
+        for name, param in self.named_params:
+            for key in ADAM_MOMENTS:
+                safe_set_full_optimizer_state(param, tensors[f"{name}::{key}"].to(self.device, torch.float32), key)
 
     def load(self, directory: Path, identity: str) -> None:
         """Weights and state of a checkpoint (no ZeRO: the weights can still be written in place)."""
@@ -591,6 +653,14 @@ class Trainer:
             raise RuntimeError("with ZeRO, load the weights before building the trainer (load_weights)")
         load_weights(self.model, directory, self.settings.method)
         self.load_state(directory, identity)
+
+
+def _zero_optimizer_step(inner: torch.optim.Optimizer) -> float:
+    """The step count of the optimizer inside a ZeRO engine (the same for every flat fp32 buffer)."""
+    steps = {float(state["step"]) for state in inner.state.values() if "step" in state}
+    if len(steps) != 1:
+        raise RuntimeError(f"ZeRO optimizer holds {len(steps)} step counts ({sorted(steps)}); expected one")
+    return steps.pop()
 
 
 def _lora_settings_of(model: torch.nn.Module) -> LoraSettings:
@@ -689,10 +759,11 @@ class _LocalSession:
         saved = getattr(self, "_saved_env", None)
         if saved is None:
             return
+        import deepspeed.comm
         import torch.distributed as dist
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if dist.is_initialized():  # through DeepSpeed, which also drops the groups it cached (a later run's
+            deepspeed.comm.destroy_process_group()  # engine would otherwise reach for the destroyed ones)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -272,3 +272,44 @@ def test_cli_names_what_is_missing(tmp_path, capsys):
     assert main(["directions", "build", "--set", "train.lr=-1"]) == 2
     assert "train.lr must be a positive number" in capsys.readouterr().err
     assert main(["trajectory", "--help-config"]) == 0 and "checkpoint_every" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method,stage", [("lora", 0), ("lora", 2), ("lora", 3), ("full", 2), ("full", 3)])
+def test_a_resumed_run_continues_the_uninterrupted_one(tmp_path, method, stage):
+    """Resume from step 2 of 5 in a fresh directory: AdamW's step and moments (and with them the schedule) come
+    back, under DDP and under ZeRO-2/3 alike, so the loss curve and the weights continue the straight run's."""
+    import shutil
+
+    from sqsd_ray.models import load_model
+    from sqsd_ray.train import load_weights
+
+    data = _write_jsonl(tmp_path / "d.jsonl", PROMPTS)
+
+    def job(name: str) -> TrainJobConfig:
+        return TrainJobConfig(
+            model=ModelConfig(name_or_path="tiny-llama"), data=DataConfig(path=str(data), max_length=128),
+            train=TrainSettings(method=method, lr=2e-3 if method == "lora" else 3e-4, batch_size=4, max_steps=5,
+                                checkpoint_every=2, lr_schedule="cosine", warmup_ratio=0.2, zero_stage=stage,
+                                stage3_param_persistence_threshold=0 if stage == 3 else None),
+            scaling=WorkerScaling(use_ray=False), output=TrainOutput(dir=str(tmp_path / name)))
+
+    straight = run_training(job("straight"))
+    (tmp_path / "resumed" / "train").mkdir(parents=True)
+    shutil.copytree(straight.checkpoint(2), tmp_path / "resumed" / "train" / "step-000002")
+    resumed = run_training(job("resumed"))
+    assert [h["step"] for h in resumed.history] == [1, 2, 3, 4, 5]
+    for a, b in zip(straight.history[2:], resumed.history[2:]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 and a["lr"] == b["lr"], (a, b)
+    state = json.loads((resumed.final / "trainer_state.json").read_text())
+    assert state["optimizer_state"] is True
+    if method == "lora":
+        from sqsd_ray.models import load_adapter_state
+
+        a, b = load_adapter_state(straight.final / "adapter")[0], load_adapter_state(resumed.final / "adapter")[0]
+        pairs = [(a[n][i], b[n][i]) for n in a for i in (0, 1)]
+    else:
+        one, two = load_model(ModelConfig(name_or_path="tiny-llama")), load_model(ModelConfig(name_or_path="tiny-llama"))
+        load_weights(one, straight.final, "full")
+        load_weights(two, resumed.final, "full")
+        pairs = list(zip(one.state_dict().values(), two.state_dict().values()))
+    assert max(float((x - y).abs().max()) for x, y in pairs) <= 1e-6
