@@ -22,7 +22,8 @@
 
 Every --config may be given several times: the files merge key by key, later ones winning.
 A failure the tool anticipates (a bad config key, a missing file, a damaged record) is one line on stderr,
-exit code 2; `sqsd-ray -v ...` adds its traceback.
+exit code 2; `sqsd-ray -v ...` adds its traceback. A Ray Train run whose cluster lost its workers for good (beyond
+scaling.max_failures, or not back within scaling.restart_wait_s) exits 3 saying what it kept and how to resume.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import traceback
 from pathlib import Path
 
 from .config import ConfigError, describe, load_config
+from .runtime import WorkersLost
 
 # Failures with a message written for the user (a config key, a file, a record): one line, no traceback.
 # ValueError covers ConfigError; the OSErrors listed name the path they concern.
@@ -299,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except WorkersLost as err:  # the cluster, not the job: checkpoints kept, a rerun resumes
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt as err:  # Ctrl-C; a scoring run says what it kept and how to resume
         if args.verbose:
             traceback.print_exc()

@@ -280,10 +280,10 @@ def _restore_worker(config: dict[str, Any]) -> None:
 
 
 def _restore_with_ray_train(cfg: RestoreConfig, out: Path) -> None:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .runtime import init_ray
+    from .runtime import fit_on_ray_train, init_ray, train_failure_config
 
     init_ray(cfg.scaling)
     trainer = TorchTrainer(
@@ -294,9 +294,10 @@ def _restore_with_ray_train(cfg: RestoreConfig, out: Path) -> None:
             num_workers=1, use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
         run_config=RunConfig(name="ray_train", storage_path=str(out.resolve()),
-                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures)),
+                             failure_config=train_failure_config(cfg.scaling)),
     )
-    result = trainer.fit()
+    result = fit_on_ray_train(trainer, cfg.scaling,
+                              lambda: "restoration keeps no checkpoints; rerun the same command to start it again")
     if result.error is not None:
         raise RuntimeError(f"restoration failed on its Ray Train worker: {result.error}") from result.error
     if not (out / "restore.json").is_file():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, replace
+from collections.abc import Callable
 from typing import Literal
 
 from .config import ConfigError, help_field
@@ -82,6 +83,10 @@ class WorkerScaling:
     cpus_per_worker: float = help_field(1.0, help="CPUs reserved per worker")
     torch_threads: int | None = help_field(None, help="torch CPU threads per worker; default cpus_per_worker")
     max_failures: int = help_field(0, help="training: restarts of the worker group after a failure (resumes from the last checkpoint)")
+    restart_wait_s: float = help_field(
+        600.0, help="training: how long a (re)start of the worker group may wait for the cluster to offer its "
+        "workers (an autoscaler adding a node takes minutes); then the run stops, keeping its checkpoints"
+    )
     local_num_cpus: int | None = help_field(None, help="local Ray only: CPUs to give it (default: all)")
     object_store_mb: int = help_field(256, help="local Ray only: object store size in MiB")
     include_dashboard: bool = help_field(False, help="local Ray only: start the dashboard (bound to 127.0.0.1)")
@@ -95,6 +100,60 @@ class WorkerScaling:
             raise ConfigError(f"scaling.num_workers must be >= 1, got {self.num_workers}")
         if not self.use_ray and self.num_workers != 1:
             raise ConfigError("scaling.num_workers > 1 needs scaling.use_ray: true")
+        if self.max_failures < 0:
+            raise ConfigError(f"scaling.max_failures must be >= 0, got {self.max_failures}")
+        if not self.restart_wait_s > 0:
+            raise ConfigError(f"scaling.restart_wait_s must be a positive number of seconds, got {self.restart_wait_s}")
+
+
+class WorkersLost(RuntimeError):
+    """A Ray Train run stopped because the cluster lost its workers (a node vanished) more often than
+    ``scaling.max_failures`` allows, or could not offer them again within ``scaling.restart_wait_s``. Whatever the
+    run checkpointed is kept; the message says where and how to resume."""
+
+
+# Ray Train reads this in its controller (the driver's value is passed on to it) when it starts a worker group.
+_WORKER_GROUP_START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+def train_failure_config(scaling: WorkerScaling):
+    """Ray Train's FailureConfig: ``max_failures`` restarts after worker errors, and no retry of a worker group
+    that could not be started within ``restart_wait_s`` (Ray's default retries that forever: a run that lost a
+    node nobody replaces would wait without end)."""
+    from ray.train import FailureConfig
+
+    return FailureConfig(max_failures=scaling.max_failures, controller_failure_limit=0)
+
+
+def fit_on_ray_train(trainer, scaling: WorkerScaling, kept: Callable[[], str]):
+    """``trainer.fit()``, waiting at most ``scaling.restart_wait_s`` for a worker group; lost workers beyond
+    what the run may absorb raise ``WorkersLost`` with ``kept()`` (what was kept and how to resume)."""
+    from ray.exceptions import RayActorError
+    from ray.train import ControllerError, WorkerGroupError
+
+    saved = os.environ.get(_WORKER_GROUP_START_TIMEOUT)
+    os.environ[_WORKER_GROUP_START_TIMEOUT] = str(scaling.restart_wait_s)
+    try:
+        return trainer.fit()
+    except ControllerError as err:
+        why = type(err.controller_failure).__name__
+        if why not in ("WorkerGroupStartupTimeoutError", "WorkerGroupStartupFailedError"):
+            raise
+        need = f"{scaling.num_workers} workers with {scaling.cpus_per_worker:g} CPUs" + (" and 1 GPU" if scaling.use_gpu
+                                                                                      else "") + " each"
+        raise WorkersLost(f"the cluster did not offer {need} within scaling.restart_wait_s = "
+                          f"{scaling.restart_wait_s:g} s ({why}); {kept()}") from err
+    except WorkerGroupError as err:
+        lost = sorted(rank for rank, failure in err.worker_failures.items() if isinstance(failure, RayActorError))
+        if not lost:
+            raise
+        raise WorkersLost(f"training workers {lost} died (their node was lost or killed) after "
+                          f"{scaling.max_failures} restarts allowed by scaling.max_failures; {kept()}") from err
+    finally:
+        if saved is None:
+            os.environ.pop(_WORKER_GROUP_START_TIMEOUT, None)
+        else:
+            os.environ[_WORKER_GROUP_START_TIMEOUT] = saved
 
 
 LOOPBACK = "127.0.0.1"

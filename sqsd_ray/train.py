@@ -1012,10 +1012,10 @@ def run_training(cfg: TrainJobConfig) -> TrainRun:
 
 
 def _fit_with_ray_train(cfg: TrainJobConfig, config: dict[str, Any], out: Path) -> None:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .runtime import init_ray
+    from .runtime import fit_on_ray_train, init_ray, train_failure_config
 
     init_ray(cfg.scaling)
     scaling = ScalingConfig(
@@ -1032,12 +1032,20 @@ def _fit_with_ray_train(cfg: TrainJobConfig, config: dict[str, Any], out: Path) 
             name=CHECKPOINT_DIR,
             storage_path=str(out),
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # every checkpoint is a trajectory point
-            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            failure_config=train_failure_config(cfg.scaling),
         ),
     )
-    result = trainer.fit()
+    result = fit_on_ray_train(trainer, cfg.scaling, lambda: _what_was_kept(out))
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
+
+
+def _what_was_kept(out: Path) -> str:
+    checkpoints = list_checkpoints(out)
+    if not checkpoints:
+        return f"no checkpoint was written yet under {out / CHECKPOINT_DIR}; rerun the same command to start again"
+    return (f"checkpoints up to {checkpoints[-1].name} are kept in {out / CHECKPOINT_DIR}; rerun the same command "
+            "(with workers available) to resume from there")
 
 
 def _write_run_files(run: TrainRun, cfg: TrainJobConfig) -> None:
