@@ -34,7 +34,7 @@ from .data import DataConfig
 from .models import ModelConfig, load_tokenizer
 from .runtime import RayConfig, init_ray
 from .score_run import BlockScorer, ScoreJobConfig, tokenize_rows
-from .score_store import ScoreStore
+from .score_store import SCORED_ON, ScoreStore
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,18 @@ def _log_to_stderr() -> None:
 
 
 class ScoringActor(BlockScorer):
-    """The actor class Ray Data instantiates once per pool slot (model loaded in ``__init__``)."""
+    """The actor class Ray Data instantiates once per pool slot (model loaded in ``__init__``).
+
+    Each scored row carries the id of the node the actor runs on (``SCORED_ON``, kept in the parts, not in
+    scores.parquet): run.json's ``ray.rows_per_node`` is counted from it, so where the work ran is what the actors
+    saw, not what the scheduler was asked for."""
 
     def __init__(self, cfg_dict: dict[str, Any]):
+        import ray
         import torch
 
         _log_to_stderr()
+        self.node_id = ray.get_runtime_context().get_node_id()  # an actor never moves; a restart runs this again
         cfg = from_dict(ScoreJobConfig, cfg_dict)
         self.torch_threads = cfg.ray.torch_threads_per_actor or 1
         torch.set_num_threads(self.torch_threads)
@@ -91,7 +97,9 @@ class ScoringActor(BlockScorer):
 
         # Ray Data runs the call on its own worker thread; the thread count is set where the work runs.
         torch.set_num_threads(self.torch_threads)
-        return super().__call__(block)
+        out = super().__call__(block)
+        out[SCORED_ON] = self.node_id
+        return out
 
 
 def score_with_ray(cfg: ScoreJobConfig, store: ScoreStore, rows: list[dict], actor_cls: type | None = None) -> None:

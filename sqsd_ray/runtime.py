@@ -46,7 +46,11 @@ class RayConfig:
         "small to give every actor 4 calls."
     )
     max_restarts: int = help_field(3, help="times a dead scoring actor is restarted.")
-    max_task_retries: int = help_field(3, help="times a call lost with its actor is retried on another.")
+    max_task_retries: int = help_field(
+        -1, help="times a call lost with its actor is retried (-1: until the actor's max_restarts are spent). A "
+        "vanished node leaves its actor unreachable for ~15 s before Ray declares it dead, and every call in that "
+        "window spends a retry: a budget of 3 ran out in ~5 s and failed the run."
+    )
     local_num_cpus: int | None = help_field(None, help="local Ray only: CPUs to give it (default: all).")
     object_store_mb: int = help_field(512, help="local Ray only: object store size in MiB.")
     include_dashboard: bool = help_field(False, help="local Ray only: start the dashboard (bound to 127.0.0.1).")
@@ -56,6 +60,9 @@ class RayConfig:
             raise ConfigError(f"ray.rows_per_call must be >= 1, got {self.rows_per_call}")
         if self.num_actors is not None and self.num_actors < 1:
             raise ConfigError(f"ray.num_actors must be >= 1, got {self.num_actors}")
+        for key in ("max_restarts", "max_task_retries"):
+            if getattr(self, key) < -1:
+                raise ConfigError(f"ray.{key} must be >= 0, or -1 for no limit; got {getattr(self, key)}")
 
     def resolved(self, cluster_gpus: float) -> RayConfig:
         """Fill unset resource fields from the profile (GPU count from the running cluster)."""

@@ -552,6 +552,7 @@ def _finish_run(cfg: ScoreJobConfig, store: ScoreStore, job: CheckedJob, plan, b
     }
     df, facts = store.consolidate(meta)
     meta = facts.pop("metadata")
+    rows_per_node = facts.pop("rows_per_node", None)
     report_dict = report.to_dict()
     report_dict["tokenisation_skipped"] = facts.pop("tokenisation_skips")
     report_dict["truncated"] = int(df["truncated"].sum()) if "truncated" in df else 0
@@ -579,6 +580,9 @@ def _finish_run(cfg: ScoreJobConfig, store: ScoreStore, job: CheckedJob, plan, b
         "samples_scored_this_run": n_scored_now,
         "samples_per_s": round(n_scored_now / score_seconds, 3) if n_scored_now and score_seconds > 0 else None,
         "execution": "ray" if cfg.ray.enabled else "in_process",
+        # where each row of scores.parquet was scored: Ray node id -> rows (rows kept from an earlier run count
+        # under the node that scored them then; rows scored without Ray under "in_process")
+        **({"ray": {"rows_per_node": rows_per_node}} if rows_per_node is not None else {}),
         "n_rows": len(df),
         "status_counts": df["status"].value_counts().to_dict(),
         "data_report": report_dict,

@@ -46,7 +46,8 @@ STORE_FORMAT = 2  # parts with record fingerprints and a checksum ledger
 STATUS_SKIPPED = "skipped"  # a row that tokenisation skipped (reason in `skip_reason`); not a score
 INT_COLUMNS = ("n_response_tokens", "n_tokens", "n_prompt_tokens", "zero_norm_modules", "padded_length")
 RECORD_FP = "record_fp"  # the content fingerprint a row was scored from (parts only)
-INTERNAL_COLUMNS = ("skip_reason", "padded_length", "model_weights", "worker_peak_rss_mb", RECORD_FP)
+SCORED_ON = "ray_node_id"  # the Ray node whose actor scored a row (parts only; absent for in-process parts)
+INTERNAL_COLUMNS = ("skip_reason", "padded_length", "model_weights", "worker_peak_rss_mb", RECORD_FP, SCORED_ON)
 
 
 class ResumeMismatchError(ValueError):
@@ -433,6 +434,9 @@ class ScoreStore:
             facts["padding_fraction"] = float(1.0 - df["n_tokens"].sum() / df["padded_length"].sum())
         if "worker_peak_rss_mb" in df:
             facts["worker_peak_rss_mb"] = float(df["worker_peak_rss_mb"].max())
+        if SCORED_ON in df:  # counted over the rows kept, so the counts add up to scores.parquet's rows
+            facts["rows_per_node"] = {str(k): int(v) for k, v in
+                                      df[SCORED_ON].fillna("in_process").value_counts().sort_index().items()}
         if "model_weights" in df:
             weights = sorted(set(df["model_weights"].dropna()))
             facts["model_weights"] = weights

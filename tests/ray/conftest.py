@@ -1,4 +1,5 @@
-"""Local Ray for the ray tier: small (2 CPUs, 150 MB object store, no dashboard), one per session."""
+"""Local Ray for the ray tier: small (2 CPUs, 150 MB object store, no dashboard), one per session; a simulated
+multi-node cluster per test (``sim_cluster``)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,19 @@ def local_ray():
                  log_to_driver=False, configure_logging=False, _node_ip_address=LOOPBACK)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def sim_cluster(tmp_path):
+    """A fresh simulated multi-node cluster for one test (``tests/cluster_sim.py``): a head with 0 CPUs and two
+    worker nodes of 4 logical CPUs and 1 logical GPU each, all on 127.0.0.1, no dashboard. Drive it from
+    subprocesses with ``env=sim_cluster.env`` (the pytest process stays the driver of ``local_ray`` only); the
+    test may ``remove_worker`` / ``add_worker``. For ``ray job submit``: ``simulated_cluster(tmp_path,
+    dashboard=True)``."""
+    from tests.cluster_sim import simulated_cluster
+
+    with simulated_cluster(tmp_path) as sim:
+        yield sim
 
 
 def word_records(n: int, seed: int, prompt_words: int = 12, response_words: int = 30) -> list[dict]:
