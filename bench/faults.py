@@ -30,6 +30,9 @@ scored (written to disk). Faults, one table row each:
        directory beside it
     7  a corpus edited between runs (10 records removed, 5 added, 5 responses changed): the rerun scores exactly
        the 10 new or changed ones; compared with an undisturbed run on the edited corpus
+    8  a worker node lost at half on a simulated multi-node cluster (tests/cluster_sim.py: a head with no CPUs,
+       two worker nodes of 4 logical CPUs, all on 127.0.0.1; one actor per node): the run finishes by itself on
+       the node that is left (the lost node's actor restarts there, its call retried)
 
 Columns: samples expected (records of the corpus), kept on disk before the rerun (distinct samples in parts that
 pass their ledger checksum, scored from their current content), scored again (the rerun's
@@ -82,7 +85,7 @@ SCORE_PREFIXES = ("sqsd", "danger_proj", "safety_proj", "update_norm_", "loss_")
 GOAL_DELTA = 1e-6
 GOAL_KEPT_AT_HALF = 0.40
 LINGER_S = 10.0  # after kill -9 of the driver: how long its Ray processes get to notice before they are counted
-FAULTS = ("1", "2", "3", "4", "5", "6", "7")
+FAULTS = ("1", "2", "3", "4", "5", "6", "7", "8")
 
 
 # ---------------------------------------------------------------------------------------------- one CLI run
@@ -94,9 +97,11 @@ class CliRun:
 
     started: list[CliRun] = []
 
-    def __init__(self, name: str, argv: list[str], logs: Path):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env.pop("RAY_ADDRESS", None)
+    def __init__(self, name: str, argv: list[str], logs: Path, env: dict[str, str] | None = None):
+        if env is None:  # a private local Ray of its own
+            env = {**os.environ}
+            env.pop("RAY_ADDRESS", None)
+        env = {**env, "PYTHONUNBUFFERED": "1"}
         self.name = name
         self.stderr_path = logs / f"{name}.stderr"
         self._stdout = open(logs / f"{name}.stdout", "wb")
@@ -426,11 +431,11 @@ class Job:
     def half(self) -> int:
         return math.ceil(len(self.records) / 2)
 
-    def score(self, name: str, out: Path, *sets: str) -> CliRun:
+    def score(self, name: str, out: Path, *sets: str, env: dict[str, str] | None = None) -> CliRun:
         argv = ["score", "--config", str(self.config), "--set", f"output.dir={out}"]
         for s in sets:
             argv += ["--set", s]
-        return CliRun(name, argv, self.logs)
+        return CliRun(name, argv, self.logs, env)
 
     def verify(self, name: str, out: Path) -> CliRun:
         return CliRun(name, ["verify", str(out)], self.logs)
@@ -730,6 +735,32 @@ def fault_edited_corpus(job: Job, row: Row) -> None:
         job.corpus.write_bytes(original)
 
 
+def fault_node_loss(job: Job, row: Row) -> None:
+    """A head without CPUs and two worker nodes (4 logical CPUs each) on 127.0.0.1; one actor per node (3.5 CPUs
+    each, so two cannot share a node); at half, one worker node vanishes (its raylet, object store and actor get
+    SIGKILL). The run must finish by itself on the node that is left, with no rerun."""
+    from tests.cluster_sim import simulated_cluster
+
+    out = job.work / "f8-node"
+    with simulated_cluster() as sim:
+        run = job.score("8-node-loss", out, f"ray.address={sim.address}", "ray.num_actors=2",
+                        "ray.num_cpus_per_actor=3.5", env=sim.env)
+        at = job.at_half(run, row)
+        lost, remaining = sim.workers
+        sim.remove_worker(lost, wait_until_dead=False)
+        print(f"  fault 8: removed worker node {lost.node_id[:12]} at {at}/{len(job.records)} reported", flush=True)
+        rc = job.wait(run, row)
+    row.check(f"the run finishes by itself on the remaining node: exit 0 (got {rc})", rc == 0)
+    info = run_info(out)
+    per_node = info.get("ray", {}).get("rows_per_node", {})
+    after = per_node.get(remaining.node_id, 0)
+    row.check(f"both worker nodes scored rows ({len(per_node)} nodes in run.json)", len(per_node) == 2)
+    row.disturbed = (f"worker node lost at {at}/{len(job.records)} reported → exit {rc}; rows per node "
+                     f"{sorted(per_node.values())} (lost node {per_node.get(lost.node_id, 0)}, remaining {after})")
+    row.kept, row.rescored = "—", "— (no rerun: finished by itself)"
+    job.finish(row, out, None, job.work / "reference", job.records, None)
+
+
 PLAN = [
     ("1", "1. SIGINT to the driver at half", fault_sigint),
     ("2", "2. kill -9 of the driver at half", fault_kill_driver),
@@ -739,6 +770,7 @@ PLAN = [
     ("6", "6. an overwrite that fails (data file missing)", fault_failed_overwrite),
     ("6", "6. an overwrite interrupted at half (SIGINT)", fault_interrupted_overwrite),
     ("7", "7. a corpus edited between runs", fault_edited_corpus),
+    ("8", "8. loss of a worker node (simulated cluster)", fault_node_loss),
 ]
 
 
