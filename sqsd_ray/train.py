@@ -545,9 +545,12 @@ class Trainer:
         step = _zero_optimizer_step(self.engine.optimizer.optimizer)
         tensors: dict[str, torch.Tensor] = {}
         for name, param in self.named_params:
-            tensors[f"{name}::step"] = torch.tensor(float(step))
             for key in ADAM_MOMENTS:
-                tensors[f"{name}::{key}"] = safe_get_full_optimizer_state(param, key).detach().cpu().contiguous()
+                whole = safe_get_full_optimizer_state(param, key)  # every rank joins; only rank 0 keeps a copy
+                if self.rank == 0:
+                    tensors[f"{name}::{key}"] = whole.detach().cpu().contiguous()
+            if self.rank == 0:
+                tensors[f"{name}::step"] = torch.tensor(float(step))
         return tensors
 
     def save(self, directory: Path, identity: str) -> Path | None:
@@ -582,7 +585,7 @@ class Trainer:
         """Step, metric history and AdamW's state of a checkpoint of the same job. The weights are loaded before
         the trainer is built (``load_weights``), since ZeRO partitions them at construction. The learning-rate
         schedule is a function of the step (``lr_factor``), so restoring the step restores it."""
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         state = json.loads((directory / STATE_FILE).read_text())
         if state["identity"] != identity:
@@ -591,15 +594,15 @@ class Trainer:
                 f"{identity}); use output.overwrite: true or another output.dir"
             )
         if (directory / OPTIMIZER_FILE).is_file():
-            tensors = load_file(str(directory / OPTIMIZER_FILE))
-            missing = [name for name, _ in self.named_params if f"{name}::exp_avg" not in tensors]
-            if missing:
-                raise ValueError(f"{directory / OPTIMIZER_FILE} has no AdamW state for {len(missing)} trainable "
-                                 f"tensors (first: {missing[0]}): it belongs to another model or adapter")
-            if self.engine is None:
-                self._load_optimizer_tensors(tensors)
-            else:
-                self._load_zero_optimizer_tensors(tensors)
+            with safe_open(str(directory / OPTIMIZER_FILE), framework="pt") as saved:  # read tensor by tensor
+                missing = [name for name, _ in self.named_params if f"{name}::exp_avg" not in saved.keys()]
+                if missing:
+                    raise ValueError(f"{directory / OPTIMIZER_FILE} has no AdamW state for {len(missing)} trainable "
+                                     f"tensors (first: {missing[0]}): it belongs to another model or adapter")
+                if self.engine is None:
+                    self._load_optimizer_tensors({key: saved.get_tensor(key) for key in saved.keys()})
+                else:
+                    self._load_zero_optimizer_tensors(saved)
         else:  # checkpoints written before ZeRO runs saved their moments
             log.warning("resuming %s without optimizer moments (the checkpoint has no %s); AdamW restarts its "
                         "moment estimates", directory.name, OPTIMIZER_FILE)
@@ -613,17 +616,16 @@ class Trainer:
                 opt_state["state"][i] = {k: v.to(self.device) if k != "step" else v for k, v in entries.items()}
         self.optimizer.load_state_dict(opt_state)
 
-    def _load_zero_optimizer_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Put whole-tensor moments back into this rank's ZeRO partitions.
+    def _load_zero_optimizer_tensors(self, saved) -> None:
+        """Put whole-tensor moments (``saved``: an open safetensors file) back into this rank's ZeRO partitions.
 
         The flat fp32 buffers get their AdamW state on the first ``step()`` only, so a fresh engine has nowhere to
         put them: create that state here, as the optimizer would have (zeros, the saved step), tie the parameters'
-        fragments to it (ZeRO-2 does that lazily after its first step) and fill it with
-        ``safe_set_full_optimizer_state``, which keeps each rank's own slice.
+        fragments to it (ZeRO-2 does that lazily after its first step) and fill each rank's own slice.
         """
         from deepspeed.utils import safe_set_full_optimizer_state
 
-        steps = {float(v) for k, v in tensors.items() if k.endswith("::step")}
+        steps = {float(saved.get_tensor(k)) for k in saved.keys() if k.endswith("::step")}
         if len(steps) != 1:
             raise ValueError(f"optimizer state holds {len(steps)} different step counts; expected one")
         zero_optimizer = self.engine.optimizer
@@ -645,14 +647,27 @@ class Trainer:
             link()
         for name, param in self.named_params:
             for key in ADAM_MOMENTS:
-                safe_set_full_optimizer_state(param, tensors[f"{name}::{key}"].to(self.device, torch.float32), key)
+                value = saved.get_tensor(f"{name}::{key}").to(self.device, torch.float32)
+                if hasattr(param, "ds_id"):  # ZeRO-3
+                    _set_zero3_partition(zero_optimizer, param, value, key)
+                else:
+                    safe_set_full_optimizer_state(param, value, key)
 
-    def load(self, directory: Path, identity: str) -> None:
-        """Weights and state of a checkpoint (no ZeRO: the weights can still be written in place)."""
-        if self.engine is not None:
-            raise RuntimeError("with ZeRO, load the weights before building the trainer (load_weights)")
-        load_weights(self.model, directory, self.settings.method)
-        self.load_state(directory, identity)
+
+def _set_zero3_partition(zero_optimizer, param: torch.nn.Parameter, value: torch.Tensor, key: str) -> None:
+    """This rank's slice of a whole ZeRO-3 optimizer-state tensor. A partition is ``ceil(numel / W)`` long, so
+    the last rank's runs past the tensor's end (padding, zero in a real run too): DeepSpeed's own
+    ``safe_set_full_optimizer_state`` slices past the end there and fails whenever W does not divide the size."""
+    partition, group = zero_optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False,
+                                                                     optim_state_key=key)
+    flat = value.flatten()
+    start = partition.numel() * zero_optimizer._get_param_partition_rank(param)
+    count = max(0, min(partition.numel(), flat.numel() - start))
+    partition.zero_()
+    if count:
+        partition.narrow(0, 0, count).copy_(flat.narrow(0, start, count))
+    if zero_optimizer._swappable_optimizer_subgroup(group):  # NVMe offload: write the slice back out
+        zero_optimizer._optimizer_states_and_gradient_swap_out(group)
 
 
 def _zero_optimizer_step(inner: torch.optim.Optimizer) -> float:

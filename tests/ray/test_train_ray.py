@@ -64,21 +64,35 @@ def test_full_fine_tuning_with_zero3_saves_the_whole_model(local_ray, tmp_path, 
     assert len(moved) > 10  # every layer trained, nothing left empty
 
 
-@pytest.mark.parametrize("workers,stage", [(1, 0), (2, 3)])
+@pytest.mark.parametrize("workers,stage", [(1, 0), (3, 3)])
 def test_killed_worker_resumes_from_the_last_checkpoint(local_ray, tmp_path, shared_data, workers, stage):
-    """Rank 0 dies at step 3; Ray Train restarts the group from step 2. With two ZeRO-3 workers each rank gets its
-    slice of AdamW's moments back, so the run continues the uninterrupted one (loss within 1e-5)."""
+    """Rank 0 dies at step 3; Ray Train restarts the group from step 2. With three ZeRO-3 workers each rank gets
+    its slice of AdamW's moments back (3 divides no LoRA tensor here: the last slice is padded), so the run
+    continues the uninterrupted one (loss within 1e-5)."""
     run = run_training(_job(tmp_path, shared_data, "drill",
-                            WorkerScaling(num_workers=workers, torch_threads=1, fail_at_step=3, max_failures=1),
-                            max_steps=5, checkpoint_every=2, zero_stage=stage,
+                            WorkerScaling(num_workers=workers, cpus_per_worker=0.5, torch_threads=1, fail_at_step=3,
+                                          max_failures=1),
+                            batch_size=6, max_steps=5, checkpoint_every=2, zero_stage=stage,
                             stage3_param_persistence_threshold=0 if stage == 3 else None))
     assert (tmp_path / "drill" / ".fault_drill_done").read_text().startswith("killed at step 3")
     assert [h["step"] for h in run.history] == [1, 2, 3, 4, 5]  # steps 1-2 from the checkpoint, 3-5 after
-    straight = run_training(_job(tmp_path, shared_data, "straight", WorkerScaling(use_ray=False), max_steps=5,
-                                 checkpoint_every=2))
+    straight = run_training(_job(tmp_path, shared_data, "straight", WorkerScaling(use_ray=False), batch_size=6,
+                                 max_steps=5, checkpoint_every=2))
     for a, b in zip(run.history, straight.history):
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
     a, _ = load_adapter_state(run.final / "adapter")
     b, _ = load_adapter_state(straight.final / "adapter")
     for name in a:  # moments restored exactly: the interrupted run equals the straight one
         assert torch.allclose(a[name][1], b[name][1], rtol=1e-5, atol=1e-7), name
+
+
+def test_a_worker_lost_beyond_max_failures_stops_with_what_was_kept(local_ray, tmp_path, shared_data):
+    """No restart allowed: the worker that dies at step 3 (SIGKILL, as with a lost node) ends the run with
+    WorkersLost naming the checkpoint of step 2 and how to resume, not with Ray's traceback."""
+    from sqsd_ray.runtime import WorkersLost
+
+    with pytest.raises(WorkersLost, match=r"training workers \[0\] died .*step-000002 are kept .*rerun the same "
+                                          r"command"):
+        run_training(_job(tmp_path, shared_data, "lost", WorkerScaling(num_workers=1, torch_threads=1,
+                                                                        fail_at_step=3, max_failures=0),
+                          max_steps=5, checkpoint_every=2))
