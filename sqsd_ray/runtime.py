@@ -107,8 +107,8 @@ class WorkerScaling:
             raise ConfigError(f"scaling.num_workers must be >= 1, got {self.num_workers}")
         if not self.use_ray and self.num_workers != 1:
             raise ConfigError("scaling.num_workers > 1 needs scaling.use_ray: true")
-        if self.max_failures < 0:
-            raise ConfigError(f"scaling.max_failures must be >= 0, got {self.max_failures}")
+        if self.max_failures < -1:
+            raise ConfigError(f"scaling.max_failures must be >= 0, or -1 for no limit; got {self.max_failures}")
         if not self.restart_wait_s > 0:
             raise ConfigError(f"scaling.restart_wait_s must be a positive number of seconds, got {self.restart_wait_s}")
 
@@ -124,18 +124,32 @@ _WORKER_GROUP_START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 def train_failure_config(scaling: WorkerScaling):
-    """Ray Train's FailureConfig: ``max_failures`` restarts after worker errors, and no retry of a worker group
-    that could not be started within ``restart_wait_s`` (Ray's default retries that forever: a run that lost a
-    node nobody replaces would wait without end)."""
+    """Ray Train's FailureConfig: ``max_failures`` restarts after worker errors (a lost node's worker included),
+    and no retry of a worker group that could not be started (Ray's default retries that forever: a run that lost
+    a node nobody replaces would wait without end; each start waits ``restart_wait_s``, ``fit_on_ray_train``).
+    Preemptions the cluster announces (drained nodes) keep Ray's own budget, unlimited by default."""
     from ray.train import FailureConfig
 
     return FailureConfig(max_failures=scaling.max_failures, controller_failure_limit=0)
 
 
+def _lost_worker(failure: BaseException) -> bool:
+    """Whether a training worker's failure is its process or node going away, not an error of the job.
+
+    Ray Train reports a dead worker through its health check: ``WorkerHealthCheckFailedError`` wrapping the
+    ``RayActorError`` (ActorDiedError, ActorUnavailableError), or ``WorkerHealthCheckTimeoutError`` for one
+    that stopped answering."""
+    from ray.exceptions import RayActorError
+
+    if type(failure).__name__ == "WorkerHealthCheckTimeoutError":
+        return True
+    failure = getattr(failure, "health_check_failure", failure)
+    return isinstance(failure, RayActorError)
+
+
 def fit_on_ray_train(trainer, scaling: WorkerScaling, kept: Callable[[], str]):
     """``trainer.fit()``, waiting at most ``scaling.restart_wait_s`` for a worker group; lost workers beyond
     what the run may absorb raise ``WorkersLost`` with ``kept()`` (what was kept and how to resume)."""
-    from ray.exceptions import RayActorError
     from ray.train import ControllerError, WorkerGroupError
 
     saved = os.environ.get(_WORKER_GROUP_START_TIMEOUT)
@@ -144,17 +158,21 @@ def fit_on_ray_train(trainer, scaling: WorkerScaling, kept: Callable[[], str]):
         return trainer.fit()
     except ControllerError as err:
         why = type(err.controller_failure).__name__
-        if why not in ("WorkerGroupStartupTimeoutError", "WorkerGroupStartupFailedError"):
-            raise
-        need = f"{scaling.num_workers} workers with {scaling.cpus_per_worker:g} CPUs" + (" and 1 GPU" if scaling.use_gpu
-                                                                                      else "") + " each"
-        raise WorkersLost(f"the cluster did not offer {need} within scaling.restart_wait_s = "
-                          f"{scaling.restart_wait_s:g} s ({why}); {kept()}") from err
+        if why == "WorkerGroupStartupTimeoutError":
+            need = (f"{scaling.num_workers} workers with {scaling.cpus_per_worker:g} CPUs"
+                    + (" and 1 GPU" if scaling.use_gpu else "") + " each")
+            raise WorkersLost(f"the cluster did not offer {need} within scaling.restart_wait_s = "
+                              f"{scaling.restart_wait_s:g} s ({why}); {kept()}") from err
+        if why == "WorkerGroupStartupFailedError":  # e.g. a worker's node died while the worker was starting
+            cause = " ".join(str(err.controller_failure).split())[:300]
+            raise WorkersLost(f"a training worker died while the worker group was starting ({cause}); {kept()}") \
+                from err
+        raise
     except WorkerGroupError as err:
-        lost = sorted(rank for rank, failure in err.worker_failures.items() if isinstance(failure, RayActorError))
+        lost = sorted(rank for rank, failure in err.worker_failures.items() if _lost_worker(failure))
         if not lost:
             raise
-        raise WorkersLost(f"training workers {lost} died (their node was lost or killed) after "
+        raise WorkersLost(f"training workers {lost} died (their node was lost or killed) after the "
                           f"{scaling.max_failures} restarts allowed by scaling.max_failures; {kept()}") from err
     finally:
         if saved is None:
