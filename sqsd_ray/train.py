@@ -653,6 +653,13 @@ class Trainer:
                 else:
                     safe_set_full_optimizer_state(param, value, key)
 
+    def load(self, directory: Path, identity: str) -> None:
+        """Weights and state of a checkpoint (no ZeRO: the weights can still be written in place)."""
+        if self.engine is not None:
+            raise RuntimeError("with ZeRO, load the weights before building the trainer (load_weights)")
+        load_weights(self.model, directory, self.settings.method)
+        self.load_state(directory, identity)
+
 
 def _set_zero3_partition(zero_optimizer, param: torch.nn.Parameter, value: torch.Tensor, key: str) -> None:
     """This rank's slice of a whole ZeRO-3 optimizer-state tensor. A partition is ``ceil(numel / W)`` long, so
