@@ -595,12 +595,13 @@ class Trainer:
             )
         if (directory / OPTIMIZER_FILE).is_file():
             with safe_open(str(directory / OPTIMIZER_FILE), framework="pt") as saved:  # read tensor by tensor
-                missing = [name for name, _ in self.named_params if f"{name}::exp_avg" not in saved.keys()]
+                keys = set(saved.keys())  # a new list per call: once, not once per tensor
+                missing = [name for name, _ in self.named_params if f"{name}::exp_avg" not in keys]
                 if missing:
                     raise ValueError(f"{directory / OPTIMIZER_FILE} has no AdamW state for {len(missing)} trainable "
                                      f"tensors (first: {missing[0]}): it belongs to another model or adapter")
                 if self.engine is None:
-                    self._load_optimizer_tensors({key: saved.get_tensor(key) for key in saved.keys()})
+                    self._load_optimizer_tensors({key: saved.get_tensor(key) for key in keys})
                 else:
                     self._load_zero_optimizer_tensors(saved)
         else:  # checkpoints written before ZeRO runs saved their moments
