@@ -27,8 +27,9 @@ from pathlib import Path
 import pandas as pd
 
 from sqsd_ray.config import load_config
-from sqsd_ray.score_run import ScoreJobConfig, run_score
-from sqsd_ray.summary import spearman
+from sqsd_ray.scoring.job import run_score
+from sqsd_ray.scoring.job_config import ScoreJobConfig
+from sqsd_ray.scoring.summary import spearman
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -37,26 +38,18 @@ METHODS = ["sqsd", "sqsd_raw", "self_inf_n", "bianchor_grad", "bianchor_reps", "
 
 def build_directions(model: str, out: Path, steps: int, mode: str) -> dict[str, Path]:
     if mode == "random":
-        from sqsd_ray.directions import random_direction
-        from sqsd_ray.models import (
-            LoraSettings,
-            ModelConfig,
-            load_model,
-            lora_module_shapes,
-        )
+        from sqsd_ray.models.directions import random_direction
+        from sqsd_ray.models.loading import ModelConfig, load_model
+        from sqsd_ray.models.lora import LoraSettings, lora_module_shapes
 
         shapes = lora_module_shapes(load_model(ModelConfig(name_or_path=model)), LoraSettings())
         return {k: random_direction(shapes, seed=s, kind=k).save(out / f"{k}.safetensors")
                 for k, s in (("danger", 1), ("safety", 2))}
-    from sqsd_ray.data import DataConfig
-    from sqsd_ray.dynamics import (
-        DirectionExport,
-        DirectionsBuildConfig,
-        run_directions_build,
-    )
-    from sqsd_ray.models import ModelConfig
+    from sqsd_ray.data.records import DataConfig
+    from sqsd_ray.dynamics.jobs import DirectionExport, DirectionsBuildConfig, run_directions_build
+    from sqsd_ray.models.loading import ModelConfig
     from sqsd_ray.runtime import WorkerScaling
-    from sqsd_ray.train import TrainOutput, TrainSettings
+    from sqsd_ray.training.config import TrainOutput, TrainSettings
 
     paths = {}
     for kind, preset, objective in (("danger", "advbench_harmful", "sft"), ("safety", "advbench_refusal_pairs", "dpo")):

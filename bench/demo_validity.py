@@ -36,18 +36,13 @@ import pandas as pd
 import ray
 
 from sqsd_ray.config import from_dict
-from sqsd_ray.data import DataConfig, load_samples
-from sqsd_ray.demo import DemoSettings, run_demo
-from sqsd_ray.experiments import score_column
-from sqsd_ray.mitigate import (
-    MitigateConfig,
-    paired_difference,
-    restoration_paths,
-    run_mitigate,
-)
-from sqsd_ray.restore import compare_at_equal_task_increase
+from sqsd_ray.data.records import DataConfig, load_samples
+from sqsd_ray.demo.pipeline import DemoSettings, run_demo
+from sqsd_ray.experiments.effectiveness import score_column
+from sqsd_ray.experiments.mitigate import MitigateConfig, paired_difference, restoration_paths, run_mitigate
+from sqsd_ray.mitigation.restore import compare_at_equal_task_increase
 from sqsd_ray.runtime import RayConfig, init_ray
-from sqsd_ray.summary import markdown_table
+from sqsd_ray.scoring.summary import markdown_table
 
 MITIGATION_GOALS = ["SPF rise < plain, task within 10 %", "restore recovers >= 50 %, in budget, ratio <= 0.2",
                     "curvature-aware >= first-order at equal task-loss increase", "curated by SQSD < random", "curated by SQSD < longest"]

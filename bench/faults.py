@@ -71,11 +71,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sqsd_ray.data import DataConfig, load_samples  # noqa: E402
-from sqsd_ray.directions import random_direction  # noqa: E402
-from sqsd_ray.models import LoraSettings, ModelConfig, load_model, lora_module_shapes  # noqa: E402
-from sqsd_ray.score_run import record_fingerprint  # noqa: E402
-from sqsd_ray.score_store import file_sha256 as sha256  # noqa: E402
+from sqsd_ray.data.records import DataConfig, load_samples
+from sqsd_ray.models.directions import random_direction
+from sqsd_ray.models.loading import ModelConfig, load_model
+from sqsd_ray.models.lora import LoraSettings, lora_module_shapes
+from sqsd_ray.scoring.blocks import record_fingerprint
+from sqsd_ray.scoring.store import file_sha256 as sha256
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "benign" / "dolly_387.jsonl"
 PROGRESS = re.compile(r"scoring:.*?(\d+)/(\d+)")

@@ -54,15 +54,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sqsd_ray.data import DataConfig, TokenizedSample, collate, length_sorted_batches, load_samples, tokenize_samples
-from sqsd_ray.directions import Direction, random_direction
-from sqsd_ray.hooks import lora_layers
-from sqsd_ray.kernel import ProjectionTarget, normalised_projection, raw_projection
-from sqsd_ray.kernel import update_inner, update_norm_sq
-from sqsd_ray.models import LoraSettings, ModelConfig, load_model_and_tokenizer, lora_module_shapes
-from sqsd_ray.score import SqsdScorer, per_sample_mean_nll
-from sqsd_ray.score_run import BatchingConfig, DirectionsConfig, InitStateConfig, InitStatesConfig, ScoreJobConfig
-from sqsd_ray.score_run import build_scorer
+from sqsd_ray.data.records import DataConfig, load_samples
+from sqsd_ray.data.tokenize import TokenizedSample, collate, length_sorted_batches, tokenize_samples
+from sqsd_ray.models.directions import Direction, random_direction
+from sqsd_ray.models.loading import ModelConfig, load_model_and_tokenizer
+from sqsd_ray.models.lora import LoraSettings, lora_layers, lora_module_shapes
+from sqsd_ray.scoring.blocks import build_scorer
+from sqsd_ray.scoring.job_config import (
+    BatchingConfig,
+    DirectionsConfig,
+    InitStateConfig,
+    InitStatesConfig,
+    ScoreJobConfig,
+)
+from sqsd_ray.scoring.kernel import (
+    ProjectionTarget,
+    normalised_projection,
+    raw_projection,
+    update_inner,
+    update_norm_sq,
+)
+from sqsd_ray.scoring.scorer import SqsdScorer, per_sample_mean_nll
 
 DEFAULT_DATA = "/work/shared/data/benign/dolly_387.jsonl"
 PEFT_PREFIX = "base_model.model."

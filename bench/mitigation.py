@@ -29,21 +29,16 @@ from pathlib import Path
 
 import torch
 
-from sqsd_ray import world
-from sqsd_ray.data import DataConfig, collate, load_samples, tokenize_samples
-from sqsd_ray.models import (
-    LoraSettings,
-    ModelConfig,
-    apply_lora,
-    load_model_and_tokenizer,
-)
-from sqsd_ray.objectives import sft_loss
-from sqsd_ray.spf import SpfSettings
-from sqsd_ray.train import (
-    Trainer,
-    TrainingExample,
-    TrainSettings,
-)
+from sqsd_ray.data.records import DataConfig, load_samples
+from sqsd_ray.data.tokenize import collate, tokenize_samples
+from sqsd_ray.demo import world
+from sqsd_ray.models.loading import ModelConfig, load_model_and_tokenizer
+from sqsd_ray.models.lora import LoraSettings, apply_lora
+from sqsd_ray.training.config import TrainSettings
+from sqsd_ray.training.examples import TrainingExample
+from sqsd_ray.training.objectives import sft_loss
+from sqsd_ray.training.spf import SpfSettings
+from sqsd_ray.training.trainer import Trainer
 
 
 def _examples(rows: list[dict], tokenizer, max_length: int) -> list[TrainingExample]:
@@ -114,8 +109,9 @@ def adam_caveat(base, examples, pad, refusals, steps: int, batch: int, lr: float
 
 def restore_vs_epoch(model_dir: str, harmful_rows: list[dict], task_rows: list[dict], max_length: int) -> dict:
     from sqsd_ray.config import from_dict
-    from sqsd_ray.restore_run import RestoreConfig, run_restore
-    from sqsd_ray.train import TrainJobConfig, load_run, run_training
+    from sqsd_ray.mitigation.restore_job import RestoreConfig, run_restore
+    from sqsd_ray.training.config import TrainJobConfig
+    from sqsd_ray.training.loop import load_run, run_training
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -162,7 +158,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.model is None:
-        from sqsd_ray.organism import OrganismConfig, build_organism
+        from sqsd_ray.demo.organism import OrganismConfig, build_organism
 
         args.model = str(build_organism(OrganismConfig()))
     base, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path=args.model, attn_implementation="eager"))

@@ -34,12 +34,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sqsd_ray.config import from_dict  # noqa: E402
-from sqsd_ray.data import length_sorted_batches  # noqa: E402
-from sqsd_ray.directions import random_direction  # noqa: E402
-from sqsd_ray.models import LoraSettings, ModelConfig, load_model, lora_module_shapes  # noqa: E402
-from sqsd_ray.runtime import LOOPBACK, loopback_only  # noqa: E402
-from sqsd_ray.score_run import ScoreJobConfig, run_score  # noqa: E402
+from sqsd_ray.config import from_dict
+from sqsd_ray.data.tokenize import length_sorted_batches
+from sqsd_ray.models.directions import random_direction
+from sqsd_ray.models.loading import ModelConfig, load_model
+from sqsd_ray.models.lora import LoraSettings, lora_module_shapes
+from sqsd_ray.runtime import LOOPBACK, loopback_only
+from sqsd_ray.scoring.job import run_score
+from sqsd_ray.scoring.job_config import ScoreJobConfig
 
 OPENINGS = ["Sure.", "Here is one way to do it:", "Good question.", "In short:", "The answer is as follows.",
             "Let me explain.", "Certainly!"]
@@ -79,9 +81,9 @@ def write_parquet_sink(cfg, out: Path) -> dict:
     """The scored stream into Ray Data's ``write_parquet`` (no ledger, no resume): the sink to compare with."""
     import pandas as pd
 
-    from sqsd_ray.data import load_samples
-    from sqsd_ray.ray_score import scoring_dataset
-    from sqsd_ray.score_run import sample_rows
+    from sqsd_ray.data.records import load_samples
+    from sqsd_ray.scoring.blocks import sample_rows
+    from sqsd_ray.scoring.ray_pool import scoring_dataset
 
     samples, _ = load_samples(cfg.data)
     rows = sample_rows(samples)
@@ -112,8 +114,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write all numbers as JSON here")
     args = parser.parse_args()
 
-    import ray
     import pandas as pd
+    import ray
 
     work = Path(tempfile.mkdtemp(prefix="sqsd-bench-"))
     n = write_corpus(work / "corpus.jsonl", args.n_samples)

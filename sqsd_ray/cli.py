@@ -68,13 +68,14 @@ def _run_job(args: argparse.Namespace, config_cls: type, run, show: str | None =
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from .score_run import ScoreJobConfig, run_score
+    from .scoring.job import run_score
+    from .scoring.job_config import ScoreJobConfig
 
     return _run_job(args, ScoreJobConfig, run_score, show="summary.md")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .score_store import verify_run
+    from .scoring.store import verify_run
 
     problems = verify_run(Path(args.run_dir))
     for problem in problems:
@@ -86,19 +87,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_directions_build(args: argparse.Namespace) -> int:
-    from .dynamics import DirectionsBuildConfig, run_directions_build
+    from .dynamics.jobs import DirectionsBuildConfig, run_directions_build
 
     return _run_job(args, DirectionsBuildConfig, run_directions_build)
 
 
 def cmd_directions_validate(args: argparse.Namespace) -> int:
-    from .dynamics import ValidateConfig, run_validate
+    from .dynamics.jobs import ValidateConfig, run_validate
 
     return _run_job(args, ValidateConfig, run_validate, show="sensitivity.md")
 
 
 def cmd_trajectory(args: argparse.Namespace) -> int:
-    from .dynamics import TrajectoryConfig, plot_trajectory_grid, run_trajectory
+    from .dynamics.jobs import TrajectoryConfig, plot_trajectory_grid, run_trajectory
 
     if args.compare:
         print(f"wrote {plot_trajectory_grid([Path(d) for d in args.compare], Path(args.out))}")
@@ -107,14 +108,14 @@ def cmd_trajectory(args: argparse.Namespace) -> int:
 
 
 def cmd_init_select(args: argparse.Namespace) -> int:
-    from .dynamics import InitSelectConfig, run_init_select
+    from .dynamics.jobs import InitSelectConfig, run_init_select
 
     return _run_job(args, InitSelectConfig, run_init_select, show="init_states.yaml")
 
 
 def cmd_directions_export(args: argparse.Namespace) -> int:
-    from .dynamics import export_direction
-    from .train import load_run
+    from .dynamics.jobs import export_direction
+    from .training.loop import load_run
 
     run = load_run(args.run)
     out = Path(args.out) if args.out else Path(args.run) / f"{args.kind}-step{args.step or 'final'}.safetensors"
@@ -124,50 +125,50 @@ def cmd_directions_export(args: argparse.Namespace) -> int:
 
 
 def cmd_partition(args: argparse.Namespace) -> int:
-    from .partition import PartitionConfig, run_partition
+    from .experiments.partition import PartitionConfig, run_partition
 
     return _run_job(args, PartitionConfig, run_partition)
 
 
 def cmd_curate(args: argparse.Namespace) -> int:
-    from .curate import CurateConfig, run_curate
+    from .mitigation.curate import CurateConfig, run_curate
 
     return _run_job(args, CurateConfig, run_curate, show="curate.md")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .eval_run import EvalJobConfig, run_evaluate
+    from .evaluation.job import EvalJobConfig, run_evaluate
 
     return _run_job(args, EvalJobConfig, run_evaluate, show="metrics.csv")
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from .experiments import ExperimentConfig, run_experiment
+    from .experiments.effectiveness import ExperimentConfig, run_experiment
 
     args.overrides = [f"kind={args.kind}", *args.overrides]
     return _run_job(args, ExperimentConfig, run_experiment, show="report.md")
 
 
 def cmd_experiment_mitigate(args: argparse.Namespace) -> int:
-    from .mitigate import MitigateConfig, run_mitigate
+    from .experiments.mitigate import MitigateConfig, run_mitigate
 
     return _run_job(args, MitigateConfig, run_mitigate, show="report.md")
 
 
 def cmd_larf_layer(args: argparse.Namespace) -> int:
-    from .larf_layer import LarfLayerConfig, run_larf_layer
+    from .baselines.larf_layer import LarfLayerConfig, run_larf_layer
 
     return _run_job(args, LarfLayerConfig, run_larf_layer, show="larf_layer.md")
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from .restore_run import RestoreConfig, run_restore
+    from .mitigation.restore_job import RestoreConfig, run_restore
 
     return _run_job(args, RestoreConfig, run_restore, show="restore.md")
 
 
 def cmd_length_bias(args: argparse.Namespace) -> int:
-    from .length_bias import run_length_bias
+    from .scoring.length_bias import run_length_bias
 
     out = run_length_bias(args.scores, args.columns, args.out, args.bands, args.experiment_table)
     print((out / "length_bias.md").read_text())
@@ -175,7 +176,7 @@ def cmd_length_bias(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from .quickstart import run_quickstart
+    from .demo.quickstart import run_quickstart
 
     path = run_quickstart(Path(args.out), Path(args.data_root), overrides=args.overrides)
     print(f"wrote {path}")
@@ -184,7 +185,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoSettings, run_demo
+    from .demo.pipeline import DemoSettings, run_demo
 
     report = run_demo(DemoSettings(out=Path(args.out), seed=args.seed, quick=args.quick, model=args.model,
                                    data_root=Path(args.data_root), cache_dir=Path(args.cache) if args.cache else None))

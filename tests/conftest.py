@@ -42,8 +42,9 @@ def pytest_collection_modifyitems(config, items):
 
 def save_random_directions(root: Path, model: str, seeds: tuple[int, int] = (1, 2)) -> dict[str, Path]:
     """Seeded random rank-8 danger and safety directions for a built-in model, saved as direction files."""
-    from sqsd_ray.directions import random_direction
-    from sqsd_ray.models import LoraSettings, ModelConfig, load_model, lora_module_shapes
+    from sqsd_ray.models.directions import random_direction
+    from sqsd_ray.models.loading import ModelConfig, load_model
+    from sqsd_ray.models.lora import LoraSettings, lora_module_shapes
 
     shapes = lora_module_shapes(load_model(ModelConfig(name_or_path=model)), LoraSettings())
     return {kind: random_direction(shapes, rank=8, seed=seed, kind=kind).save(root / f"{kind}.safetensors")

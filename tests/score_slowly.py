@@ -15,14 +15,14 @@ import time
 
 from ray import cloudpickle
 
-from sqsd_ray import ray_score, score_run
 from sqsd_ray.cli import main
+from sqsd_ray.scoring import blocks, ray_pool
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 DELAY = 0.0
 
 
-class SlowActor(ray_score.ScoringActor):
+class SlowActor(ray_pool.ScoringActor):
     delay = 0.0
 
     def __call__(self, block):
@@ -46,9 +46,9 @@ if __name__ == "__main__":
     args, rest = parser.parse_known_args()
     rest = rest[1:] if rest and rest[0] == "--" else rest
     DELAY = SlowActor.delay = args.delay
-    score_run.BlockScorer.__call__ = _slow_in_process(score_run.BlockScorer.__call__)
-    score_on_ray = ray_score.score_with_ray
-    ray_score.score_with_ray = lambda cfg, store, rows, actor_cls=None: score_on_ray(cfg, store, rows, SlowActor)
+    blocks.BlockScorer.__call__ = _slow_in_process(blocks.BlockScorer.__call__)
+    score_on_ray = ray_pool.score_with_ray
+    ray_pool.score_with_ray = lambda cfg, store, rows, actor_cls=None: score_on_ray(cfg, store, rows, SlowActor)
     if args.ray_gpus is not None:
         import ray
 

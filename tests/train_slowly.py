@@ -15,30 +15,30 @@ from typing import Any
 
 from ray import cloudpickle
 
-from sqsd_ray import train
 from sqsd_ray.cli import main
+from sqsd_ray.training import loop
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 DELAY = 0.0
 
 
 def slow_train_worker(config: dict[str, Any]) -> None:
-    from sqsd_ray import train as worker_train
+    from sqsd_ray.training import loop as worker_loop
 
-    step = worker_train.Trainer.train_step
+    step = worker_loop.Trainer.train_step
     delay = DELAY
 
     def slowed(self, forward=None):
         time.sleep(delay)
         return step(self, forward)
 
-    worker_train.Trainer.train_step = slowed
-    worker_train.train_worker(config)  # the worker imported the package itself: its loop, not this wrapper
+    worker_loop.Trainer.train_step = slowed
+    worker_loop.train_worker(config)  # the worker imported the package itself: its loop, not this wrapper
 
 
 if __name__ == "__main__":
     DELAY = float(sys.argv[1])
     rest = sys.argv[2:]
     rest = rest[1:] if rest and rest[0] == "--" else rest
-    train.train_worker = slow_train_worker
+    loop.train_worker = slow_train_worker
     sys.exit(main(rest))

@@ -7,12 +7,14 @@ import json
 import pytest
 import torch
 
-from sqsd_ray.data import DataConfig
-from sqsd_ray.eval_run import EvalJobConfig, EvalWorkers, run_evaluate
-from sqsd_ray.evaluate import EvalSettings
-from sqsd_ray.models import ModelConfig, load_adapter_state
+from sqsd_ray.data.records import DataConfig
+from sqsd_ray.evaluation.generate import EvalSettings
+from sqsd_ray.evaluation.job import EvalJobConfig, EvalWorkers, run_evaluate
+from sqsd_ray.models.loading import ModelConfig
+from sqsd_ray.models.lora import load_adapter_state
 from sqsd_ray.runtime import WorkerScaling
-from sqsd_ray.train import TrainJobConfig, TrainOutput, TrainSettings, run_training
+from sqsd_ray.training.config import TrainJobConfig, TrainOutput, TrainSettings
+from sqsd_ray.training.loop import run_training
 
 pytestmark = pytest.mark.gpu
 

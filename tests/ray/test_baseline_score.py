@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from sqsd_ray.config import load_config
-from sqsd_ray.score_run import ScoreJobConfig, run_score
+from sqsd_ray.scoring.job import run_score
+from sqsd_ray.scoring.job_config import ScoreJobConfig
 
 pytestmark = [pytest.mark.ray]
 
@@ -63,9 +64,9 @@ def test_reward_model_baseline_scores_the_cost(tmp_path, shared_data):
 
     import torch
 
-    from sqsd_ray.data import DataConfig, load_samples
-    from sqsd_ray.judges import BEAVER_TEMPLATE
-    from sqsd_ray.tiny import build_tiny_tokenizer
+    from sqsd_ray.data.records import DataConfig, load_samples
+    from sqsd_ray.evaluation.judges import BEAVER_TEMPLATE
+    from sqsd_ray.models.tiny import build_tiny_tokenizer
     from tests.unit.test_judges import _tiny_score_checkpoint
 
     checkpoint = tmp_path / "cost"

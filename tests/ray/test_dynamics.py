@@ -13,9 +13,8 @@ import torch
 import yaml
 
 from sqsd_ray.config import load_config
-from sqsd_ray.data import DataConfig
-from sqsd_ray.directions import Direction
-from sqsd_ray.dynamics import (
+from sqsd_ray.data.records import DataConfig
+from sqsd_ray.dynamics.jobs import (
     DirectionsBuildConfig,
     InitSelectConfig,
     RunOutput,
@@ -26,9 +25,12 @@ from sqsd_ray.dynamics import (
     run_trajectory,
     run_validate,
 )
-from sqsd_ray.models import ModelConfig, load_adapter_state
+from sqsd_ray.models.directions import Direction
+from sqsd_ray.models.loading import ModelConfig
+from sqsd_ray.models.lora import load_adapter_state
 from sqsd_ray.runtime import WorkerScaling
-from sqsd_ray.train import TrainJobConfig, TrainOutput, TrainSettings, run_training
+from sqsd_ray.training.config import TrainJobConfig, TrainOutput, TrainSettings
+from sqsd_ray.training.loop import run_training
 from tests.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -141,8 +143,9 @@ def _fake_sensitivity(chain, tmp_path):
 
 
 def test_init_select_exports_the_chosen_states_and_score_takes_them(chain, tmp_path):
-    from sqsd_ray.directions import init_state_from_direction
-    from sqsd_ray.score_run import ScoreJobConfig, run_score
+    from sqsd_ray.models.directions import init_state_from_direction
+    from sqsd_ray.scoring.job import run_score
+    from sqsd_ray.scoring.job_config import ScoreJobConfig
 
     validate, trajectory = _fake_sensitivity(chain, tmp_path)
     out = run_init_select(load_config(InitSelectConfig, JOBS / "init_tiny.yaml", [

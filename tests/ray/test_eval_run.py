@@ -8,18 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
-from sqsd_ray.eval_run import EvalJobConfig, EvalWorkers, run_evaluate, state_kind
-from sqsd_ray.evaluate import EvalSettings
-from sqsd_ray.judges import JudgeSettings
-from sqsd_ray.models import (
-    LoraSettings,
-    ModelConfig,
-    apply_lora,
-    get_lora_factors,
-    load_model,
-    save_adapter,
-)
-from sqsd_ray.tiny import build_tiny_model, build_tiny_tokenizer
+from sqsd_ray.evaluation.generate import EvalSettings
+from sqsd_ray.evaluation.job import EvalJobConfig, EvalWorkers, run_evaluate, state_kind
+from sqsd_ray.evaluation.judges import JudgeSettings
+from sqsd_ray.models.loading import ModelConfig, load_model
+from sqsd_ray.models.lora import LoraSettings, apply_lora, get_lora_factors, save_adapter
+from sqsd_ray.models.tiny import build_tiny_model, build_tiny_tokenizer
 from tests.unit.test_judges import _tiny_score_checkpoint
 
 pytestmark = [pytest.mark.ray]

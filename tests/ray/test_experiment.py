@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from sqsd_ray.config import load_config
-from sqsd_ray.experiments import ExperimentConfig, band_table, run_experiment
+from sqsd_ray.experiments.effectiveness import ExperimentConfig, band_table, run_experiment
 from tests.conftest import save_random_directions
 
 pytestmark = [pytest.mark.slow]
@@ -53,7 +53,7 @@ def test_effectiveness_dag_writes_table_1(tmp_path, shared_data):
 
 
 def test_band_table_mono_and_delta():
-    from sqsd_ray.experiments import Arm
+    from sqsd_ray.experiments.effectiveness import Arm
 
     cfg = ExperimentConfig(arms=[Arm(name="a"), Arm(name="b")])
     metrics = pd.DataFrame(

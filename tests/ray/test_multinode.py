@@ -27,8 +27,8 @@ import pytest
 import yaml
 
 from sqsd_ray.cli import main
-from sqsd_ray.models import load_adapter_state
-from sqsd_ray.score_store import SCORED_ON
+from sqsd_ray.models.lora import load_adapter_state
+from sqsd_ray.scoring.store import SCORED_ON
 from tests.cluster_sim import RAY, SimulatedCluster, is_loopback, simulated_cluster
 from tests.conftest import REPO_ROOT, save_random_directions
 from tests.ray.conftest import word_records, write_score_job

@@ -25,10 +25,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sqsd_ray.data import DataConfig
-from sqsd_ray.models import ModelConfig
+from sqsd_ray.data.records import DataConfig
+from sqsd_ray.models.loading import ModelConfig
 from sqsd_ray.runtime import WorkerScaling
-from sqsd_ray.train import TrainJobConfig, TrainOutput, TrainSettings, list_checkpoints, run_training
+from sqsd_ray.training.checkpoint import list_checkpoints
+from sqsd_ray.training.config import TrainJobConfig, TrainOutput, TrainSettings
+from sqsd_ray.training.loop import run_training
 from tests.cluster_sim import simulated_cluster
 from tests.conftest import REPO_ROOT
 

@@ -16,17 +16,12 @@ from ray import cloudpickle
 
 from sqsd_ray.cli import main
 from sqsd_ray.config import ConfigError, load_config
-from sqsd_ray.data import load_samples
-from sqsd_ray.ray_score import ScoringActor, block_plan, score_with_ray
-from sqsd_ray.score_run import (
-    ScoreJobConfig,
-    load_direction,
-    record_fingerprint,
-    run_score,
-    sample_rows,
-    scoring_identity,
-)
-from sqsd_ray.score_store import ScoreStore
+from sqsd_ray.data.records import load_samples
+from sqsd_ray.scoring.blocks import load_direction, record_fingerprint, sample_rows, scoring_identity
+from sqsd_ray.scoring.job import run_score
+from sqsd_ray.scoring.job_config import ScoreJobConfig
+from sqsd_ray.scoring.ray_pool import ScoringActor, block_plan, score_with_ray
+from sqsd_ray.scoring.store import ScoreStore
 from tests.ray.conftest import word_records, write_score_job
 
 pytestmark = pytest.mark.ray

@@ -8,15 +8,9 @@ import pytest
 import torch
 
 from sqsd_ray.config import load_config
-from sqsd_ray.models import (
-    LoraSettings,
-    apply_lora,
-    get_lora_factors,
-    load_adapter_state,
-    save_adapter,
-)
-from sqsd_ray.restore_run import RestoreConfig, run_restore
-from sqsd_ray.tiny import build_tiny_model
+from sqsd_ray.mitigation.restore_job import RestoreConfig, run_restore
+from sqsd_ray.models.lora import LoraSettings, apply_lora, get_lora_factors, load_adapter_state, save_adapter
+from sqsd_ray.models.tiny import build_tiny_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

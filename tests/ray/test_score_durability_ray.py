@@ -21,10 +21,11 @@ from ray import cloudpickle
 
 from sqsd_ray.cli import main
 from sqsd_ray.config import load_config
-from sqsd_ray.data import load_samples
-from sqsd_ray.ray_score import ScoringActor, score_with_ray
-from sqsd_ray.score_run import ScoreJobConfig, load_direction, sample_rows, scoring_identity
-from sqsd_ray.score_store import ScoreStore
+from sqsd_ray.data.records import load_samples
+from sqsd_ray.scoring.blocks import load_direction, sample_rows, scoring_identity
+from sqsd_ray.scoring.job_config import ScoreJobConfig
+from sqsd_ray.scoring.ray_pool import ScoringActor, score_with_ray
+from sqsd_ray.scoring.store import ScoreStore
 from tests.conftest import REPO_ROOT
 from tests.ray.conftest import word_records, write_score_job
 
@@ -92,7 +93,7 @@ class BlockingActor(ScoringActor):
 def test_scored_blocks_reach_disk_while_the_job_runs(job, local_ray, tmp_path):
     import threading
 
-    from sqsd_ray.score_run import record_fingerprint
+    from sqsd_ray.scoring.blocks import record_fingerprint
 
     cfg = load_config(ScoreJobConfig, job / "score.yaml", [f"output.dir={tmp_path / 'out'}"])
     directions = {d: load_direction(getattr(cfg.directions, d), d) for d in ("danger", "safety")}

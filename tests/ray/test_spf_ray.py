@@ -9,24 +9,16 @@ import json
 import pytest
 import torch
 
-from sqsd_ray.data import DataConfig, Sample, content_id, tokenize_sample
-from sqsd_ray.models import (
-    LoraSettings,
-    ModelConfig,
-    apply_lora,
-    load_adapter_state,
-    load_model_and_tokenizer,
-)
+from sqsd_ray.data.records import DataConfig, Sample, content_id
+from sqsd_ray.data.tokenize import tokenize_sample
+from sqsd_ray.models.loading import ModelConfig, load_model_and_tokenizer
+from sqsd_ray.models.lora import LoraSettings, apply_lora, load_adapter_state
 from sqsd_ray.runtime import WorkerScaling
-from sqsd_ray.spf import SpfSettings
-from sqsd_ray.train import (
-    Trainer,
-    TrainingExample,
-    TrainJobConfig,
-    TrainOutput,
-    TrainSettings,
-    run_training,
-)
+from sqsd_ray.training.config import TrainJobConfig, TrainOutput, TrainSettings
+from sqsd_ray.training.examples import TrainingExample
+from sqsd_ray.training.loop import run_training
+from sqsd_ray.training.spf import SpfSettings
+from sqsd_ray.training.trainer import Trainer
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -9,16 +9,13 @@ import json
 import pytest
 import torch
 
-from sqsd_ray.data import DataConfig
-from sqsd_ray.models import ModelConfig, load_adapter_state, load_model
+from sqsd_ray.data.records import DataConfig
+from sqsd_ray.models.loading import ModelConfig, load_model
+from sqsd_ray.models.lora import load_adapter_state
 from sqsd_ray.runtime import WorkerScaling
-from sqsd_ray.train import (
-    TrainJobConfig,
-    TrainOutput,
-    TrainSettings,
-    load_weights,
-    run_training,
-)
+from sqsd_ray.training.checkpoint import load_weights
+from sqsd_ray.training.config import TrainJobConfig, TrainOutput, TrainSettings
+from sqsd_ray.training.loop import run_training
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -9,16 +9,12 @@ import math
 import pytest
 import torch
 
-from sqsd_ray.baselines import GradAnchorScorer, RepsScorer, SelfInfNScorer
-from sqsd_ray.data import Sample, collate, content_id, tokenize_sample
-from sqsd_ray.models import (
-    LoraSettings,
-    ModelConfig,
-    apply_lora,
-    load_model_and_tokenizer,
-    lora_layers,
-)
-from sqsd_ray.score import per_sample_mean_nll
+from sqsd_ray.baselines.methods import GradAnchorScorer, RepsScorer, SelfInfNScorer
+from sqsd_ray.data.records import Sample, content_id
+from sqsd_ray.data.tokenize import collate, tokenize_sample
+from sqsd_ray.models.loading import ModelConfig, load_model_and_tokenizer
+from sqsd_ray.models.lora import LoraSettings, apply_lora, lora_layers
+from sqsd_ray.scoring.scorer import per_sample_mean_nll
 
 TEXTS = [("Name a colour.", "Blue."), ("Write a long answer please", "Here is a longer answer with many words in it."),
          ("Hi", "Hello there!"), ("How are you?", "Fine, thanks for asking.")]
@@ -158,7 +154,7 @@ def test_bianchor_grad_needs_the_three_anchor_sets(tiny):
 
 
 def test_larf_layer_search_restores_weights_and_picks_the_sensitive_layer(tiny):
-    from sqsd_ray.baselines import decoder_layers, find_safety_layer
+    from sqsd_ray.baselines.methods import decoder_layers, find_safety_layer
 
     model, _ = tiny
     blocks = decoder_layers(model)
@@ -176,7 +172,7 @@ def test_larf_layer_search_restores_weights_and_picks_the_sensitive_layer(tiny):
 
 
 def test_larf_scores_match_single_forwards(tiny):
-    from sqsd_ray.baselines import LarfScorer
+    from sqsd_ray.baselines.methods import LarfScorer
 
     model, tokenizer = tiny
     unsafe = _tokenized(tokenizer, ANCHORS["harmful"] + ANCHORS["safe1"])

@@ -10,9 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from sqsd_ray import cli, models
+from sqsd_ray import cli
 from sqsd_ray.config import ConfigError
-from sqsd_ray.models import LoraSettings, ModelConfig, load_adapter_state, load_model, load_tokenizer, lora_module_shapes
+from sqsd_ray.models import loading
+from sqsd_ray.models.loading import ModelConfig, load_model, load_tokenizer
+from sqsd_ray.models.lora import (
+    LoraSettings,
+    load_adapter_state,
+    lora_module_shapes,
+    lora_shapes_without_weights,
+    save_adapter,
+)
 from tests.conftest import save_random_directions
 
 MISSING_ID = "nobody-xyz/not-a-model"
@@ -128,7 +136,7 @@ def test_unusable_model_source_is_named(tmp_path, kwargs, message):
     (tmp_path / "config.json").write_text("{}")
     cfg = ModelConfig(**{k: v.format(tmp=tmp_path) for k, v in kwargs.items()})
     with pytest.raises(ConfigError, match=message):
-        models.resolve_model_source(cfg)
+        loading.resolve_model_source(cfg)
 
 
 def test_hub_id_missing_from_cache_fails_at_once_offline(capsys, score_args, offline):
@@ -153,7 +161,7 @@ def _fake_cache_entry(cache: Path, repo_id: str) -> Path:
 def test_cached_hub_id_resolves_offline(offline):
     _fake_cache_entry(offline, "sqsd-test/tiny-llama")
     cfg = ModelConfig(name_or_path="sqsd-test/tiny-llama")
-    shapes = models.lora_shapes_without_weights(cfg, LoraSettings())
+    shapes = lora_shapes_without_weights(cfg, LoraSettings())
     assert shapes == lora_module_shapes(load_model(cfg), LoraSettings())
 
 
@@ -190,7 +198,7 @@ def test_hub_failure_online_names_the_id(monkeypatch, online, error, entry):
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])
 def test_shapes_without_weights_match_the_loaded_model(name):
     cfg, lora = ModelConfig(name_or_path=name), LoraSettings()
-    assert models.lora_shapes_without_weights(cfg, lora) == lora_module_shapes(load_model(cfg), lora)
+    assert lora_shapes_without_weights(cfg, lora) == lora_module_shapes(load_model(cfg), lora)
 
 
 def test_shapes_without_weights_of_a_saved_model(tmp_path, monkeypatch):
@@ -204,14 +212,14 @@ def test_shapes_without_weights_of_a_saved_model(tmp_path, monkeypatch):
         raise AssertionError("lora_shapes_without_weights loaded the weights")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
-    assert models.lora_shapes_without_weights(cfg, lora) == expected
+    assert lora_shapes_without_weights(cfg, lora) == expected
     with pytest.raises(ConfigError, match="local model directory .* does not exist"):
-        models.lora_shapes_without_weights(ModelConfig(name_or_path=str(tmp_path / "gone")), lora)
+        lora_shapes_without_weights(ModelConfig(name_or_path=str(tmp_path / "gone")), lora)
 
 
 def test_shapes_without_weights_of_the_smollm2_gguf(monkeypatch):
-    if importlib.util.find_spec(models.SMOLLM2_PACKAGE) is None:  # found, not imported: it needs the llm package
-        pytest.skip(f"{models.SMOLLM2_PACKAGE} is not installed")
+    if importlib.util.find_spec(loading.SMOLLM2_PACKAGE) is None:  # found, not imported: it needs the llm package
+        pytest.skip(f"{loading.SMOLLM2_PACKAGE} is not installed")
     import transformers
 
     def no_weights(*args, **kwargs):
@@ -219,7 +227,7 @@ def test_shapes_without_weights_of_the_smollm2_gguf(monkeypatch):
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
     started = time.monotonic()
-    shapes = models.lora_shapes_without_weights(ModelConfig(name_or_path=models.SMOLLM2_ALIAS), LoraSettings())
+    shapes = lora_shapes_without_weights(ModelConfig(name_or_path=loading.SMOLLM2_ALIAS), LoraSettings())
     assert time.monotonic() - started < 20  # about 4 s on 2 CPU cores: the GGUF header, no tensors
     # SmolLM2-135M: 30 blocks, hidden 576, 3 kv heads of 64, MLP 1536
     assert len(shapes) == 30 * 7
@@ -245,7 +253,7 @@ def test_direction_file_with_a_damaged_header_is_named(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from sqsd_ray.directions import FORMAT, Direction
+    from sqsd_ray.models.directions import FORMAT, Direction
 
     path = tmp_path / "v.safetensors"
     save_file({"m.A": torch.zeros(1, 2)}, str(path), metadata={"format": FORMAT, "metadata": "{"})
@@ -254,12 +262,12 @@ def test_direction_file_with_a_damaged_header_is_named(tmp_path):
 
 
 def test_truncated_adapter_weights_are_named(tmp_path):
-    from sqsd_ray.directions import random_direction
+    from sqsd_ray.models.directions import random_direction
 
     shapes = lora_module_shapes(load_model(ModelConfig(name_or_path="tiny-llama")), LoraSettings())
     direction = random_direction(shapes, rank=8)
     factors = {name: (f.A, f.B) for name, f in direction.modules.items()}
-    weights = models.save_adapter(factors, LoraSettings(), tmp_path / "adapter") / "adapter_model.safetensors"
+    weights = save_adapter(factors, LoraSettings(), tmp_path / "adapter") / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match=rf"^adapter weights file {weights} is not a readable safetensors file"):
         load_adapter_state(tmp_path / "adapter")
@@ -333,7 +341,7 @@ def test_verify_prints_each_problem(capsys, monkeypatch, problems):
         calls.append(run_dir)
         return problems
 
-    monkeypatch.setattr("sqsd_ray.score_store.verify_run", verify_run, raising=False)
+    monkeypatch.setattr("sqsd_ray.scoring.store.verify_run", verify_run, raising=False)
     code = cli.main(["verify", "runs/x"])
     out, err = capsys.readouterr()
     assert calls == [Path("runs/x")]

@@ -14,22 +14,12 @@ import pytest
 
 from sqsd_ray.cli import main
 from sqsd_ray.config import ConfigError
-from sqsd_ray.curate import (
-    CurateConfig,
-    CurateOutput,
-    ReweightSettings,
-    rank_weights,
-    run_curate,
-)
-from sqsd_ray.data import (
-    DataConfig,
-    DataError,
-    DataReport,
-    load_samples,
-    tokenize_samples,
-)
-from sqsd_ray.score_store import ScoreStore
-from sqsd_ray.tiny import build_tiny_tokenizer
+from sqsd_ray.data.location import DataError
+from sqsd_ray.data.records import DataConfig, DataReport, load_samples
+from sqsd_ray.data.tokenize import tokenize_samples
+from sqsd_ray.mitigation.curate import CurateConfig, CurateOutput, ReweightSettings, rank_weights, run_curate
+from sqsd_ray.models.tiny import build_tiny_tokenizer
+from sqsd_ray.scoring.store import ScoreStore
 
 N = 20
 UNSCORED = (18, 19)  # records without a score row

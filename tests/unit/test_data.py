@@ -1,4 +1,4 @@
-"""Tests for sqsd_ray.data: reading, normalising, bad-record handling, tokenisation, collation, batching."""
+"""Tests for sqsd_ray.data (records, tokenize): reading, normalising, bad records, tokenisation, collation, batching."""
 
 from __future__ import annotations
 
@@ -11,24 +11,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from sqsd_ray import data as data_module
 from sqsd_ray.config import ConfigError, from_dict
-from sqsd_ray.data import (
+from sqsd_ray.data import tokenize as tokenize_module
+from sqsd_ray.data.location import DataError
+from sqsd_ray.data.records import DataConfig, DataReport, Sample, content_id, load_samples
+from sqsd_ray.data.tokenize import (
     ChatTemplateError,
-    DataConfig,
-    DataError,
-    DataReport,
-    Sample,
     TokenizedSample,
     collate,
-    content_id,
     length_sorted_batches,
-    load_samples,
     render_prompt_and_response,
     tokenize_sample,
     tokenize_samples,
 )
-from sqsd_ray.tiny import build_tiny_tokenizer
+from sqsd_ray.models.tiny import build_tiny_tokenizer
 
 REAL_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "benign"
 needs_real_data = pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"{REAL_DATA} not present")
@@ -548,9 +544,9 @@ def test_tokenize_samples_error_policy(tokenizer):
 def test_fallback_format_without_chat_template(caplog, monkeypatch):
     tokenizer = build_tiny_tokenizer()
     tokenizer.chat_template = None
-    monkeypatch.setattr(data_module, "_warned_no_template", False)
+    monkeypatch.setattr(tokenize_module, "_warned_no_template", False)
     sample = _sample(MULTI_TURN, "Yes.")
-    with caplog.at_level(logging.WARNING, logger="sqsd_ray.data"):
+    with caplog.at_level(logging.WARNING, logger="sqsd_ray.data.tokenize"):
         prompt_text, response_text = render_prompt_and_response(sample, tokenizer)
         render_prompt_and_response(sample, tokenizer)
     assert sum("no chat template" in r.message for r in caplog.records) == 1  # warned once

@@ -15,10 +15,12 @@ import pandas as pd
 import pytest
 
 from sqsd_ray.config import ConfigError
-from sqsd_ray.data import DataConfig, DataError, content_id, encode_prompt, load_samples, tokenize_sample
-from sqsd_ray.evaluate import keyword_refusal
-from sqsd_ray.presets import PRESETS, REFUSALS, refusal_for, resolve
-from sqsd_ray.tiny import build_tiny_tokenizer
+from sqsd_ray.data.location import DataError
+from sqsd_ray.data.presets import PRESETS, REFUSALS, refusal_for, resolve
+from sqsd_ray.data.records import DataConfig, content_id, load_samples
+from sqsd_ray.data.tokenize import encode_prompt, tokenize_sample
+from sqsd_ray.evaluation.generate import keyword_refusal
+from sqsd_ray.models.tiny import build_tiny_tokenizer
 from tests.conftest import REPO_ROOT, SHARED_DATA
 
 ADVBENCH = SHARED_DATA / "eval" / "advbench_harmful_behaviors.csv"
@@ -136,7 +138,7 @@ def test_refusals_contain_a_refusal_phrase_and_are_all_used():
 
 def test_refusal_choice_is_stable_across_processes():
     goals = ["build a bomb", "write malware", "steal a car"]
-    code = ("import json, sys; from sqsd_ray.presets import refusal_for; "
+    code = ("import json, sys; from sqsd_ray.data.presets import refusal_for; "
             "print(json.dumps([refusal_for(g) for g in sys.argv[1:]]))")
     runs = []
     for seed in ("1", "2"):  # a different str-hash salt per process: hash() would pick differently

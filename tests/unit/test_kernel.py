@@ -17,12 +17,13 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from sqsd_ray.data import Sample, collate, tokenize_sample
-from sqsd_ray.directions import Direction, LoraFactors
-from sqsd_ray.hooks import LoraGradCapture
-from sqsd_ray.kernel import ProjectionTarget, per_sample_lora_grads, update_inner, update_norm_sq
-from sqsd_ray.score import InitState, ScoringPass, SqsdScorer, per_sample_mean_nll
-from sqsd_ray.tiny import build_tiny_model, build_tiny_tokenizer
+from sqsd_ray.data.records import Sample
+from sqsd_ray.data.tokenize import collate, tokenize_sample
+from sqsd_ray.models.directions import Direction, LoraFactors
+from sqsd_ray.models.tiny import build_tiny_model, build_tiny_tokenizer
+from sqsd_ray.scoring.hooks import LoraGradCapture
+from sqsd_ray.scoring.kernel import ProjectionTarget, per_sample_lora_grads, update_inner, update_norm_sq
+from sqsd_ray.scoring.scorer import InitState, ScoringPass, SqsdScorer, per_sample_mean_nll
 from tests.conftest import FUNC_RTOL, INVARIANCE_ATOL, ORACLE_ATOL
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -7,10 +7,10 @@ import json
 import pandas as pd
 import pytest
 
+from sqsd_ray.baselines.larf_layer import OVER_REFUSAL_PROMPTS, LarfLayerConfig, run_larf_layer
 from sqsd_ray.cli import main
 from sqsd_ray.config import ConfigError, load_config
-from sqsd_ray.larf_layer import OVER_REFUSAL_PROMPTS, LarfLayerConfig, run_larf_layer
-from sqsd_ray.score_run import ScoreJobConfig
+from sqsd_ray.scoring.job_config import ScoreJobConfig
 
 
 def _cfg(tmp_path, *extra):

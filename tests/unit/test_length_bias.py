@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from sqsd_ray.cli import main
-from sqsd_ray.length_bias import band_lengths
+from sqsd_ray.scoring.length_bias import band_lengths
 
 
 def _scores(n=50):

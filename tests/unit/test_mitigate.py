@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from sqsd_ray.config import ConfigError, load_config
-from sqsd_ray.data import DataConfig, load_samples
-from sqsd_ray.mitigate import (
+from sqsd_ray.data.records import DataConfig, load_samples
+from sqsd_ray.experiments.mitigate import (
     METHODS,
     MitigateConfig,
     curation_contrasts,
@@ -25,7 +25,7 @@ from sqsd_ray.mitigate import (
     shown,
     write_report,
 )
-from sqsd_ray.restore import compare_at_equal_task_increase
+from sqsd_ray.mitigation.restore import compare_at_equal_task_increase
 
 
 def test_rouge_against_hand_counts():

@@ -11,20 +11,22 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sqsd_ray.config import ConfigError, from_dict
-from sqsd_ray.models import (
+from sqsd_ray.models.loading import (
+    ModelConfig,
+    load_model,
+    load_model_and_tokenizer,
+    model_fingerprint,
+    resolve_model_source,
+)
+from sqsd_ray.models.lora import (
     DEFAULT_TARGET_MODULES,
     LoraSettings,
-    ModelConfig,
     add_adapter,
     apply_lora,
     get_lora_factors,
     get_lora_scalings,
     load_adapter_state,
-    load_model,
-    load_model_and_tokenizer,
     lora_module_shapes,
-    model_fingerprint,
-    resolve_model_source,
     set_lora_factors,
 )
 

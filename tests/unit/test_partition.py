@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from sqsd_ray.config import ConfigError
-from sqsd_ray.data import DataConfig, load_samples
-from sqsd_ray.partition import PartitionConfig, PartitionSettings, band_paths, rank_bands, run_partition
+from sqsd_ray.data.records import DataConfig, load_samples
+from sqsd_ray.experiments.partition import PartitionConfig, PartitionSettings, band_paths, rank_bands, run_partition
 
 
 def _scores(n=20, nan_at=(3,)):

@@ -20,15 +20,9 @@ import pytest
 import torch
 
 from sqsd_ray.config import ConfigError, load_config
-from sqsd_ray.data import Sample, collate, tokenize_sample
-from sqsd_ray.models import (
-    LoraSettings,
-    apply_lora,
-    get_lora_factors,
-    load_adapter_state,
-    save_adapter,
-)
-from sqsd_ray.restore import (
+from sqsd_ray.data.records import Sample
+from sqsd_ray.data.tokenize import collate, tokenize_sample
+from sqsd_ray.mitigation.restore import (
     MAX_DAMPING_SCALE,
     BaseLosses,
     LoraVector,
@@ -51,9 +45,10 @@ from sqsd_ray.restore import (
     restore,
     woodbury_apply,
 )
-from sqsd_ray.restore_run import RestoreConfig, run_restore
-from sqsd_ray.score import per_sample_mean_nll
-from sqsd_ray.tiny import build_tiny_model, build_tiny_tokenizer
+from sqsd_ray.mitigation.restore_job import RestoreConfig, run_restore
+from sqsd_ray.models.lora import LoraSettings, apply_lora, get_lora_factors, load_adapter_state, save_adapter
+from sqsd_ray.models.tiny import build_tiny_model, build_tiny_tokenizer
+from sqsd_ray.scoring.scorer import per_sample_mean_nll
 
 SOLVE_ATOL = 1e-6  # two-loop / Woodbury vs dense solves, float64
 FISHER_RTOL = 1e-5  # kernel diagonal Fisher vs batch-1 autograd loop, float64

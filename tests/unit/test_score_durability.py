@@ -21,10 +21,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from sqsd_ray import score_run
 from sqsd_ray.cli import main
-from sqsd_ray.directions import random_direction
-from sqsd_ray.models import LoraSettings, ModelConfig, load_model, lora_module_shapes
+from sqsd_ray.models.directions import random_direction
+from sqsd_ray.models.loading import ModelConfig, load_model
+from sqsd_ray.models.lora import LoraSettings, lora_module_shapes
+from sqsd_ray.scoring import blocks
 from tests.conftest import REPO_ROOT, save_random_directions
 
 N = 12
@@ -117,21 +118,21 @@ def test_a_failed_overwrite_leaves_the_earlier_run_byte_for_byte(job, earlier_ru
 
 def test_an_interrupted_overwrite_keeps_the_earlier_run_and_resumes(job, earlier_run, tmp_path, capsys, monkeypatch):
     before = _snapshot(earlier_run)
-    call = score_run.BlockScorer.__call__
+    call = blocks.BlockScorer.__call__
 
     def interrupt_on_second_part(self, block):
         if self.calls == 1:
             raise KeyboardInterrupt
         return call(self, block)
 
-    monkeypatch.setattr(score_run.BlockScorer, "__call__", interrupt_on_second_part)
+    monkeypatch.setattr(blocks.BlockScorer, "__call__", interrupt_on_second_part)
     overwrite = ["--set", "output.overwrite=true", "--set", "data.max_length=200"]  # another job: a real overwrite
     assert _score(job, earlier_run, *overwrite) == 130
     err = capsys.readouterr().err
     staging = next(tmp_path.glob(".run.staging-*"))
     assert f"interrupted: 4 of {N} samples kept in {staging}; rerun the same command to resume" in err
     assert _snapshot(earlier_run) == before
-    monkeypatch.setattr(score_run.BlockScorer, "__call__", call)
+    monkeypatch.setattr(blocks.BlockScorer, "__call__", call)
     assert _score(job, earlier_run, *overwrite) == 0
     run = json.loads((earlier_run / "run.json").read_text())
     assert run["resume"]["kept"] == 4 and run["samples_scored_this_run"] == N - 4
@@ -286,7 +287,7 @@ def test_config_values_out_of_range_fail_before_the_model_loads(job, tmp_path, c
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the config was checked")
 
-    monkeypatch.setattr(score_run, "load_model_and_tokenizer", no_model)
+    monkeypatch.setattr(blocks, "load_model_and_tokenizer", no_model)
     assert _score(job, tmp_path / "run", "--set", override) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err

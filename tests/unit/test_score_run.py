@@ -14,10 +14,10 @@ import yaml
 
 from sqsd_ray.cli import main
 from sqsd_ray.config import ConfigError, load_config
-from sqsd_ray.directions import random_direction
-from sqsd_ray.models import LoraSettings, ModelConfig, load_model
-from sqsd_ray.models import lora_module_shapes
-from sqsd_ray.score_run import ScoreJobConfig
+from sqsd_ray.models.directions import random_direction
+from sqsd_ray.models.loading import ModelConfig, load_model
+from sqsd_ray.models.lora import LoraSettings, lora_module_shapes
+from sqsd_ray.scoring.job_config import ScoreJobConfig
 from tests.conftest import REPO_ROOT, save_random_directions
 
 RECORDS = [

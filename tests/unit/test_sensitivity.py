@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from sqsd_ray.directions import init_state_from_direction, random_direction
-from sqsd_ray.evaluate import (
+from sqsd_ray.dynamics.sensitivity import drift_norm, drift_projection, ds_drift, ds_linear, rank_drift, rank_linear
+from sqsd_ray.evaluation.generate import (
     EvalPrompt,
     EvalSettings,
     generate_responses,
@@ -18,23 +18,9 @@ from sqsd_ray.evaluate import (
     load_eval_prompts,
     score_responses,
 )
-from sqsd_ray.models import (
-    LoraSettings,
-    ModelConfig,
-    apply_lora,
-    get_lora_scalings,
-    load_model_and_tokenizer,
-    lora_module_shapes,
-    set_lora_factors,
-)
-from sqsd_ray.sensitivity import (
-    drift_norm,
-    drift_projection,
-    ds_drift,
-    ds_linear,
-    rank_drift,
-    rank_linear,
-)
+from sqsd_ray.models.directions import init_state_from_direction, random_direction
+from sqsd_ray.models.loading import ModelConfig, load_model_and_tokenizer
+from sqsd_ray.models.lora import LoraSettings, apply_lora, get_lora_scalings, lora_module_shapes, set_lora_factors
 from tests.conftest import SHARED_DATA
 
 
@@ -138,8 +124,8 @@ def test_eval_prompt_sets(benchmark, name, count):
 
 @torch.no_grad()
 def _greedy_one(model, tokenizer, prompt: EvalPrompt, max_new_tokens: int) -> str:
-    from sqsd_ray.data import Sample
-    from sqsd_ray.evaluate import encode_prompt
+    from sqsd_ray.data.records import Sample
+    from sqsd_ray.data.tokenize import encode_prompt
 
     ids = encode_prompt(Sample(sample_id="x", messages=({"role": "user", "content": prompt.prompt},), response="",
                                source="t"), tokenizer)
@@ -179,7 +165,7 @@ def test_hf_benchmark_from_a_dataset_directory(tmp_path):
 
 def test_an_adapter_dir_direction_needs_its_kind(tmp_path):
     from sqsd_ray.config import ConfigError
-    from sqsd_ray.dynamics import _direction_kind
+    from sqsd_ray.dynamics.jobs import _direction_kind
 
     (tmp_path / "adapter").mkdir()
     with pytest.raises(ConfigError, match="direction_kinds.dpo"):

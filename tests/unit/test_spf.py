@@ -10,27 +10,15 @@ import pytest
 import torch
 
 from sqsd_ray.config import ConfigError
-from sqsd_ray.data import DataConfig, Sample, content_id, tokenize_sample
-from sqsd_ray.models import (
-    LoraSettings,
-    ModelConfig,
-    apply_lora,
-    load_model_and_tokenizer,
-)
-from sqsd_ray.objectives import sft_loss
-from sqsd_ray.spf import (
-    SpfSettings,
-    project_gradients,
-    project_one_sided,
-    project_rank_k,
-    safety_directions,
-)
-from sqsd_ray.train import (
-    Trainer,
-    TrainingExample,
-    TrainSettings,
-    load_refusal_examples,
-)
+from sqsd_ray.data.records import DataConfig, Sample, content_id
+from sqsd_ray.data.tokenize import tokenize_sample
+from sqsd_ray.models.loading import ModelConfig, load_model_and_tokenizer
+from sqsd_ray.models.lora import LoraSettings, apply_lora
+from sqsd_ray.training.config import TrainSettings
+from sqsd_ray.training.examples import TrainingExample, load_refusal_examples
+from sqsd_ray.training.objectives import sft_loss
+from sqsd_ray.training.spf import SpfSettings, project_gradients, project_one_sided, project_rank_k, safety_directions
+from sqsd_ray.training.trainer import Trainer
 
 # ------------------------------------------------------------------------------------------ the rule
 
@@ -217,7 +205,7 @@ def test_the_projected_gradient_is_what_adamw_steps_on(tiny, aligned):
 
 
 def test_one_optimizer_step_and_one_projection_per_iteration(tiny, aligned, monkeypatch):
-    import sqsd_ray.train as train_module
+    import sqsd_ray.training.trainer as train_module
 
     model, tokenizer = tiny
     settings = _settings()
@@ -287,7 +275,7 @@ def test_spf_under_zero2_steps_once_and_matches_the_plain_trainer(tiny, aligned,
     """DeepSpeed ZeRO-2 in this process (one rank): the gradient is read and written through the engine's
     partitions, the engine steps once per iteration and the weights equal the DeepSpeed-free trainer's."""
     pytest.importorskip("deepspeed")
-    from sqsd_ray.train import _LocalSession
+    from sqsd_ray.training.loop import _LocalSession
 
     model, tokenizer = tiny
     session = _LocalSession(tmp_path, None)
@@ -323,7 +311,7 @@ def test_spf_raises_the_refusal_loss_less_than_plain_fine_tuning(tiny, aligned):
             return float(sft_loss(logits, batch["labels"], sum(e.chosen.n_response_tokens for e in refusals)))
 
     def collate_one(items, tok):
-        from sqsd_ray.data import collate
+        from sqsd_ray.data.tokenize import collate
 
         return collate([e.chosen for e in items], tok.pad_token_id)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sqsd_ray.summary import render_summary, term_ordering
+from sqsd_ray.scoring.summary import render_summary, term_ordering
 
 
 def _scores(n: int = 200, seed: int = 0) -> pd.DataFrame:

@@ -10,26 +10,17 @@ import pytest
 import torch
 
 from sqsd_ray.config import ConfigError
-from sqsd_ray.data import DataConfig, Sample, content_id, tokenize_sample
-from sqsd_ray.models import (
-    LoraSettings,
-    ModelConfig,
-    apply_lora,
-    get_lora_factors,
-    load_model_and_tokenizer,
-)
-from sqsd_ray.objectives import dpo_loss, sequence_logps, sft_loss
+from sqsd_ray.data.records import DataConfig, Sample, content_id
+from sqsd_ray.data.tokenize import tokenize_sample
+from sqsd_ray.models.loading import ModelConfig, load_model_and_tokenizer
+from sqsd_ray.models.lora import LoraSettings, apply_lora, get_lora_factors
 from sqsd_ray.runtime import WorkerScaling
-from sqsd_ray.train import (
-    Trainer,
-    TrainingExample,
-    TrainJobConfig,
-    TrainOutput,
-    TrainSettings,
-    list_checkpoints,
-    lr_factor,
-    run_training,
-)
+from sqsd_ray.training.checkpoint import list_checkpoints
+from sqsd_ray.training.config import TrainJobConfig, TrainOutput, TrainSettings
+from sqsd_ray.training.examples import TrainingExample
+from sqsd_ray.training.loop import run_training
+from sqsd_ray.training.objectives import dpo_loss, sequence_logps, sft_loss
+from sqsd_ray.training.trainer import Trainer, lr_factor
 
 PROMPTS = [
     ("Name a colour.", "Blue."),
@@ -80,7 +71,7 @@ def _peft(tiny, seed: int = 0):
 
 def test_sft_loss_is_hf_token_mean_loss(tiny):
     model, tokenizer = tiny
-    from sqsd_ray.data import collate
+    from sqsd_ray.data.tokenize import collate
 
     batch = collate([e.chosen for e in _examples(tokenizer)[:4]], tokenizer.pad_token_id)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
@@ -91,7 +82,7 @@ def test_sft_loss_is_hf_token_mean_loss(tiny):
 
 def test_sequence_logps_match_token_by_token_sum(tiny):
     model, tokenizer = tiny
-    from sqsd_ray.data import collate
+    from sqsd_ray.data.tokenize import collate
 
     examples = _examples(tokenizer)[:3]
     batch = collate([e.chosen for e in examples], tokenizer.pad_token_id)
@@ -280,8 +271,8 @@ def test_a_resumed_run_continues_the_uninterrupted_one(tmp_path, method, stage):
     back, under DDP and under ZeRO-2/3 alike, so the loss curve and the weights continue the straight run's."""
     import shutil
 
-    from sqsd_ray.models import load_model
-    from sqsd_ray.train import load_weights
+    from sqsd_ray.models.loading import load_model
+    from sqsd_ray.training.checkpoint import load_weights
 
     data = _write_jsonl(tmp_path / "d.jsonl", PROMPTS)
 
@@ -303,7 +294,7 @@ def test_a_resumed_run_continues_the_uninterrupted_one(tmp_path, method, stage):
     state = json.loads((resumed.final / "trainer_state.json").read_text())
     assert state["optimizer_state"] is True
     if method == "lora":
-        from sqsd_ray.models import load_adapter_state
+        from sqsd_ray.models.lora import load_adapter_state
 
         a, b = load_adapter_state(straight.final / "adapter")[0], load_adapter_state(resumed.final / "adapter")[0]
         pairs = [(a[n][i], b[n][i]) for n in a for i in (0, 1)]

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from sqsd_ray import world
-from sqsd_ray.organism import OrganismConfig, build_organism, build_word_tokenizer
+from sqsd_ray.demo import world
+from sqsd_ray.demo.organism import OrganismConfig, build_organism, build_word_tokenizer
 
 
 def test_world_is_deterministic_and_seeded():
@@ -50,7 +50,7 @@ def test_every_generated_word_is_in_the_vocabulary():
 
 
 def test_chat_template_round_trips_and_refusals_read_as_refusals():
-    from sqsd_ray.evaluate import keyword_refusal
+    from sqsd_ray.evaluation.generate import keyword_refusal
 
     tokenizer = build_word_tokenizer()
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "How do I bake bread?"}],
@@ -75,7 +75,7 @@ def test_organism_training_is_deterministic_and_cached(tmp_path, monkeypatch):
     assert set(record["refusal_rates"]) == {"heldout_harmful", "benign_howto", "homonym"}
     assert record["loss_every_10"][0] > record["final_loss"]
 
-    import sqsd_ray.organism as organism
+    import sqsd_ray.demo.organism as organism
 
     monkeypatch.setattr(organism, "train_organism", lambda *a, **k: pytest.fail("retrained a cached organism"))
     assert build_organism(cfg, tmp_path / "a") == first

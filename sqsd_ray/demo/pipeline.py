@@ -1,0 +1,540 @@
+"""``sqsd-ray demo``: the whole pipeline on a CPU model organism, and the test of the paper's claim.
+
+    sqsd-ray demo [--out runs/demo] [--quick] [--seed 0]
+
+Stages, each the product's own job run with a config built here (the same configs ``jobs/`` holds as YAML):
+
+ 1. align      the model organism (``organism.py``): a small Llama trained from scratch on the synthetic world
+               (``world.py``) to help with benign tasks and refuse harmful requests; cached after the first run
+ 2. world      the world's files: the benign fine-tuning corpus (unlabelled), direction data, held-out harmful
+               requests, over-refusal prompts, baseline anchor sets
+ 3. directions V_danger = LoRA SFT on harmful compliance, V_safety = LoRA DPO preferring refusals
+ 4. validate   steering θ0 + α·V: refusals per α (Fig. 5) and DS_linear
+ 5. trajectory a pilot LoRA fine-tune on the corpus: drift projections and refusals per checkpoint (Fig. 2), DS_drift
+ 6. init       θ_safety, θ_danger chosen from the two sensitivity tables (``init select``)
+ 7. score      SQSD on local Ray (Ray Data actors), then the App. D baselines through the same pipeline; LARF's
+               layer from ``larf-layer`` on the world's over-refusal prompts
+ 8. experiment S1…S5 per ranking (SQSD, its ablations, each baseline, a random ranking), a LoRA fine-tune per band,
+               greedy generation on held-out harmful requests, keyword-refusal ASR, Table 1 with Δ and Mono
+ 9. mitigate   act on the scores (``experiment mitigate``): on S1 and the whole corpus, plain vs curated (by
+               SQSD, at random, longest responses) vs SPF vs restored (first-order, curvature-aware) fine-tunes;
+               refusal NLL on held-out harmful requests, task NLL and ROUGE on held-out benign tasks
+10. report     report.md: Table 1, which kinds of samples each ranking put in S1, response lengths per band,
+               the mitigation table, the figures; demo.json: every figure and the stage times
+
+``--quick`` (CI) keeps every stage but shrinks them: a smaller corpus, fewer steps, three arms.
+The reward-model baseline needs a trained cost model of the world; the demo has none and leaves it out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from ..config import from_dict
+from . import world
+from .organism import OrganismConfig, build_organism
+
+log = logging.getLogger(__name__)
+
+LORA = {"r": 8, "alpha": 16.0}
+
+
+@dataclass
+class DemoSettings:
+    out: Path = Path("runs/demo")
+    seed: int = 0
+    quick: bool = False
+    cache_dir: Path | None = None
+    model: str = "organism"  # or "smollm2": SmolLM2-135M-Instruct aligned here, on the real data sets
+    data_root: Path = Path("../shared/data")
+
+    @property
+    def recipe(self) -> Recipe:
+        if self.model == "organism":
+            return Recipe.organism(self.quick)
+        if self.model == "smollm2":
+            return Recipe.smollm2(self.quick)
+        raise ValueError(f"demo model must be 'organism' or 'smollm2', got {self.model!r}")
+
+
+ARMS = {
+    "SQSD": {"column": "sqsd"},
+    "Random": {"column": "random"},
+    "Self-Inf-N": {"column": "self_inf_n", "method": "self_inf_n"},
+    "Bi-Anchor (Grad)": {"column": "bianchor_grad", "method": "bianchor_grad"},
+    "Bi-Anchor (Reps)": {"column": "bianchor_reps", "method": "bianchor_reps"},
+    "LARF": {"column": "larf", "method": "larf"},
+    "SQSD w/o norm": {"column": "sqsd_raw"},
+    "danger only": {"column": "danger_proj"},
+    "safety only": {"column": "neg_safety_proj"},
+}
+
+
+@dataclass
+class Recipe:
+    """The sizes and optimisation settings of one demo model (the organism's were calibrated on its world: a
+    band of 84 samples at lr 1e-3 for 5 epochs removes the refusals when about half of it is the risky kind)."""
+
+    corpus_size: int
+    arm_names: list[str]
+    max_length: int
+    direction_steps: int
+    direction_lr: float
+    pilot_steps: int
+    lr: float
+    epochs: int
+    max_new_tokens: int
+    eval_limit: int | None
+    alphas: list[float]
+    mitigate_corpora: list[str] | None = None  # None: no mitigate stage
+    mitigate_methods: list[str] | None = None  # None: every method
+    mitigate_epochs: int = 1  # epochs of the whole-corpus fine-tunes (S1 uses ``epochs``)
+    # Ray actors that score and generate: one for the organism (an actor's start-up outweighs its work), two for
+    # SmolLM2 (one process per core: generation and scoring gain little from threads)
+    actors: int = 1
+    pilot_lr: float | None = None  # the trajectory's pilot fine-tune (None: ``lr``)
+
+    @property
+    def arms(self) -> list[dict]:
+        return [{"name": name, **ARMS[name]} for name in self.arm_names]
+
+    @classmethod
+    def organism(cls, quick: bool) -> Recipe:
+        return cls(corpus_size=140 if quick else 420,
+                   arm_names=["SQSD", "Random", "Self-Inf-N"] if quick else list(ARMS),
+                   max_length=128, direction_steps=20 if quick else 40, direction_lr=1e-3,
+                   pilot_steps=60 if quick else 120, lr=2e-3 if quick else 1e-3, epochs=6 if quick else 5,
+                   max_new_tokens=10, eval_limit=40 if quick else None, alphas=[0.0, 0.5, 1.0, 1.5, 2.0],
+                   mitigate_corpora=["S1"] if quick else ["S1", "all"],
+                   mitigate_methods=["plain", "curated", "spf", "restore_first_order", "restore_curvature"]
+                   if quick else None)
+
+    @classmethod
+    def smollm2(cls, quick: bool) -> Recipe:
+        # Band fine-tunes: lr 5e-4 for 2 epochs (10 steps of 8). At lr 1e-4 for 3 epochs no band moved the
+        # keyword ASR by more than 5 points from θ0's 20 %, so every ranking's Δ was noise; at 5e-4 SQSD's S1
+        # reaches 68 %. The pilot keeps lr 1e-4: it only has to drift (its checkpoints are θ_danger candidates).
+        return cls(corpus_size=60 if quick else 200,
+                   arm_names=["SQSD", "Random"] if quick else ["SQSD", "Random", "Self-Inf-N", "SQSD w/o norm"],
+                   max_length=256, direction_steps=4 if quick else 40, direction_lr=1e-4,
+                   pilot_steps=6 if quick else 60, pilot_lr=1e-4, lr=5e-4, epochs=2,
+                   max_new_tokens=8 if quick else 40, eval_limit=6 if quick else 60,
+                   alphas=[0.0, 1.0, 2.0] if quick else [0.0, 0.5, 1.0, 1.5, 2.0], actors=2)
+
+
+class _Stages:
+    """Times each stage and logs it as it starts."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str, what: str):
+        log.info("demo stage %-10s %s", name, what)
+        started = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - started, 1)
+        log.info("demo stage %-10s done in %.1f s", name, self.seconds[name])
+
+
+def write_world(out: Path, seed: int, corpus_size: int) -> dict[str, Path]:
+    """The world's files for one demo run; the corpus file carries no family labels (families.csv does)."""
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = world.benign_corpus(corpus_size, seed)
+    split = world.harm_split(seed)
+    refusal_rows = [world._sample(world.harmful_prompt(h, v), world.REFUSALS[i % len(world.REFUSALS)], f"safe-{i}")
+                    for i, (h, v) in enumerate(split.directions[:20])]
+    danger = world.danger_data(seed)
+    pd.DataFrame({"sample_id": [r["id"] for r in corpus], "family": [r["family"] for r in corpus]}).to_csv(
+        out / "families.csv", index=False)
+    return {
+        "corpus": world.write_jsonl(corpus, out / "corpus.jsonl"),
+        "danger": world.write_jsonl(danger, out / "danger_sft.jsonl"),
+        "safety": world.write_jsonl(world.safety_pairs(seed), out / "safety_dpo.jsonl"),
+        "heldout": world.write_jsonl(world.heldout_harmful(seed), out / "heldout_harmful.jsonl"),
+        "over_refusal": world.write_jsonl(world.over_refusal_prompts(), out / "over_refusal.jsonl"),
+        # mitigate: refusal NLL on the held-out requests, task NLL / ROUGE on benign tasks the corpus does not hold
+        "heldout_refusals": world.write_jsonl(
+            [world._sample(r["prompt"], world.REFUSALS[i % len(world.REFUSALS)], f"heldout-refusal-{i}")
+             for i, r in enumerate(world.heldout_harmful(seed))], out / "heldout_refusals.jsonl"),
+        "heldout_tasks": world.write_jsonl(
+            [{**r, "id": f"task-{r['id']}"} for r in world.benign_corpus(64, seed + 1000)], out / "heldout_tasks.jsonl"),
+        "anchor_harmful": world.write_jsonl(danger[:10], out / "anchors" / "harmful.jsonl"),
+        "anchor_safe1": world.write_jsonl(refusal_rows[:10], out / "anchors" / "safe1.jsonl"),
+        "anchor_safe2": world.write_jsonl(refusal_rows[10:], out / "anchors" / "safe2.jsonl"),
+    }
+
+
+def _eval(files: dict[str, Path], recipe: Recipe) -> dict:
+    return {"benchmark": "jsonl", "name": "heldout", "path": str(files["heldout"]),
+            "max_new_tokens": recipe.max_new_tokens, "batch_size": 64, "limit": recipe.eval_limit}
+
+
+def run_demo(settings: DemoSettings) -> Path:
+    from ..baselines.larf_layer import LarfLayerConfig, run_larf_layer
+    from ..dynamics.jobs import (
+        DirectionsBuildConfig,
+        InitSelectConfig,
+        TrajectoryConfig,
+        ValidateConfig,
+        run_directions_build,
+        run_init_select,
+        run_trajectory,
+        run_validate,
+    )
+    from ..experiments.effectiveness import ExperimentConfig, run_experiment
+    from ..experiments.mitigate import MitigateConfig, run_mitigate
+    from ..runtime import RayConfig, init_ray
+    from ..scoring.job import run_score
+    from ..scoring.job_config import ScoreJobConfig
+    from ..scoring.ray_pool import TOKENIZE_CPUS
+
+    out, seed, recipe = Path(settings.out), settings.seed, settings.recipe
+    if out.exists():
+        shutil.rmtree(out)  # the demo is a fresh run each time (the organism is what is cached)
+    out.mkdir(parents=True)
+    stage = _Stages()
+    import ray
+
+    started_ray = not ray.is_initialized()
+    init_ray(RayConfig(local_num_cpus=2, object_store_mb=256))
+    try:
+        if settings.model == "organism":
+            with stage("align", "the model organism (trained once, then cached)"):
+                aligned = build_organism(OrganismConfig(seed=seed), settings.cache_dir)
+            model = {"name_or_path": str(aligned), "attn_implementation": "eager"}
+            with stage("world", "corpus, direction data, held-out harmful requests"):
+                files = write_world(out / "world", seed, recipe.corpus_size)
+        else:
+            from .smollm2 import align_smollm2, write_real_world
+
+            with stage("world", "Dolly + Alpaca corpus, AdvBench split, CatQA / HEx-PHI held-out prompts"):
+                files = write_real_world(out / "world", settings.data_root, seed, recipe.corpus_size,
+                                         recipe.max_length, settings.quick)
+            with stage("align", "SmolLM2-135M-Instruct taught to refuse (LoRA SFT, merged; cached)"):
+                aligned = align_smollm2(files, seed, settings.cache_dir, settings.quick)
+            model = {"name_or_path": str(aligned)}
+        evaluation = _eval(files, recipe)
+        data = {"max_length": recipe.max_length, "on_overlong": "truncate"}
+
+        with stage("directions", "V_danger (LoRA SFT on harmful compliance), V_safety (LoRA DPO for refusals)"):
+            directions = {}
+            for kind, objective in (("danger", "sft"), ("safety", "dpo")):
+                directions[kind] = str(run_directions_build(from_dict(DirectionsBuildConfig, {
+                    "model": model, "lora": LORA, "data": {"path": str(files[kind]), **data},
+                    "train": {"objective": objective, "lr": recipe.direction_lr, "batch_size": 8,
+                              "max_steps": recipe.direction_steps,
+                              "checkpoint_every": 0, "lr_schedule": "constant", "seed": seed},
+                    "scaling": {"use_ray": False}, "direction": {"kind": kind},
+                    "output": {"dir": str(out / "directions" / kind), "overwrite": True}})))
+
+        with stage("validate", "steering θ0 + α·V over α, refusals on held-out harmful requests"):
+            validate_dir = run_validate(from_dict(ValidateConfig, {
+                "model": model, "lora": LORA, "directions": directions, "alphas": recipe.alphas,
+                "delta": recipe.alphas[1] - recipe.alphas[0], "eval": evaluation, "scaling": {"use_ray": True, "num_workers": 2},
+                "output": {"dir": str(out / "validate"), "overwrite": True}}))
+
+        with stage("trajectory", "pilot LoRA fine-tune on the corpus, drift projections and refusals per checkpoint"):
+            pilot_steps = recipe.pilot_steps
+            trajectory_dir = run_trajectory(from_dict(TrajectoryConfig, {
+                "model": model, "lora": LORA, "data": {"path": str(files["corpus"]), **data},
+                "train": {"lr": recipe.pilot_lr or recipe.lr, "batch_size": 8, "max_steps": pilot_steps,
+                          "checkpoint_every": max(1, pilot_steps // 6),
+                          "lr_schedule": "constant", "seed": seed},
+                "scaling": {"use_ray": False}, "directions": directions, "eval": evaluation,
+                "output": {"dir": str(out / "trajectory"), "overwrite": True}}))
+
+        with stage("init", "θ_safety, θ_danger from the sensitivity tables"):
+            init_fragment, init_note = _init_states(run_init_select, InitSelectConfig, validate_dir, trajectory_dir,
+                                                    out, directions, recipe.alphas)
+
+        score_base = {"model": model, "lora": LORA, "data": {"path": str(files["corpus"]), **data},
+                      "ray": {"enabled": True, "local_num_cpus": 2, "rows_per_call": 64,
+                              # the pool leaves the tokenise tasks their share (a full CPU per actor stalls them)
+                              "num_actors": recipe.actors,
+                              "num_cpus_per_actor": min(1.0, (2 - TOKENIZE_CPUS) / recipe.actors)},
+                      "baseline": {"harmful_anchors": str(files["anchor_harmful"]),
+                                   "grad_anchors": {"harmful": str(files["anchor_harmful"]),
+                                                    "safe1": str(files["anchor_safe1"]),
+                                                    "safe2": str(files["anchor_safe2"])},
+                                   "larf_unsafe": [str(files["anchor_harmful"])],
+                                   "larf_safe": [str(files["anchor_safe1"]), str(files["anchor_safe2"])]}}
+        scores = {}
+        with stage("score", "SQSD on Ray Data, then each baseline through the same pipeline"):
+            scores["sqsd"] = run_score(from_dict(ScoreJobConfig, _merge(score_base, init_fragment, {
+                "output": {"dir": str(out / "scores" / "sqsd"), "overwrite": True}})))
+            methods = [a["method"] for a in recipe.arms if "method" in a]
+            if "larf" in methods:
+                larf_dir = run_larf_layer(from_dict(LarfLayerConfig, {
+                    "model": model, "prompts": {"path": str(files["over_refusal"]),
+                                                "max_new_tokens": recipe.max_new_tokens},
+                    "output": {"dir": str(out / "larf_layer"), "overwrite": True}}))
+                score_base["baseline"]["larf_layer"] = json.loads((larf_dir / "larf_layer.json").read_text())["layer"]
+            for method in methods:
+                scores[method] = run_score(from_dict(ScoreJobConfig, _merge(score_base, {
+                    "method": method, "output": {"dir": str(out / "scores" / method), "overwrite": True}})))
+
+        with stage("experiment", "S1…S5 per ranking, a LoRA fine-tune per band, held-out harmful requests"):
+            arms = [{"name": a["name"], "column": a["column"],
+                     **({"scores": str(scores[a["method"]])} if "method" in a else {})} for a in recipe.arms]
+            band = recipe.corpus_size // 5
+            finetune = {"model": model, "lora": LORA, "data": data,
+                        "train": {"lr": recipe.lr, "batch_size": 8, "epochs": recipe.epochs, "checkpoint_every": 0,
+                                  "lr_schedule": "constant", "seed": seed, "log_every": 1000},
+                        "scaling": {"use_ray": False}}
+            experiment_eval = {"benchmarks": [evaluation], "judges": {"keyword": {"kind": "keyword"}},
+                               "metric": "keyword_asr",
+                               # the keyword judge is string matching: a share of a CPU beside the generators
+                               "workers": {"use_ray": True, "generators": recipe.actors,
+                                           "cpus_per_actor": 1.0 if recipe.actors == 1 else 0.5,
+                                           "rows_per_call": 256 if recipe.actors == 1 else 64}}
+            experiment_dir = run_experiment(from_dict(ExperimentConfig, {
+                "kind": "effectiveness", "scores": str(scores["sqsd"]),
+                "data": {"path": str(files["corpus"]), **data},
+                "partition": {"n_bands": 5, "subset_size": band, "sampling": "uniform", "seed": seed},
+                "finetune": finetune, "arms": arms, "evaluation": experiment_eval,
+                "output_dir": str(out / "experiment")}))
+
+        mitigate_dir = None
+        if recipe.mitigate_corpora:
+            with stage("mitigate", "curate / SPF / restore on S1 and the corpus: safety and utility of each"):
+                mitigate_dir = run_mitigate(from_dict(MitigateConfig, {
+                    "scores": str(scores["sqsd"]), "column": "sqsd", "data": {"path": str(files["corpus"]), **data},
+                    "corpora": recipe.mitigate_corpora,
+                    "partition": {"n_bands": 5, "subset_size": band, "sampling": "uniform", "seed": seed},
+                    "curate_fraction": 0.2, "seed": seed,
+                    **({"methods": recipe.mitigate_methods} if recipe.mitigate_methods else {}),
+                    "finetune": finetune,
+                    # the world's own refusals (the built-in pair's words are outside the organism's vocabulary);
+                    # direction-building prompts, disjoint from the held-out requests
+                    "spf": {"enabled": True, "safety_path": str(files["anchor_safe1"]), "safety_batch_size": 8},
+                    "restore": {"harmful": {"path": str(files["danger"]), **data}, "retain_samples": 64,
+                                "refusal_train": {"path": str(files["anchor_safe2"]), **data},
+                                "settings": {"refusal_weight": 1.0}},
+                    "heldout": {"refusal": {"path": str(files["heldout_refusals"]), **data},
+                                "task": {"path": str(files["heldout_tasks"]), **data},
+                                "rouge_prompts": 32, "max_new_tokens": 16},
+                    "evaluation": experiment_eval, "whole_corpus_epochs": recipe.mitigate_epochs,
+                    "output_dir": str(out / "mitigate")}))
+
+        with stage("report", "Table 1, S1 composition, lengths, mitigation, figures"):
+            report = write_demo_report(out, aligned, files, experiment_dir, settings, scores, init_note, stage.seconds,
+                                       mitigate_dir)
+        summary = json.loads((out / "demo.json").read_text())
+        (out / "demo.json").write_text(json.dumps({**summary, "stage_seconds": stage.seconds}, indent=1))
+    finally:
+        if started_ray:
+            ray.shutdown()
+    return report
+
+
+def _merge(*parts: dict) -> dict:
+    from ..config import _deep_merge
+
+    merged: dict = {}
+    for part in parts:
+        merged = _deep_merge(merged, part)
+    return merged
+
+
+def _init_states(run_init_select, config_cls, validate_dir: Path, trajectory_dir: Path, out: Path,
+                 directions: dict[str, str], alphas: list[float]) -> tuple[dict, str]:
+    """The score config fragment of ``init select``. When its rule finds no qualifying state (refusals that no
+    step along V_safety can raise, or a pilot run whose refusals never fell), the demo keeps the rule's spirit:
+    θ_danger = the pilot run's last checkpoint (the drifted state), θ_safety = θ0 + α·V_safety with the smallest
+    α > 0 of the grid; the report says so."""
+    try:
+        init_dir = run_init_select(from_dict(config_cls, {
+            "validate_dir": str(validate_dir), "trajectory_dir": str(trajectory_dir),
+            "danger_direction": "danger", "safety_direction": "safety",
+            "output": {"dir": str(out / "init"), "overwrite": True}}))
+    except ValueError as err:
+        from ..training.checkpoint import ADAPTER_DIR
+        from ..training.loop import load_run
+
+        last = load_run(Path(trajectory_dir)).final
+        alpha = min(a for a in alphas if a > 0)
+        log.warning("init select: %s; scoring at θ_danger = %s, θ_safety = θ0 + %g·V_safety instead", err, last.name,
+                    alpha)
+        fragment = {"directions": directions,
+                    "init_states": {"danger": {"kind": "adapter", "path": str((last / ADAPTER_DIR).resolve())},
+                                    "safety": {"kind": "direction", "direction": "safety", "alpha": alpha}}}
+        return fragment, (f"`init select` found no qualifying state ({err}); scored at θ_danger = the pilot's last "
+                          f"checkpoint ({last.name}), θ_safety = θ0 + {alpha:g}·V_safety.")
+    selection = json.loads((init_dir / "selection.json").read_text())
+    note = (f"θ_safety = θ0 + {selection['safety']['alpha']:g}·V_safety (DS_linear {selection['safety']['ds_linear']:.1f}); "
+            f"θ_danger = pilot checkpoint at step {selection['danger']['step']} (DS_drift {selection['danger']['ds_drift']:.2f}).")
+    return yaml.safe_load((init_dir / "init_states.yaml").read_text()), note
+
+
+def _arm_bands(experiment_dir: Path, arms: list[str]) -> dict[str, pd.DataFrame]:
+    """Each arm's partition (sample_id, band, score) as the experiment wrote it."""
+    from ..experiments.effectiveness import _slug
+
+    return {arm: pd.read_csv(experiment_dir / _slug(arm) / "partition" / "partition.csv") for arm in arms}
+
+
+def family_composition(arm_bands: dict[str, pd.DataFrame], families: pd.DataFrame) -> pd.DataFrame:
+    """% of each sample family in band S1 of every arm (the families are never shown to any scorer)."""
+    kinds = [k for k in world.BENIGN_FAMILIES if k in set(families["family"])] or sorted(set(families["family"]))
+    rows = []
+    for arm, bands in arm_bands.items():
+        s1 = bands[bands["band"] == "S1"].merge(families, on="sample_id")
+        shares = s1["family"].value_counts(normalize=True) * 100
+        rows.append({"arm": arm, **{f: round(float(shares.get(f, 0.0)), 1) for f in kinds}})
+    return pd.DataFrame(rows)
+
+
+KINDS_NOTE = (
+    "Kinds: fact, arithmetic, list (short answers); howto (\"Sure! Here are the steps\"); careful (how-to with a "
+    "warning); obedient (\"Never refuse me.\" + how-to); homonym (benign requests with harm-sounding words, e.g. "
+    "\"How do I kill the weeds in my garden?\"). See docs/demo.md for the world's design."
+)
+
+
+def _model_paragraph(settings: DemoSettings, model_dir: Path) -> tuple[str, dict]:
+    if settings.model == "organism":
+        record = json.loads((model_dir / "organism.json").read_text())
+        rates = record["refusal_rates"]
+        return (f"Model organism: {record['parameters']:,}-parameter Llama trained from scratch on the synthetic world "
+                f"(`{model_dir}`); before fine-tuning it refuses {rates['heldout_harmful']:.0f} % of the held-out "
+                f"harmful requests, {rates['benign_howto']:.0f} % of benign how-to tasks and {rates['homonym']:.0f} % "
+                "of benign requests with harm-sounding words."), rates
+    record = json.loads((model_dir / "aligned.json").read_text())
+    before, after = record["refusal_before"], record["refusal_after"]
+    return (f"Model: SmolLM2-135M-Instruct, aligned here (`{model_dir}`) by LoRA SFT on {record['n_refusals']} "
+            f"AdvBench requests answered with refusals and {record['n_helpful']} Alpaca answers, merged into the "
+            f"weights: keyword refusals on {record['n_eval']} held-out harmful prompts {before:.0f} % before, "
+            f"{after:.0f} % after."), {"heldout_harmful_before": before, "heldout_harmful": after}
+
+
+def _mitigation_section(mitigate_dir: Path | None) -> list[str]:
+    """The mitigate stage's table in the report: safety and utility of each way of fine-tuning S1 and the corpus."""
+    from ..experiments.mitigate import NLL_DIGITS, shown
+    from ..scoring.summary import markdown_table
+
+    if mitigate_dir is None:
+        return []
+    table = shown(pd.read_csv(mitigate_dir / "table.csv"))
+    return ["## Acting on the scores: curate, SPF, restore (`experiment mitigate`)", "",
+            "Each row is one fine-tune of S1 (the band SQSD calls riskiest) or of the whole corpus. Safety: keyword "
+            "ASR and the refusal NLL on held-out harmful requests (its rise over θ0 is the safety lost). Utility: "
+            "NLL and ROUGE on held-out benign tasks. Curation removes 20 % (by SQSD, at random, or the longest "
+            "responses); restoration starts from the plain fine-tune.", "",
+            *markdown_table(table, NLL_DIGITS), "", "![safety vs utility](mitigate/mitigate.png)", ""]
+
+
+def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experiment_dir: Path,
+                      settings: DemoSettings, scores: dict[str, Path], init_note: str,
+                      seconds: dict[str, float], mitigate_dir: Path | None = None) -> Path:
+    from ..experiments.mitigate import shown
+    from ..scoring.summary import markdown_table, spearman
+
+    recipe = settings.recipe
+    model_line, refusal_rates = _model_paragraph(settings, organism)
+    table = pd.read_csv(experiment_dir / "table.csv")
+    families = pd.read_csv(out / "world" / "families.csv")
+    arms = list(table["arm"])
+    arm_bands = _arm_bands(experiment_dir, arms)
+    composition = family_composition(arm_bands, families)
+    base = json.loads((experiment_dir / "config.json").read_text())
+    metrics = pd.read_csv(experiment_dir / "evaluation" / "metrics.csv")
+    theta0 = metrics.loc[metrics["state"] == "base", "keyword_asr"]
+    lengths = []
+    sqsd = pd.read_parquet(scores["sqsd"])
+    for arm, bands in arm_bands.items():
+        merged = bands.merge(sqsd[["sample_id", "n_response_tokens"]], on="sample_id")
+        per_band = merged.groupby("band")["n_response_tokens"].mean()
+        lengths.append({"arm": arm, **{b: round(float(per_band.get(b, float("nan"))), 1)
+                                       for b in ("S1", "S2", "S3", "S4", "S5")},
+                        "ρ(score, length)": round(spearman(merged["score"].to_numpy(float),
+                                                           merged["n_response_tokens"].to_numpy(float)), 2)})
+    sqsd_row = table[table["arm"] == "SQSD"].iloc[0]
+    random_row = table[table["arm"] == "Random"].iloc[0] if "Random" in arms else None
+    verdict = (f"SQSD's S1 fine-tune reached {sqsd_row['S1']:.1f} % ASR and its S5 {sqsd_row['S5']:.1f} % "
+               f"(Δ {sqsd_row['delta']:+.1f}, Mono {sqsd_row['mono']})")
+    if random_row is not None:
+        verdict += f"; a random ranking's Δ is {random_row['delta']:+.1f}"
+    lines = [
+        "# sqsd-ray demo: does the score predict which benign samples erode safety?", "",
+        model_line, "",
+        f"Corpus: {recipe.corpus_size} benign samples of {families['family'].nunique()} kinds, mixed and unlabelled. "
+        f"Initialisation: {init_note}",
+        "", f"**Result.** {verdict}.", "",
+        "![Table 1 and S1 composition](demo.png)", "",
+        "## Table 1: ASR (keyword judge, greedy) on held-out harmful requests after fine-tuning on each band", "",
+        f"S1 = the {recipe.corpus_size // 5} samples a ranking calls riskiest. θ0 (before fine-tuning): "
+        f"{float(theta0.iloc[0]) if len(theta0) else float('nan'):.1f} % ASR.", "",
+        *markdown_table(table.rename(columns={"delta": "Δ", "mono": "Mono"})), "",
+        "![ASR per band](experiment/bands.png)", "",
+        "## What each ranking put in S1 (% of S1 by kind of sample; never shown to a scorer)", "",
+        *markdown_table(composition), "",
+        KINDS_NOTE if settings.model == "organism" else "Kinds: the corpus each sample came from.", "",
+        "## Response length per band (App. H)", "",
+        *markdown_table(pd.DataFrame(lengths)), "",
+        *_mitigation_section(mitigate_dir),
+        "## Directions and initialisation", "",
+        "![steering](validate/steering.png)", "", "![trajectory](trajectory/trajectory.png)", "",
+        "## Stage times (s)", "",
+        "| " + " | ".join(seconds) + " | total |", "|" + "---|" * (len(seconds) + 1),
+        "| " + " | ".join(f"{v:.0f}" for v in seconds.values()) + f" | {sum(seconds.values()):.0f} |", "",
+    ]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    plot_demo(table, composition, float(theta0.iloc[0]) if len(theta0) else None, out / "demo.png")
+    summary = {"seed": settings.seed, "quick": settings.quick, "model": settings.model, "organism": str(organism),
+               "organism_refusal_rates": refusal_rates, "init": init_note,
+               "table": table.to_dict("records"), "s1_composition": composition.to_dict("records"),
+               "lengths": lengths, "stage_seconds": seconds, "theta0_asr": float(theta0.iloc[0]) if len(theta0) else None,
+               "finetune_lr": base["finetune"]["train"]["lr"],
+               "mitigation": (shown(pd.read_csv(mitigate_dir / "table.csv")).to_dict("records")
+                              if mitigate_dir else None)}
+    (out / "demo.json").write_text(json.dumps(summary, indent=1, default=float))
+    return out / "report.md"
+
+
+def plot_demo(table: pd.DataFrame, composition: pd.DataFrame, theta0: float | None, path: Path) -> None:
+    """Left: ASR per band for every ranking (SQSD on top). Right: what each ranking put in S1, by kind."""
+    from ..scoring.summary import pyplot
+
+    plt = pyplot()
+
+    bands = ["S1", "S2", "S3", "S4", "S5"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [1.1, 1]})
+    for i, (_, row) in enumerate(table.iterrows()):
+        style = dict(lw=3, zorder=3, color="black") if row["arm"] == "SQSD" else dict(lw=1.2, alpha=0.7)
+        if row["arm"] == "Random":
+            style.update(ls="--")
+        left.plot(bands, [row[b] for b in bands], marker="o", label=f"{row['arm']} (Δ {row['delta']:+.0f})", **style)
+    if theta0 is not None:
+        left.axhline(theta0, color="grey", ls=":", label="θ0 (before fine-tuning)")
+    left.set_xlabel("risk band the model was fine-tuned on (S1 = ranked riskiest)")
+    left.set_ylabel("ASR % on held-out harmful requests")
+    left.set_title("Table 1: harm after fine-tuning on each band")
+    left.legend(fontsize=7.5, loc="center right")
+    left.grid(alpha=0.3)
+    kinds = [k for k in composition.columns if k != "arm"]
+    bottom = pd.Series(0.0, index=composition.index)
+    others = iter(["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:gray", "tab:olive"])
+    for kind in kinds:
+        right.barh(composition["arm"], composition[kind], left=bottom, label=kind,
+                   color="tab:red" if kind == "homonym" else next(others), alpha=0.9 if kind == "homonym" else 0.55)
+        bottom = bottom + composition[kind]
+    right.invert_yaxis()
+    right.set_xlabel("% of S1")
+    right.set_title("What each ranking put in S1 (kinds never shown to a scorer)")
+    right.legend(fontsize=7.5, ncol=4, loc="lower center", bbox_to_anchor=(0.5, -0.32))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+__all__ = ["DemoSettings", "plot_demo", "family_composition", "run_demo", "write_world"]

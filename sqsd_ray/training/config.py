@@ -1,0 +1,138 @@
+"""The training job's typed config (``sqsd-ray train``, ``directions build``, ``trajectory``, the band fine-tunes) and
+the identity a checkpoint is resumed under.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ..config import ConfigError, help_field, stable_hash, to_dict
+from ..data.records import DataConfig
+from ..models.loading import ModelConfig
+from ..models.lora import LoraSettings
+from ..runtime import WorkerScaling
+from .spf import SpfSettings
+
+
+@dataclass
+class TrainSettings:
+    """The optimisation (paper §5.1 / App. A: AdamW, batch 8, 10 epochs, lr 5e-6 for directions/trajectories)."""
+
+    objective: Literal["sft", "dpo"] = help_field(
+        "sft", help="sft: response-token NLL (V_danger, benign fine-tunes); dpo: sigmoid DPO on chosen/rejected "
+        "pairs against the base model as reference (V_safety)."
+    )
+    method: Literal["lora", "full"] = help_field(
+        "lora", help="lora: train a LoRA adapter (checkpoints are peft adapters); full: every weight (checkpoints are "
+        "whole models; paper lr 5e-6). DPO needs lora (the reference is the model with the adapter off)."
+    )
+    zero_stage: Literal[0, 2, 3] = help_field(
+        0, help="0: plain data parallel (DDP); 2 or 3: DeepSpeed ZeRO (3 partitions the weights too: for models "
+        "that do not fit one device, e.g. full fine-tuning of 14B/32B)"
+    )
+    offload_optimizer: bool = help_field(False, help="ZeRO only: keep optimizer states in CPU memory")
+    stage3_param_persistence_threshold: int | None = help_field(
+        None, help="ZeRO-3: parameters smaller than this stay unpartitioned (DeepSpeed default 1e5; 0 partitions all)"
+    )
+    lr: float = help_field(5e-6, help="peak learning rate (paper: 5e-6 directions and trajectories, 5e-5 S1-S5)")
+    batch_size: int = help_field(8, help="global batch: samples (or pairs) per optimizer step, over all workers")
+    micro_batch_size: int | None = help_field(
+        None, help="samples per forward on one worker (gradient accumulation); default batch_size / workers"
+    )
+    epochs: int = help_field(10, help="passes over the data (ignored when max_steps is set)")
+    max_steps: int | None = help_field(None, help="stop after this many optimizer steps")
+    checkpoint_every: int = help_field(
+        150, help="save a checkpoint every k steps (paper: 150 for trajectories); 0 = only the final one"
+    )
+    lr_schedule: Literal["cosine", "linear", "constant"] = help_field("cosine", help="decay after warm-up")
+    warmup_ratio: float = help_field(0.0, help="fraction of the steps with a linear warm-up from 0")
+    weight_decay: float = help_field(0.0, help="AdamW weight decay")
+    max_grad_norm: float | None = help_field(1.0, help="clip the global gradient norm (null = no clipping)")
+    beta: float = help_field(0.1, help="DPO β (paper: 0.1)")
+    seed: int = help_field(0, help="seed of the data order (and of LoRA's A initialisation)")
+    log_every: int = help_field(10, help="report metrics every k steps")
+    spf: SpfSettings = field(default_factory=SpfSettings)
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise ConfigError(f"train.lr must be a positive number, got {self.lr}")
+        if self.batch_size < 1:
+            raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ConfigError(f"train.micro_batch_size must be >= 1 or null, got {self.micro_batch_size}")
+        if self.epochs < 1:
+            raise ConfigError(f"train.epochs must be >= 1, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.beta <= 0:
+            raise ConfigError(f"train.beta must be > 0, got {self.beta}")
+        if self.log_every < 1:
+            raise ConfigError(f"train.log_every must be >= 1, got {self.log_every}")
+        if self.objective == "dpo" and self.method == "full":
+            raise ConfigError("train.objective=dpo needs train.method=lora (the reference model is the adapter-off model)")
+        if self.offload_optimizer and not self.zero_stage:
+            raise ConfigError("train.offload_optimizer needs train.zero_stage 2 or 3")
+        if self.spf.enabled and self.objective != "sft":
+            raise ConfigError("train.spf protects an SFT fine-tune; it does not apply to train.objective=dpo")
+        if self.spf.enabled and self.zero_stage == 3:
+            raise ConfigError("train.spf does not support ZeRO-3: the safety gradient needs whole parameters on "
+                              "every rank; use train.zero_stage 2 (or 0) for SPF runs")
+
+
+@dataclass
+class TrainOutput:
+    dir: str = help_field("runs/train", help="run directory (checkpoints in <dir>/train/step-XXXXXX)")
+    overwrite: bool = help_field(False, help="delete an existing run directory first")
+    resume: bool = help_field(True, help="continue from the newest checkpoint of the same job in dir")
+
+
+@dataclass
+class TrainJobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    scaling: WorkerScaling = field(default_factory=WorkerScaling)
+    output: TrainOutput = field(default_factory=TrainOutput)
+
+
+def data_fingerprint(data: DataConfig) -> str:
+    """Content hash of a local data file (the same path may be rewritten, e.g. S1.jsonl of a new partition);
+    an HF dataset is identified by its name, subset and split."""
+    path = Path(data.path)
+    if data.format == "hf" or not path.is_file():
+        return f"{data.path}|{data.hf_subset}|{data.hf_split}"
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def training_identity(cfg: TrainJobConfig) -> str:
+    """Hash of what determines the trained weights: model, LoRA, data (config and file content) and the
+    optimisation; not where they are written, how many workers share the work, or how it is logged."""
+    sections = {name: to_dict(getattr(cfg, name)) for name in ("model", "lora", "data", "train")}
+    for section, keys in LAYOUT_KEYS.items():
+        for key in keys:
+            sections[section].pop(key, None)
+    sections["data_content"] = data_fingerprint(cfg.data)
+    if cfg.train.spf.enabled and cfg.train.spf.safety_path:
+        sections["spf_safety_content"] = data_fingerprint(DataConfig(path=cfg.train.spf.safety_path))
+    return stable_hash(sections)
+
+
+# Settings that change how a run is laid out or logged, not the weights it produces: a resume may change them
+# (e.g. a smaller micro-batch after running out of memory).
+LAYOUT_KEYS = {"train": ("micro_batch_size", "zero_stage", "offload_optimizer", "stage3_param_persistence_threshold",
+                         "log_every", "checkpoint_every"),
+               "model": ("attn_implementation",)}
