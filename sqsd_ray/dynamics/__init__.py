@@ -1,1 +1,3 @@
-"""Directions and dynamics (paper §3): build and validate V_danger / V_safety, trajectories, init-state selection; the sensitivity math."""
+"""Directions and dynamics (paper §3): build and validate V_danger / V_safety, trajectories, init-state selection;
+the sensitivity math.
+"""

@@ -1,4 +1,4 @@
-"""LoRA fine-tuning (SFT or DPO) as one train loop that runs in this process or on Ray Train workers.
+"""Fine-tuning (SFT or DPO; LoRA or every weight) as one train loop, in this process or on Ray Train workers.
 
 Directions (Eq. 3–4), pilot/benign trajectories (§3.2) and the S1–S5 fine-tunes all train through here::
 
@@ -12,8 +12,9 @@ epoch's start, so every step has a full batch), and worker ``k`` of ``W`` takes 
 Since the SFT token count of the global batch is known to every worker, each micro-batch contributes
 ``Σ token NLL / global tokens`` and the summed gradient equals one big batch's, for any W and micro-batch size.
 
-A checkpoint is a directory ``step-000150/`` with ``adapter/`` (peft, safetensors), ``optimizer.safetensors``
-(AdamW's step and moments per trainable tensor, whole even under ZeRO; no pickle) and ``trainer_state.json`` (step, epoch, the metric history so far).
+A checkpoint is a directory ``step-000150/`` with ``adapter/`` (peft, safetensors) or ``model/`` (full
+fine-tuning), ``optimizer.safetensors`` (AdamW's step and moments per trainable tensor, whole even under ZeRO; no
+pickle) and ``trainer_state.json`` (step, epoch, the metric history so far), written and restored by ``checkpoint`` (ZeRO's part: ``zero``).
 Every ``checkpoint_every`` steps and at the end; a rerun of the same job resumes from the newest one, and a
 Ray Train worker restarted after a failure resumes from the last one reported.
 """

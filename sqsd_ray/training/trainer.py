@@ -5,29 +5,28 @@ permutation, a step takes the next ``batch_size`` of them (the epoch's last batc
 epoch's start, so every step has a full batch), and worker ``k`` of ``W`` takes every W-th sample of it.
 Since the SFT token count of the global batch is known to every worker, each micro-batch contributes
 ``Σ token NLL / global tokens`` and the summed gradient equals one big batch's, for any W and micro-batch size.
+
+Checkpoint writing and restoring live in ``checkpoint`` (``Trainer.save`` / ``load_state`` / ``load`` call it),
+and building the DeepSpeed engine and moving AdamW's state through ZeRO's partitions in ``zero``.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..config import ConfigError
 from ..data.tokenize import TokenizedSample, collate
-from ..models.lora import LoraSettings, get_lora_factors, save_adapter
-from .checkpoint import ADAM_MOMENTS, ADAPTER_DIR, MODEL_DIR, OPTIMIZER_FILE, STATE_FILE, load_weights
+from ..models.lora import LoraSettings
+from .checkpoint import load_checkpoint, load_checkpoint_state, save_checkpoint
 from .config import TrainSettings
 from .examples import TrainingExample
 from .objectives import dpo_loss, sequence_logps, sft_loss
 from .spf import ProjectionStats, project_gradients
-
-log = logging.getLogger(__name__)
+from .zero import build_engine
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -68,7 +67,8 @@ class Trainer:
         if settings.batch_size % world_size:
             raise ConfigError(f"train.batch_size {settings.batch_size} must be a multiple of the {world_size} workers")
         self.model, self.examples, self.settings, self.lora = model, list(examples), settings, lora
-        self.pad_token_id, self.rank, self.world_size, self.device = pad_token_id, rank, world_size, torch.device(device)
+        self.pad_token_id, self.rank, self.world_size = pad_token_id, rank, world_size
+        self.device = torch.device(device)
         self.is_dpo = settings.objective == "dpo"
         if self.is_dpo and any(e.rejected is None for e in self.examples):
             raise ValueError("train.objective=dpo needs preference pairs for every example")
@@ -90,39 +90,10 @@ class Trainer:
         self._safety_grads: dict[str, torch.Tensor] | None = None
         self.engine = None
         if settings.zero_stage:
-            self.engine, self.optimizer = self._deepspeed_engine()
+            self.engine, self.optimizer = build_engine(model, [p for _, p in self.named_params], settings, world_size)
         else:
             self.optimizer = torch.optim.AdamW([p for _, p in self.named_params], lr=settings.lr,
                                                weight_decay=settings.weight_decay)
-
-    def _deepspeed_engine(self):
-        import deepspeed
-
-        share = self.settings.batch_size // self.world_size
-        micro = self.settings.micro_batch_size or share
-        if share % micro:
-            raise ConfigError(f"with ZeRO, each worker's {share} samples per step must split into whole micro-batches "
-                              f"of train.micro_batch_size {micro}")
-        zero: dict[str, Any] = {"stage": self.settings.zero_stage}
-        if self.settings.offload_optimizer:
-            zero["offload_optimizer"] = {"device": "cpu"}
-        if self.settings.zero_stage == 3 and self.settings.stage3_param_persistence_threshold is not None:
-            zero["stage3_param_persistence_threshold"] = self.settings.stage3_param_persistence_threshold
-        config = {
-            "train_batch_size": self.settings.batch_size,
-            "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": share // micro,
-            "optimizer": {"type": "AdamW", "params": {"lr": self.settings.lr, "weight_decay": self.settings.weight_decay,
-                                                     "torch_adam": not self.settings.offload_optimizer}},
-            "zero_optimization": zero,
-            "bf16": {"enabled": next(self.model.parameters()).dtype == torch.bfloat16},
-            "steps_per_print": 10**9,
-        }
-        if self.settings.max_grad_norm is not None:
-            config["gradient_clipping"] = self.settings.max_grad_norm
-        engine, optimizer, _, _ = deepspeed.initialize(model=self.model, config=config,
-                                                       model_parameters=[p for _, p in self.named_params])
-        return engine, optimizer
 
     # -- batching
 
@@ -224,7 +195,8 @@ class Trainer:
             if self.settings.max_grad_norm is not None:
                 metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm))
             self.optimizer.step()
-        metrics.update(step=self.step + 1, epoch=self.step / self.steps_per_epoch, lr=self.optimizer.param_groups[0]["lr"])
+        metrics.update(step=self.step + 1, epoch=self.step / self.steps_per_epoch,
+                       lr=self.optimizer.param_groups[0]["lr"])
         self.step += 1
         if not all(math.isfinite(v) for v in metrics.values()):
             raise FloatingPointError(f"non-finite training metrics at step {self.step}: {metrics}")
@@ -277,177 +249,19 @@ class Trainer:
                     p.grad.copy_(projected[name])
         return stats
 
-    # -- checkpoints
-
-    def _full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's weights on rank 0 (None elsewhere); ZeRO-3 gathers them from every rank."""
-        if self.engine is not None and self.settings.zero_stage == 3:
-            return self.engine._zero3_consolidated_16bit_state_dict()
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()} if self.rank == 0 else None
-
-    def _lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """The adapter's factors, gathered first under ZeRO-3 (whose partitioned weights read as empty)."""
-        if self.engine is not None and self.settings.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([p for _, p in self.named_params], modifier_rank=None):
-                return get_lora_factors(self.model)
-        return get_lora_factors(self.model)
-
-    def _optimizer_tensors(self) -> dict[str, torch.Tensor]:
-        """AdamW's state per trainable tensor, ``"<param name>::<key>"`` (step, exp_avg, exp_avg_sq), whole.
-
-        Without ZeRO it is read from the optimizer directly. Under ZeRO-2/3 each rank holds its slice of one flat
-        fp32 buffer per group: ``safe_get_full_optimizer_state`` assembles every parameter's moments (a
-        collective every rank joins in the same order), so a checkpoint does not depend on the worker count.
-        """
-        if self.engine is None:
-            return {f"{name}::{key}": torch.as_tensor(value).detach().cpu().contiguous()
-                    for name, param in self.named_params for key, value in self.optimizer.state[param].items()}
-        from deepspeed.utils import safe_get_full_optimizer_state
-
-        step = _zero_optimizer_step(self.engine.optimizer.optimizer)
-        tensors: dict[str, torch.Tensor] = {}
-        for name, param in self.named_params:
-            for key in ADAM_MOMENTS:
-                whole = safe_get_full_optimizer_state(param, key)  # every rank joins; only rank 0 keeps a copy
-                if self.rank == 0:
-                    tensors[f"{name}::{key}"] = whole.detach().cpu().contiguous()
-            if self.rank == 0:
-                tensors[f"{name}::step"] = torch.tensor(float(step))
-        return tensors
+    # -- checkpoints (checkpoint.py)
 
     def save(self, directory: Path, identity: str) -> Path | None:
-        """Write the weights (adapter or whole model), AdamW's state and the trainer state.
-
-        Called on every rank; returns the directory on rank 0 and None elsewhere.
-        """
-        from safetensors.torch import save_file
-
-        if self.settings.method == "lora":
-            factors = self._lora_factors()  # collective under ZeRO-3
-            if self.rank == 0:
-                if any(a.numel() == 0 or b.numel() == 0 for a, b in factors.values()):
-                    raise RuntimeError("gathered LoRA factors are empty: the adapter would be saved without weights")
-                save_adapter(factors, self.lora, directory / ADAPTER_DIR)
-        else:
-            state = self._full_state_dict()  # collective under ZeRO-3
-            if self.rank == 0:
-                self.model.save_pretrained(str(directory / MODEL_DIR), state_dict=state, safe_serialization=True)
-        optimizer = self._optimizer_tensors()  # collective under ZeRO
-        if self.rank != 0:
-            return None
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file(optimizer, str(directory / OPTIMIZER_FILE))
-        state = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "total_steps": self.total_steps,
-                 "steps_per_epoch": self.steps_per_epoch, "identity": identity, "method": self.settings.method,
-                 "optimizer_state": True, "history": self.history}
-        (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
-        return directory
+        """Write a checkpoint on rank 0 (every rank calls it; under ZeRO the writing is collective)."""
+        return save_checkpoint(self, directory, identity)
 
     def load_state(self, directory: Path, identity: str) -> None:
-        """Step, metric history and AdamW's state of a checkpoint of the same job. The weights are loaded before
-        the trainer is built (``load_weights``), since ZeRO partitions them at construction. The learning-rate
-        schedule is a function of the step (``lr_factor``), so restoring the step restores it."""
-        from safetensors import safe_open
-
-        state = json.loads((directory / STATE_FILE).read_text())
-        if state["identity"] != identity:
-            raise ValueError(
-                f"checkpoint {directory} belongs to another training job (identity {state['identity']}, this job "
-                f"{identity}); use output.overwrite: true or another output.dir"
-            )
-        if (directory / OPTIMIZER_FILE).is_file():
-            with safe_open(str(directory / OPTIMIZER_FILE), framework="pt") as saved:  # read tensor by tensor
-                keys = set(saved.keys())  # a new list per call: once, not once per tensor
-                missing = [name for name, _ in self.named_params if f"{name}::exp_avg" not in keys]
-                if missing:
-                    raise ValueError(f"{directory / OPTIMIZER_FILE} has no AdamW state for {len(missing)} trainable "
-                                     f"tensors (first: {missing[0]}): it belongs to another model or adapter")
-                if self.engine is None:
-                    self._load_optimizer_tensors({key: saved.get_tensor(key) for key in keys})
-                else:
-                    self._load_zero_optimizer_tensors(saved)
-        else:  # checkpoints written before ZeRO runs saved their moments
-            log.warning("resuming %s without optimizer moments (the checkpoint has no %s); AdamW restarts its "
-                        "moment estimates", directory.name, OPTIMIZER_FILE)
-        self.step, self.history = int(state["step"]), list(state["history"])
-
-    def _load_optimizer_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        opt_state = self.optimizer.state_dict()
-        for i, (name, _) in enumerate(self.named_params):
-            entries = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == name}
-            if entries:
-                opt_state["state"][i] = {k: v.to(self.device) if k != "step" else v for k, v in entries.items()}
-        self.optimizer.load_state_dict(opt_state)
-
-    def _load_zero_optimizer_tensors(self, saved) -> None:
-        """Put whole-tensor moments (``saved``: an open safetensors file) back into this rank's ZeRO partitions.
-
-        The flat fp32 buffers get their AdamW state on the first ``step()`` only, so a fresh engine has nowhere to
-        put them: create that state here, as the optimizer would have (zeros, the saved step), tie the parameters'
-        fragments to it (ZeRO-2 does that lazily after its first step) and fill each rank's own slice.
-        """
-        from deepspeed.utils import safe_set_full_optimizer_state
-
-        steps = {float(saved.get_tensor(k)) for k in saved.keys() if k.endswith("::step")}
-        if len(steps) != 1:
-            raise ValueError(f"optimizer state holds {len(steps)} different step counts; expected one")
-        zero_optimizer = self.engine.optimizer
-        inner = zero_optimizer.optimizer
-        step = steps.pop()
-        # this rank's flat fp32 buffers (ZeRO-3 lends them to the optimizer's param groups only inside step())
-        flats = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None) or \
-            zero_optimizer.single_partition_of_fp32_groups
-        for flat in flats:
-            if not inner.state.get(flat):
-                inner.state[flat] = {
-                    # torch's AdamW keeps the step as a float tensor; DeepSpeed's CPU Adam (offload) as an int
-                    "step": torch.tensor(step) if isinstance(inner, torch.optim.Adam | torch.optim.AdamW) else int(step),
-                    **{key: torch.zeros_like(flat, dtype=torch.float32) for key in ADAM_MOMENTS},
-                }
-        link = getattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)  # ZeRO-1/2; ZeRO-3 reads state
-        if link is not None:
-            zero_optimizer._hp_optimizer_states_linked = False
-            link()
-        for name, param in self.named_params:
-            for key in ADAM_MOMENTS:
-                value = saved.get_tensor(f"{name}::{key}").to(self.device, torch.float32)
-                if hasattr(param, "ds_id"):  # ZeRO-3
-                    _set_zero3_partition(zero_optimizer, param, value, key)
-                else:
-                    safe_set_full_optimizer_state(param, value, key)
+        """Step, metric history and AdamW's state of a checkpoint of the same job (weights loaded beforehand)."""
+        load_checkpoint_state(self, directory, identity)
 
     def load(self, directory: Path, identity: str) -> None:
-        """Weights and state of a checkpoint (no ZeRO: the weights can still be written in place)."""
-        if self.engine is not None:
-            raise RuntimeError("with ZeRO, load the weights before building the trainer (load_weights)")
-        load_weights(self.model, directory, self.settings.method)
-        self.load_state(directory, identity)
-
-
-def _set_zero3_partition(zero_optimizer, param: torch.nn.Parameter, value: torch.Tensor, key: str) -> None:
-    """This rank's slice of a whole ZeRO-3 optimizer-state tensor. A partition is ``ceil(numel / W)`` long, so
-    the last rank's runs past the tensor's end (padding, zero in a real run too): DeepSpeed's own
-    ``safe_set_full_optimizer_state`` slices past the end there and fails whenever W does not divide the size."""
-    partition, group = zero_optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False,
-                                                                     optim_state_key=key)
-    flat = value.flatten()
-    start = partition.numel() * zero_optimizer._get_param_partition_rank(param)
-    count = max(0, min(partition.numel(), flat.numel() - start))
-    partition.zero_()
-    if count:
-        partition.narrow(0, 0, count).copy_(flat.narrow(0, start, count))
-    if zero_optimizer._swappable_optimizer_subgroup(group):  # NVMe offload: write the slice back out
-        zero_optimizer._optimizer_states_and_gradient_swap_out(group)
-
-
-def _zero_optimizer_step(inner: torch.optim.Optimizer) -> float:
-    """The step count of the optimizer inside a ZeRO engine (the same for every flat fp32 buffer)."""
-    steps = {float(state["step"]) for state in inner.state.values() if "step" in state}
-    if len(steps) != 1:
-        raise RuntimeError(f"ZeRO optimizer holds {len(steps)} step counts ({sorted(steps)}); expected one")
-    return steps.pop()
+        """Weights and state of a checkpoint (no ZeRO)."""
+        load_checkpoint(self, directory, identity)
 
 
 def _lora_settings_of(model: torch.nn.Module) -> LoraSettings:
