@@ -36,7 +36,7 @@ from sqsd_ray.models.loading import ModelConfig, load_model_and_tokenizer
 from sqsd_ray.models.lora import LoraSettings, apply_lora
 from sqsd_ray.training.config import TrainSettings
 from sqsd_ray.training.examples import TrainingExample
-from sqsd_ray.training.objectives import sft_loss
+from sqsd_ray.training.objectives import token_mean_nll
 from sqsd_ray.training.spf import SpfSettings
 from sqsd_ray.training.trainer import Trainer
 
@@ -50,10 +50,8 @@ def _examples(rows: list[dict], tokenizer, max_length: int) -> list[TrainingExam
 
 
 def _loss(model, examples: list[TrainingExample], pad: int) -> float:
-    batch = collate([e.chosen for e in examples], pad)
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return float(sft_loss(logits, batch["labels"], sum(e.chosen.n_response_tokens for e in examples)))
+    """The refusal set's token-mean NLL, measured as the mitigate stage measures it."""
+    return token_mean_nll(model, [collate([e.chosen for e in examples], pad)])
 
 
 def _trainer(base, examples, pad, refusals, spf: bool, steps: int, lr: float, batch: int, optimizer: str = "adamw",

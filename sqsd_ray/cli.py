@@ -41,7 +41,7 @@ from .runtime import WorkersLost
 # ValueError covers ConfigError; the OSErrors listed name the path they concern.
 ANTICIPATED = (ConfigError, ValueError, FileExistsError, FileNotFoundError, PermissionError, NotADirectoryError,
                IsADirectoryError)
-# Their errors subclass the ones above, but their messages span lines and name no config key: ``models`` turns
+# Their errors subclass the ones above, but their messages span lines and name no config key: ``models.loading`` turns
 # the expected ones into ConfigError, so one that gets here is a surprise and keeps its traceback.
 UNANTICIPATED_MODULES = ("transformers", "huggingface_hub")
 

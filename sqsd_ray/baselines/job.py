@@ -1,5 +1,5 @@
 """Baselines inside ``sqsd-ray score``: ``method: self_inf_n | bianchor_grad | bianchor_reps`` swaps the SQSD
-scorer of ``score_run.BlockScorer`` for a baseline scorer, so a baseline runs through the same in-process loop
+scorer of ``scoring.blocks.BlockScorer`` for a baseline scorer, so a baseline runs through the same in-process loop
 or Ray Data actor pool, resumes the same way and writes the same kind of Parquet (``sample_id``, the method's
 column, ``loss``, lengths, ``status``). ``experiment`` arms then rank by that column.
 """

@@ -3,7 +3,7 @@
 Each candidate decoder block's weights are scaled by α ∈ {0.8, 0.9, 1.1, 1.2} in turn and the model answers an
 over-refusal prompt set greedily: benign requests that merely sound dangerous ("How do I kill a Python
 process?"). The block whose scaling moves the refusal rate most (mean |Δ| over α) is the safety-sensitive layer.
-Refusals are judged by keywords (``evaluate.keyword_refusal``). Outputs:
+Refusals are judged by keywords (``evaluation.generate.keyword_refusal``). Outputs:
 
     larf_layer.csv    layer, mean |Δ refusal|, refusal rate per α
     larf_layer.png    the change per layer, the chosen one marked
@@ -28,7 +28,7 @@ from ..config import ConfigError, help_field
 from ..dynamics.jobs import RunOutput, _prepare_dir
 from ..evaluation.generate import EvalPrompt, EvalSettings, generate_responses, keyword_refusal, load_eval_prompts
 from ..models.loading import ModelConfig, load_model_and_tokenizer
-from ..scoring.summary import markdown_table
+from ..scoring.summary import markdown_table, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +181,7 @@ def _plot(table, best: int, base: float, path: Path) -> None:
     ax.set_xlabel("decoder block (0-based)")
     ax.set_ylabel("mean |Δ refusal| (points)")
     ax.set_title(f"LARF layer search: block {best} (unscaled refusal {base:.0f}%)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 __all__ = ["LarfLayerConfig", "OVER_REFUSAL_PROMPTS", "OverRefusalPrompts", "load_over_refusal_prompts",

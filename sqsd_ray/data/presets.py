@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from .records import DataConfig
 
 # Refusals for the offline preference pairs. Each contains a phrase the keyword judge
-# (``evaluate.REFUSAL_PHRASES``) recognises, so a model trained towards them is judged as refusing.
+# (``evaluation.generate.REFUSAL_PHRASES``) recognises, so a model trained towards them is judged as refusing.
 REFUSALS = (
     "I'm sorry, but I can't help with that. It could put people at real risk.",
     "I cannot assist with this request because it could cause serious harm.",

@@ -1,11 +1,9 @@
-r"""Data layer: read fine-tuning records, normalise them to chat samples, tokenise with response-only labels.
+r"""Reading and normalising: fine-tuning records from a file or HF dataset -> canonical chat samples.
 
 Pipeline::
 
     load_samples(cfg)                     file or HF dataset -> list[Sample], DataReport
-    tokenize_samples(samples, tok, cfg, report)    -> list[TokenizedSample] (labels -100 on the prompt)
-    encode_prompt(sample, tok)                     -> prompt ids for generation (the same render as training)
-    length_sorted_batches(...), collate(...)       -> padded torch batches
+    (data.tokenize)                       -> TokenizedSample with response-only labels, batches
 
 Design
 ------
@@ -28,11 +26,6 @@ Design
   (prompt turns + response, *before* the config ``system_prompt`` is added). So ids are stable across runs,
   record order, file formats and schemas, and do not change with the system prompt: scores join back to rows.
 * Text is kept verbatim (never stripped); "empty" means empty after stripping whitespace.
-* The prompt/response token boundary is exact: the chat template renders the prompt (with the generation
-  prompt) and the full conversation as text; the response is the text suffix after the prompt, and the two
-  parts are tokenised separately and concatenated, instead of searching for the boundary in one tokenisation.
-  The end-of-turn token is supervised (the model must learn to stop); whitespace the template puts after a
-  final eos (ChatML's newline after ``<|im_end|>``) is dropped, as the model never generates it.
 
 Bad-record reasons (the keys of ``DataReport.skipped``): ``malformed_json``, ``malformed_csv``,
 ``not_an_object``, ``field_map_conflict``, ``missing_field``, ``empty_field``, ``wrong_type``,
@@ -41,7 +34,7 @@ Bad-record reasons (the keys of ``DataReport.skipped``): ``malformed_json``, ``m
 at tokenisation: ``overlong``, ``prompt_too_long``. Rows a ``preset`` or ``keep_if`` does not select are
 counted as ``not_selected`` (whatever ``on_bad_record`` says: they are not bad, just not wanted).
 
-Row selection. Each record goes: ``field_map`` -> the preset's transform (:mod:`sqsd_ray.presets`; it maps
+Row selection. Each record goes: ``field_map`` -> the preset's transform (:mod:`sqsd_ray.data.presets`; it maps
 the data set's fields and returns None for rows it does not select) -> ``keep_if`` (every listed field present
 and equal; a bool only equals a bool) -> schema normalisation. A record lacking a ``keep_if`` field is not
 selected; a ``keep_if`` field that *no* record has is a ConfigError after reading (most likely a typo).
@@ -389,7 +382,7 @@ def _iter_hf(cfg: DataConfig, file: str) -> Iterator[tuple[Location, Any]]:
         yield Location(file, name, "record", index), row
 
 
-def _iter_raw_records(cfg: DataConfig, fmt: str, file: str) -> Iterator[tuple[Location, Any]]:
+def iter_raw_records(cfg: DataConfig, fmt: str, file: str) -> Iterator[tuple[Location, Any]]:
     if fmt == "hf":
         return _iter_hf(cfg, file)
     path = Path(cfg.path)
@@ -647,7 +640,7 @@ def load_samples(cfg: DataConfig) -> tuple[list[Sample], DataReport]:
             raise err
         report.add_skip(err)
 
-    for record_index, (loc, value) in enumerate(_iter_raw_records(cfg, fmt, file)):
+    for record_index, (loc, value) in enumerate(iter_raw_records(cfg, fmt, file)):
         if cfg.limit is not None and len(samples) >= cfg.limit:
             break
         report.records_read += 1
@@ -675,21 +668,10 @@ def load_samples(cfg: DataConfig) -> tuple[list[Sample], DataReport]:
             continue
         first = first_by_id.get(sample.sample_id)
         if first is not None:
-            same = (first.messages, first.response, first.rejected) == (sample.messages, sample.response,
-                                                                        sample.rejected)
-            if cfg.on_duplicate == "skip" and not same:
-                reject(DataError(
-                    f"sample_id {sample.sample_id!r} was already used by {first.source} for different content",
-                    reason="duplicate_id_conflict", location=loc, field=cfg.id_field,
-                ), skip_bad)
-            else:
-                reject(DataError(
-                    f"duplicate of {first.source} (sample_id {sample.sample_id!r}"
-                    + (")" if same else ", different content; the first is kept)"),
-                    reason="duplicate", location=loc,
-                ), cfg.on_duplicate != "error")
-                if same:
-                    report.duplicates[record_index] = sample.sample_id
+            err, skip, same = _repeat_error(first, sample, loc, cfg)
+            reject(err, skip)
+            if same:
+                report.duplicates[record_index] = sample.sample_id
             continue
         first_by_id[sample.sample_id] = sample
         samples.append(sample)
@@ -704,6 +686,20 @@ def load_samples(cfg: DataConfig) -> tuple[list[Sample], DataReport]:
         only_unselected = set(report.skipped) == {"not_selected"}
         logger.log(logging.INFO if only_unselected else logging.WARNING, "%s", report.summary())
     return samples, report
+
+
+def _repeat_error(first: Sample, sample: Sample, loc: Location, cfg: DataConfig) -> tuple[DataError, bool, bool]:
+    """A record whose sample_id an earlier one already has: the error, whether the config skips it, and whether
+    the content is identical (an identical repeat shares its first occurrence's fate when curate rewrites)."""
+    same = (first.messages, first.response, first.rejected) == (sample.messages, sample.response, sample.rejected)
+    if cfg.on_duplicate == "skip" and not same:
+        conflict = DataError(f"sample_id {sample.sample_id!r} was already used by {first.source} for different content",
+                             reason="duplicate_id_conflict", location=loc, field=cfg.id_field)
+        return conflict, cfg.on_bad_record == "skip", same
+    duplicate = DataError(f"duplicate of {first.source} (sample_id {sample.sample_id!r}"
+                          + (")" if same else ", different content; the first is kept)"),
+                          reason="duplicate", location=loc)
+    return duplicate, cfg.on_duplicate != "error", same
 
 
 def _keep(record: dict[str, Any], keep_if: dict[str, Any], seen: dict[str, bool]) -> bool:

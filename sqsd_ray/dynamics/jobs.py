@@ -27,6 +27,7 @@ from ..models.loading import ModelConfig
 from ..models.lora import LoraSettings, load_adapter_state, save_adapter
 from ..runtime import WorkerScaling
 from ..scoring.blocks import load_direction
+from ..scoring.summary import save_figure
 from ..training.checkpoint import ADAPTER_DIR
 from ..training.config import TrainJobConfig
 from ..training.loop import TrainRun, load_run, run_training
@@ -231,10 +232,7 @@ def plot_steering(rows: list[dict], path: Path) -> Path:
     ax.set_title("Parameter steering along each direction")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------ trajectory
@@ -337,10 +335,7 @@ def plot_trajectory(points: list[dict], names: list[str], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     _draw_trajectory(ax, points, names, "Parameter drift along safety-related directions")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_trajectory_grid(run_dirs: list[Path], path: Path, columns: int = 2) -> Path:
@@ -363,10 +358,7 @@ def plot_trajectory_grid(run_dirs: list[Path], path: Path, columns: int = 2) -> 
         _draw_trajectory(ax, points, names, f"{config['model']['name_or_path']} · {Path(config['data']['path']).name}")
     for ax in list(axes.flat)[len(run_dirs):]:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------ init selection

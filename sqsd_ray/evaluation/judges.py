@@ -10,10 +10,10 @@
   model: a Llama backbone plus a linear ``score_head`` read at the last attended token of
   ``BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}``. It outputs a *cost* (higher = more
   harmful); the paper's Safety Score is its negation (higher = safer), averaged over prompts (Eq. 15).
-* ``KeywordJudge``: the refusal-phrase test (``evaluate.keyword_refusal``), the offline default.
+* ``KeywordJudge``: the refusal-phrase test (``evaluation.generate.keyword_refusal``), the offline default.
 
 Judges take lists of (prompt, response) and return one ``Verdict`` per pair; they hold their model and are
-used in-process or as Ray Data actor classes (``evaluate``).
+used in-process or as Ray Data actor classes (``evaluation.generate``).
 """
 
 from __future__ import annotations

@@ -48,10 +48,11 @@ from ..mitigation.restore import RestoreSettings, compare_at_equal_task_increase
 from ..mitigation.restore_job import FineTuned, RestoreConfig, load_batches, run_restore
 from ..models.loading import ModelConfig, load_model_and_tokenizer
 from ..models.lora import LoraSettings, apply_lora, load_adapter_state, set_lora_factors
-from ..scoring.summary import markdown_table
+from ..scoring.summary import markdown_table, save_figure
 from ..training.checkpoint import ADAPTER_DIR
 from ..training.config import TrainJobConfig, TrainOutput
 from ..training.loop import run_training
+from ..training.objectives import token_mean_nll
 from ..training.spf import SpfSettings
 from .effectiveness import DERIVED_COLUMNS, ExperimentEval, eval_job, final_state, score_column, with_random_ranking
 from .partition import PartitionConfig, PartitionSettings, band_paths, run_partition
@@ -293,25 +294,10 @@ def rouge_l(candidate: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _mean_nll(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
-    """Token-mean response NLL over a set (the SFT loss of the whole set)."""
-    from ..training.objectives import token_nll_sum
-
-    device = next(model.parameters()).device
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for batch in batches:
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits
-            nll, counts = token_nll_sum(logits, batch["labels"].to(device))
-            total, tokens = total + float(nll.sum()), tokens + int(counts.sum())
-    return total / max(tokens, 1)
-
-
 def measure_states(model_cfg: ModelConfig, lora: LoraSettings, states: dict[str, str],
                    heldout: HeldOut) -> pd.DataFrame:
     """Refusal NLL, task NLL and ROUGE per state ("base" or a LoRA adapter dir), in this process: one model load,
-    the adapter's factors swapped per state (as ``evaluate`` does), θ0 with the adapter off."""
+    the adapter's factors swapped per state (as ``evaluation.job`` does), θ0 with the adapter off."""
     from contextlib import nullcontext
 
     model, tokenizer = load_model_and_tokenizer(model_cfg)
@@ -330,7 +316,7 @@ def measure_states(model_cfg: ModelConfig, lora: LoraSettings, states: dict[str,
         with model.disable_adapter() if state == "base" else nullcontext():
             answers = generate_responses(model, tokenizer, prompts, max_new_tokens=heldout.max_new_tokens,
                                          system_prompt=heldout.task.system_prompt)
-            rows.append({"state": name, "refusal_nll": _mean_nll(model, refusal), "task_nll": _mean_nll(model, task),
+            rows.append({"state": name, "refusal_nll": token_mean_nll(model, refusal), "task_nll": token_mean_nll(model, task),
                          "rouge1": float(np.mean([rouge_n(a, s.response) for a, s in zip(answers, task_samples)])),
                          "rougeL": float(np.mean([rouge_l(a, s.response) for a, s in zip(answers, task_samples)]))})
         log.info("measured %s: %s", name, {k: round(v, 4) for k, v in rows[-1].items() if k != "state"})
@@ -534,10 +520,7 @@ def plot_restoration_paths(paths: dict[str, dict[str, list[tuple[float, float]]]
         ax.set_ylabel("share of the refusal-NLL rise undone")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_tradeoff(table: pd.DataFrame, path: Path) -> Path:
@@ -563,10 +546,7 @@ def plot_tradeoff(table: pd.DataFrame, path: Path) -> Path:
     ax.set_ylabel("refusal NLL rise over θ0 (lower = safer)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = ["HeldOut", "METHODS", "MitigateConfig", "MitigateRestore", "curation_contrasts", "measure_states",

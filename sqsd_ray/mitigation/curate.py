@@ -1,6 +1,6 @@
 """``sqsd-ray curate``: act on a score file — drop the riskiest samples of a corpus, or down-weight them.
 
-The corpus records are matched to the score rows by the ``sample_id`` the scorer gave them (``data.load_samples``
+The corpus records are matched to the score rows by the ``sample_id`` the scorer gave them (``data.records.load_samples``
 with the same data config: the record's id field, else its content hash). The matched samples with a usable score
 (finite, status ``ok``) are ranked exactly as ``partition`` ranks them (``partition.rank_bands``: highest risk first,
 ties by sample_id), and then, with n ranked samples:
@@ -59,7 +59,7 @@ from .. import __version__
 from ..config import ConfigError, help_field, stable_hash, to_dict
 from ..data.records import SUFFIX_FORMATS, DataConfig, Sample, load_samples
 from ..experiments.partition import PartitionSettings, rank_bands
-from ..scoring.summary import markdown_table, spearman
+from ..scoring.summary import markdown_table, save_figure, spearman
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def read_scores(path: str | Path, column: str) -> tuple[pd.DataFrame, dict[str, 
     if column not in scores.columns:
         raise ConfigError(f"column {column!r} is not in the score file {path}; available columns: "
                           f"{sorted(scores.columns)}")
-    scores["sample_id"] = scores["sample_id"].astype(str)  # as data.py makes them: an integer id field -> str
+    scores["sample_id"] = scores["sample_id"].astype(str)  # as data.records makes them: an integer id field -> str
     repeated = scores["sample_id"][scores["sample_id"].duplicated()]
     if len(repeated):
         raise ValueError(f"score file {path} has {len(repeated)} repeated sample_id(s) (first: "
@@ -412,11 +412,11 @@ def _write_parquet(src: Path, dst: Path, drop: set[int], weight_of: Callable[[in
 def _write_hf(data_cfg: DataConfig, dst: Path, drop: set[int], weight_of: Callable[[int], float] | None,
               weight_field: str) -> int:
     """A Hugging Face dataset's records as JSON Lines (values not JSON-native, e.g. dates, as strings)."""
-    from ..data.records import _iter_raw_records
+    from ..data.records import iter_raw_records
 
     index = 0
     with open(dst, "w", encoding="utf-8") as out:
-        for index, (_, record) in enumerate(_iter_raw_records(data_cfg, "hf", data_cfg.path), start=1):
+        for index, (_, record) in enumerate(iter_raw_records(data_cfg, "hf", data_cfg.path), start=1):
             if index - 1 in drop:
                 continue
             record = dict(record)
@@ -544,11 +544,20 @@ def _pct(value: Any) -> str:
 
 
 def render_curate_md(cfg: CurateConfig, manifest: dict[str, Any]) -> str:
-    c, cmp = manifest["counts"], manifest["comparison"]
-    reweight = cfg.mode == "reweight"
-    flagged_label = f"most down-weighted ({cmp['overlap']['k']} riskiest)" if reweight else "removed"
-    rest_label = "rest (scored)" if reweight else "kept (scored)"
+    """curate.md: what was removed or re-weighted, whether it is more than a length filter, and by source."""
     lines = [f"# Curation of {cfg.data.path} by {cfg.column} ({cfg.mode})", ""]
+    lines += _what_was_done_md(cfg, manifest)
+    lines += _length_filter_md(cfg, manifest["comparison"])
+    lines += _by_source_md(cfg, manifest["comparison"])
+    if cfg.output.figure and manifest.get("figure"):
+        lines += [f"![{cfg.column} vs response length]({manifest['figure']})", ""]
+    return "\n".join(lines)
+
+
+def _what_was_done_md(cfg: CurateConfig, manifest: dict[str, Any]) -> list[str]:
+    c = manifest["counts"]
+    reweight = cfg.mode == "reweight"
+    lines = []
     if cfg.mode == "drop_top_fraction":
         lines.append(f"- removed the ⌈{cfg.fraction:g}·n⌉ = {c['samples_removed']} highest-ranked of the "
                      f"{c['samples_scored']} scored samples")
@@ -582,16 +591,22 @@ def render_curate_md(cfg: CurateConfig, manifest: dict[str, Any]) -> str:
     hash_ = manifest["scores"]["config_hash"]
     lines += [f"- scores: {cfg.scores}" + (f" (config hash {hash_})" if hash_ else ""),
               f"- curation config hash: {manifest['config_hash']}", ""]
+    return lines
 
+
+def _length_filter_md(cfg: CurateConfig, cmp: dict[str, Any]) -> list[str]:
+    reweight = cfg.mode == "reweight"
+    flagged_label = f"most down-weighted ({cmp['overlap']['k']} riskiest)" if reweight else "removed"
+    rest_label = "rest (scored)" if reweight else "kept (scored)"
     o = cmp["overlap"]
     length_name = "tokens" if o["length"] == "response_tokens" else "characters"
-    lines += ["## More than a length filter? (App. H)", "",
-              "Risk scores correlate with response length: unnormalised gradient scores rank short responses first. "
-              "If the removed set is mostly the longest (or shortest) responses, the curation is close to a length "
-              "filter.", "",
-              f"- Spearman({cfg.column}, response tokens) = {_num(cmp['spearman']['tokens'], 3)}, "
-              f"Spearman({cfg.column}, response characters) = {_num(cmp['spearman']['chars'], 3)} over the "
-              f"{o['n']} scored samples"]
+    lines = ["## More than a length filter? (App. H)", "",
+             "Risk scores correlate with response length: unnormalised gradient scores rank short responses first. "
+             "If the removed set is mostly the longest (or shortest) responses, the curation is close to a length "
+             "filter.", "",
+             f"- Spearman({cfg.column}, response tokens) = {_num(cmp['spearman']['tokens'], 3)}, "
+             f"Spearman({cfg.column}, response characters) = {_num(cmp['spearman']['chars'], 3)} over the "
+             f"{o['n']} scored samples"]
     if o["k"]:
         lines.append(f"- of the {o['k']} {flagged_label.split(' (')[0]} samples, {o['longest']['shared']} "
                      f"({_pct(o['longest']['share'])}) are also among the {o['k']} longest responses (in {length_name})"
@@ -610,16 +625,19 @@ def render_curate_md(cfg: CurateConfig, manifest: dict[str, Any]) -> str:
                            "median chars": _num(g["median_chars"]),
                            **({"mean weight": _num(g["mean_weight"], 3)} if reweight else {})}
                           for label, g in rows])
-    lines += markdown_table(frame) + [""]
+    return lines + markdown_table(frame) + [""]
 
-    lines += [f"## By source (`{cmp['source_field']}`)", ""]
+
+def _by_source_md(cfg: CurateConfig, cmp: dict[str, Any]) -> list[str]:
+    o = cmp["overlap"]
+    lines = [f"## By source (`{cmp['source_field']}`)", ""]
     by_source = cmp["by_source"]
     shown, hidden = by_source[:MAX_SOURCE_ROWS], by_source[MAX_SOURCE_ROWS:]
     if hidden:
         shown = [*shown, {"source": f"({len(hidden)} other sources)",
                           **{key: sum(r[key] for r in hidden) for key in ("records", "scored", "flagged")},
                           "flagged_share": None, "mean_weight": None}]
-    if reweight:
+    if cfg.mode == "reweight":
         frame = pd.DataFrame([{"source": r["source"], "records": r["records"], "scored": r["scored"],
                                "mean weight": _num(r["mean_weight"], 3), "most down-weighted": r["flagged"]}
                               for r in shown])
@@ -629,10 +647,7 @@ def render_curate_md(cfg: CurateConfig, manifest: dict[str, Any]) -> str:
                                "removed": r["flagged"], "removed % of scored": _pct(r["flagged_share"]),
                                "share of all removed": _pct(r["flagged"] / total if o["k"] else None)}
                               for r in shown])
-    lines += markdown_table(frame) + [""]
-    if cfg.output.figure and manifest.get("figure"):
-        lines += [f"![{cfg.column} vs response length]({manifest['figure']})", ""]
-    return "\n".join(lines)
+    return lines + markdown_table(frame) + [""]
 
 
 def plot_curation(table: pd.DataFrame, column: str, reweight: bool, path: Path) -> Path | None:
@@ -661,10 +676,7 @@ def plot_curation(table: pd.DataFrame, column: str, reweight: bool, path: Path) 
     ax.set_xlabel("response tokens" if has_tokens else "response characters")
     ax.set_ylabel(column)
     ax.set_title(f"{column} vs length (Spearman {spearman(y, x):+.2f})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- the job
@@ -712,20 +724,9 @@ def run_curate(cfg: CurateConfig) -> Path:
         raise ConfigError(f"output.dir {cfg.output.dir} would overwrite the corpus {data_cfg.path}; choose another "
                           "output.dir")
     out = _prepare_output(cfg)
-
-    # record index -> fate: each loaded sample's own record, and identical repeats following their first occurrence
     record_ids = dict(zip(table["record_index"], table["sample_id"]))
     record_ids.update(report.duplicates)
-    removed_ids = set(table.loc[table["removed"], "sample_id"])
-    removed_records = {index for index, sid in record_ids.items() if sid in removed_ids}
-    drop = _LeftOut(removed_records, set(record_ids) if cfg.unread_records == "drop" else None)
-    weight_of = None
-    if cfg.mode == "reweight":
-        weight_by_id = dict(zip(table["sample_id"], table["weight"]))
-
-        def weight_of(index: int) -> float:
-            return weight_by_id.get(record_ids.get(index), cfg.reweight.unscored_weight)
-    n_records = write_curated(data_cfg, fmt, dst, drop, weight_of, cfg.reweight.weight_field)
+    removed_records, n_records = _write_records(cfg, data_cfg, fmt, dst, table, record_ids)
 
     removed = table[table["removed"]].sort_values("rank")
     states = table["state"].value_counts()
@@ -746,21 +747,7 @@ def run_curate(cfg: CurateConfig) -> Path:
         "score_rows": len(scores),
         "scores_without_record": scores_without_record,
     }
-    fingerprints = (score_meta or {}).get("fingerprints", {})
-    manifest: dict[str, Any] = {
-        "sqsd_ray_version": __version__,
-        "config_hash": stable_hash(cfg),
-        "mode": cfg.mode,
-        "column": cfg.column,
-        "higher_is_riskier": cfg.higher_is_riskier,
-        "scores": {"path": cfg.scores, "config_hash": fingerprints.get("config"), "metadata": score_meta},
-        "corpus": {"path": data_cfg.path, "format": fmt, "output": str(dst),
-                   "output_format": "jsonl" if fmt == "hf" else fmt},
-        "counts": counts,
-        "removed": [{"sample_id": row.sample_id, "score": float(row.score), "rank": int(row.rank),
-                     "record_index": int(row.record_index)} for row in removed.itertuples()],
-        "data_report": report.to_dict(),
-    }
+    manifest = _manifest(cfg, data_cfg, fmt, dst, counts, removed, score_meta, report)
     if cfg.mode == "reweight":
         scored_weights = table.loc[table["state"] == "scored", "weight"]
         manifest["weights"] = {"field": cfg.reweight.weight_field, "min": float(scored_weights.min()),
@@ -774,7 +761,49 @@ def run_curate(cfg: CurateConfig) -> Path:
     table.drop(columns=["removed"] if cfg.mode == "reweight" else ["flagged", "weight"]).to_csv(
         out / "curate.csv", index=False)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+    _log_outcome(cfg, counts, n_records, dst, scores_without_record, len(removed), fmt, data_cfg.path)
+    return out
 
+
+def _write_records(cfg: CurateConfig, data_cfg: DataConfig, fmt: str, dst: Path, table: pd.DataFrame,
+                   record_ids: dict[int, str]) -> tuple[set[int], int]:
+    """Write the curated corpus; returns the indices of the removed records and the corpus's record count.
+
+    ``record_ids`` maps a record index to its fate's sample: each loaded sample's own record, and identical
+    repeats following their first occurrence.
+    """
+    removed_ids = set(table.loc[table["removed"], "sample_id"])
+    removed_records = {index for index, sid in record_ids.items() if sid in removed_ids}
+    drop = _LeftOut(removed_records, set(record_ids) if cfg.unread_records == "drop" else None)
+    weight_by_id = dict(zip(table["sample_id"], table["weight"])) if cfg.mode == "reweight" else {}
+
+    def weight_of(index: int) -> float:
+        return weight_by_id.get(record_ids.get(index), cfg.reweight.unscored_weight)
+    reweight = weight_of if cfg.mode == "reweight" else None
+    return removed_records, write_curated(data_cfg, fmt, dst, drop, reweight, cfg.reweight.weight_field)
+
+
+def _manifest(cfg: CurateConfig, data_cfg: DataConfig, fmt: str, dst: Path, counts: dict[str, Any],
+              removed: pd.DataFrame, score_meta: dict[str, Any] | None, report) -> dict[str, Any]:
+    fingerprints = (score_meta or {}).get("fingerprints", {})
+    return {
+        "sqsd_ray_version": __version__,
+        "config_hash": stable_hash(cfg),
+        "mode": cfg.mode,
+        "column": cfg.column,
+        "higher_is_riskier": cfg.higher_is_riskier,
+        "scores": {"path": cfg.scores, "config_hash": fingerprints.get("config"), "metadata": score_meta},
+        "corpus": {"path": data_cfg.path, "format": fmt, "output": str(dst),
+                   "output_format": "jsonl" if fmt == "hf" else fmt},
+        "counts": counts,
+        "removed": [{"sample_id": row.sample_id, "score": float(row.score), "rank": int(row.rank),
+                     "record_index": int(row.record_index)} for row in removed.itertuples()],
+        "data_report": report.to_dict(),
+    }
+
+
+def _log_outcome(cfg: CurateConfig, counts: dict[str, Any], n_records: int, dst: Path, scores_without_record: int,
+                 n_removed: int, fmt: str, corpus: str) -> None:
     unscored = sum(counts["kept_without_score"].values())
     log.info("curate: %d of %d records written to %s (%d removed)", counts["records_written"], n_records, dst,
              counts["records_removed"])
@@ -782,12 +811,11 @@ def run_curate(cfg: CurateConfig) -> Path:
         log.warning("%d records had no usable %s score and were kept unchanged (%s)", unscored, cfg.column,
                     ", ".join(f"{k}: {v}" for k, v in counts["kept_without_score"].items() if v))
     if scores_without_record:
-        log.warning("%d score rows match no record of %s", scores_without_record, data_cfg.path)
-    if cfg.mode != "reweight" and not len(removed):
+        log.warning("%d score rows match no record of %s", scores_without_record, corpus)
+    if cfg.mode != "reweight" and not n_removed:
         log.warning("nothing removed: no scored sample is beyond threshold %g", cfg.threshold)
     if fmt == "hf":
-        log.info("the Hugging Face dataset %s was written as JSON Lines", data_cfg.path)
-    return out
+        log.info("the Hugging Face dataset %s was written as JSON Lines", corpus)
 
 
 __all__ = ["CurateConfig", "CurateOutput", "ReweightSettings", "compare", "curated_path", "decide",

@@ -45,7 +45,7 @@ from ..models.lora import (
     set_lora_factors,
 )
 from ..runtime import WorkerScaling
-from ..scoring.summary import markdown_table
+from ..scoring.summary import markdown_table, save_figure
 from .restore import BaseLosses, RestoreResult, RestoreSettings, per_example_losses, restore
 
 log = logging.getLogger(__name__)
@@ -369,10 +369,7 @@ def plot_history(result: RestoreResult, path: Path) -> Path:
         axis.axvline(result.returned_iter, ls=":", color="grey", alpha=0.7)
     top.set_title(f"restoration ({result.preconditioner}): {result.stop_reason}; returned iterate "
                   f"{result.returned_iter} (dotted)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = ["FineTuned", "RestoreConfig", "load_batches", "load_full_fine_tune", "load_lora_fine_tune",

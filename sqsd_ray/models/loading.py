@@ -1,19 +1,10 @@
-"""Model layer: load the base model θ0 and its tokenizer, attach LoRA adapters, read and write LoRA factors.
+"""Loading: the base model θ0 and its tokenizer from a hub id, a local folder, a GGUF or a tiny test config.
 
-SQSD works on LoRA-augmented linear modules (paper Eq. 1–2): for a module with base weight
-W ∈ R^{d_out×d_in}, peft computes ``h = W x + s·B(A x)`` with A ∈ R^{r×d_in}, B ∈ R^{d_out×r} and
-``s = α/r`` (``α/√r`` with rsLoRA), so the module's drift is ΔW = s·B A (Eq. 2). Directions (Eq. 5, 7–8)
-and initialisation states are expressed in exactly these factors; this module is the one place that
-knows how peft stores them.
-
-Conventions shared with ``directions``, ``hooks`` and ``score``:
-
-* **Canonical module names** are module paths in the *base* model, e.g. ``model.layers.0.self_attn.q_proj``.
-  peft's wrapper prefix ``base_model.model.`` and the ``.base_layer`` / ``.lora_A.<adapter>`` suffixes are
-  stripped everywhere (live models and saved adapter files alike).
-* **Shapes** are ``(d_out, d_in)`` = ``nn.Linear.weight.shape``; A is ``r×d_in`` and B is ``d_out×r``.
-* **Scaling** is per module (peft's ``rank_pattern``/``alpha_pattern`` make it so); ``LoraSettings.scaling``
-  is the global one.
+The model config names the source; ``resolve_model_source`` maps it to a tiny architecture or a (folder or hub
+id, GGUF file) pair and fails before anything loads on a missing path, a malformed hub id or (with
+``HF_HUB_OFFLINE``) a hub id the cache lacks; the loaders turn a load failure into a ``ConfigError`` that names
+the config key. ``model_fingerprint`` identifies the weights actually loaded, so a
+score or checkpoint can refuse to resume on another model. LoRA adapters in peft's terms: ``models.lora``.
 
 No transformers/peft import happens at module import time: they are imported inside the functions that
 need them, so config parsing and ``--help`` stay fast.

@@ -1,7 +1,7 @@
 """``sqsd-ray score``: corpus -> tokenised rows -> ``BlockScorer`` -> Parquet parts -> scores.parquet + summary.
 
 The same ``BlockScorer`` (model, both init-state adapters, both directions, the batched kernel) runs either
-in this process or as the actor class of a Ray Data actor pool (``ray_score``); both paths write parts
+in this process or as the actor class of a Ray Data actor pool (``scoring.ray_pool``); both paths write parts
 through ``ScoreStore``, so output, resume and fingerprints are the same. The run directory holds:
 
     scores.parquet     one row per sample_id; schema metadata carries the fingerprints below

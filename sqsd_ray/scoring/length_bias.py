@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..experiments.partition import PartitionSettings, rank_bands
-from .summary import spearman
+from .summary import save_figure, spearman
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,7 @@ def _plot(result: pd.DataFrame, columns: list[str], n_bands: int, metric: pd.Dat
                 twin.plot(bands, [row[b] for b in bands], marker="o", label=str(row["arm"]))
             twin.set_ylabel("experiment metric")
             twin.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 __all__ = ["band_lengths", "run_length_bias"]

@@ -4,7 +4,7 @@
                         ──map_batches(BlockScorer, ActorPoolStrategy(size=n), GPUs/CPUs per actor)──> scalars
                         ──driver: iter_batches, one ScoreStore.write_part per block, as each block arrives
 
-Each actor is a ``score_run.BlockScorer``: it loads the base model once, both init-state adapters and both
+Each actor is a ``scoring.blocks.BlockScorer``: it loads the base model once, both init-state adapters and both
 directions, and sorts every block it receives by length into token-budget micro-batches (length-aware
 batching where the padding is paid). It returns only per-sample scalars keyed by ``sample_id``, so nothing
 larger than a score row crosses the object store. Dead actors are restarted (``ray.max_restarts``) and their
@@ -104,7 +104,7 @@ class ScoringActor(BlockScorer):
 
 
 def score_with_ray(cfg: ScoreJobConfig, store: ScoreStore, rows: list[dict], actor_cls: type | None = None) -> None:
-    """Score ``rows`` (from ``score_run.sample_rows``) on Ray, writing each scored block into ``store`` as it arrives.
+    """Score ``rows`` (from ``scoring.blocks.sample_rows``) on Ray, writing each scored block into ``store`` as it arrives.
 
     A Ray this call started is shut down if scoring fails or is interrupted, so no Ray process outlives the run.
     """

@@ -81,6 +81,14 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Lay out, write and close a figure (an open one would pile up in a long-lived worker); returns ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
 def plot_histogram(df: pd.DataFrame, path: Path) -> Path:
     """SQSD and its unnormalised variant side by side (the raw one is on its own scale)."""
     import matplotlib.ticker
@@ -103,10 +111,7 @@ def plot_histogram(df: pd.DataFrame, path: Path) -> Path:
     ax.set_xlabel("response tokens")
     ax.set_ylabel("SQSD")
     ax.set_title(f"SQSD vs length (Spearman {spearman(ok['sqsd'].to_numpy(float), ok['n_response_tokens'].to_numpy(float)):.2f})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def render_summary(

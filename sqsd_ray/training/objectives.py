@@ -44,6 +44,23 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, global_tokens: float | 
     return nll_sum.sum() / global_tokens
 
 
+@torch.no_grad()
+def token_mean_nll(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Token-mean response NLL of a whole set (its SFT loss): Σ token NLL / Σ supervised tokens over ``batches``.
+
+    A long response weighs more than a short one, as in training. (Restoration's refusal term is the other
+    measure, a mean over examples of each one's token mean: ``mitigation.restore.per_example_losses``.)
+    """
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for batch in batches:
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
+        nll, counts = token_nll_sum(logits, batch["labels"].to(device))
+        total, tokens = total + float(nll.sum()), tokens + int(counts.sum())
+    return total / max(tokens, 1)
+
+
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log π(y|x) per sample: the sum of response-token log-probabilities (n,)."""
     nll_sum, _ = token_nll_sum(logits, labels)
@@ -64,4 +81,4 @@ def dpo_loss(
     return losses, {"chosen_reward": chosen_reward.detach(), "rejected_reward": rejected_reward.detach()}
 
 
-__all__ = ["dpo_loss", "sequence_logps", "sft_loss", "token_nll_sum"]
+__all__ = ["dpo_loss", "sequence_logps", "sft_loss", "token_mean_nll", "token_nll_sum"]

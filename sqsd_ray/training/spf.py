@@ -11,9 +11,9 @@ This one-sided, per-tensor rule is what the SPF authors' released code computes 
 wording (a low-rank safety subspace) is offered as ``rank_k > 0``: per weight matrix, the top-k singular pairs
 (u_i, v_i) of G_s,j give Frobenius-orthonormal directions D_i = u_i v_i^T, and each conflicting coefficient
 a_i = u_i^T G_u,j v_i < 0 is removed. Adam rescales coordinates, so the first-order guarantee is about the
-gradient handed to the optimizer, not about the applied update (measured in bench/spf.py).
+gradient handed to the optimizer, not about the applied update (measured in bench/mitigation.py).
 
-Plain torch; the train loop (train.py) computes the two gradients and calls ``project_gradients``.
+Plain torch; the trainer (``training.trainer``) computes the two gradients and calls ``project_gradients``.
 """
 
 from __future__ import annotations
