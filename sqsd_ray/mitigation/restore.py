@@ -166,7 +166,8 @@ class RestoreSettings:
                 raise ConfigError(f"restore.{name} must be > 0, got {value}")
         if not self.cap_damping_growth >= 1:
             raise ConfigError(f"restore.cap_damping_growth must be >= 1 (1 = off), got {self.cap_damping_growth}")
-        for name in ("gamma", "refusal_weight", "mu", "damping", "cap_margin", "lbfgs_probes", "curvature_refresh", "max_backtracks"):
+        for name in ("gamma", "refusal_weight", "mu", "damping", "cap_margin", "lbfgs_probes", "curvature_refresh",
+                     "max_backtracks"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"restore.{name} must be >= 0, got {getattr(self, name)}")
         if self.preconditioner in ("fisher_diag", "woodbury") and self.damping == 0:
@@ -330,7 +331,14 @@ def per_example_losses(model: nn.Module, batches: Sequence[Batch]) -> torch.Tens
     return torch.cat([_batch_losses(model, b, device).double().cpu() for b in batches])
 
 
-def mean_loss_and_grad(model: nn.Module, batches: Sequence[Batch], vec: LoraVector) -> tuple[float, torch.Tensor]:
+def _per_example_mean_nll(model: nn.Module, batches: Sequence[Batch]) -> float:
+    """Mean over examples of each example's token-mean response NLL: this module's set loss (L_h, L_t, L_r and the
+    refusal measure), not the token mean of ``training.objectives.token_mean_nll``."""
+    return float(per_example_losses(model, batches).mean())
+
+
+def per_example_mean_loss_and_grad(model: nn.Module, batches: Sequence[Batch],
+                                   vec: LoraVector) -> tuple[float, torch.Tensor]:
     """L = mean over examples of the per-example NLL, and ∇_θ L (flat, θ's layout); one backward per batch."""
     n_total = _n_samples(batches)
     loss_sum, grad = 0.0, torch.zeros(vec.size, dtype=vec.dtype, device=vec.device)
@@ -574,9 +582,40 @@ def base_losses_with_adapter_disabled(
 ) -> BaseLosses:
     """θ_base losses of a LoRA fine-tune: the same peft model with its adapters switched off."""
     with model.disable_adapter():
-        return BaseLosses(harmful=per_example_losses(model, harmful),
-                          task=float(per_example_losses(model, task).mean()),
-                          refusal=float(per_example_losses(model, refusal).mean()) if refusal else None)
+        return BaseLosses(harmful=per_example_losses(model, harmful), task=_per_example_mean_nll(model, task),
+                          refusal=_per_example_mean_nll(model, refusal) if refusal else None)
+
+
+@dataclass
+class _Iterate:
+    """One point of the loop (notes §1b): θ with L_h, L_t, L_r and their gradients, J(θ), and the merged-delta
+    distance ‖ΔW(θ) − ΔW(θ_ft)‖ that the update cap bounds. Each accepted step hands one to the next."""
+
+    theta: torch.Tensor
+    L_h: float
+    g_h: torch.Tensor
+    L_t: float
+    g_t: torch.Tensor
+    L_r: float  # 0 without the refusal-descent term
+    g_r: torch.Tensor | None  # None without the refusal-descent term
+    J: float
+    update_norm: float = 0.0
+
+
+@dataclass
+class _Constraints:
+    """The set every accepted iterate stays in (notes §1b): the task budget L_t ≤ L_t(θ_ft) + δ and the update cap
+    ‖ΔW(θ) − ΔW(θ_ft)‖ ≤ ρ·‖ΔW_ft‖ on the merged LoRA deltas (``LoraVector.merged_delta_norm``)."""
+
+    vec: LoraVector
+    theta_ft: torch.Tensor
+    task_limit: float  # L_t(θ_ft) + δ
+    ft_update_norm: float  # ‖ΔW_ft‖
+    cap: float  # ρ·‖ΔW_ft‖
+
+    def update_norm(self, theta: torch.Tensor) -> float:
+        """‖ΔW(θ) − ΔW(θ_ft)‖."""
+        return self.vec.merged_delta_norm(theta, self.theta_ft)
 
 
 class _Objective:
@@ -591,18 +630,27 @@ class _Objective:
 
     def task_point(self) -> tuple[float, torch.Tensor]:
         self.passes += _n_samples(self.task)
-        return mean_loss_and_grad(self.model, self.task, self.vec)
+        return per_example_mean_loss_and_grad(self.model, self.task, self.vec)
 
     def harmful_point(self) -> tuple[float, torch.Tensor]:
         self.passes += _n_samples(self.harmful)
-        return mean_loss_and_grad(self.model, self.harmful, self.vec)
+        return per_example_mean_loss_and_grad(self.model, self.harmful, self.vec)
 
     def refusal_point(self) -> tuple[float, torch.Tensor | None]:
         """L_r and its gradient on D_r (0, None without the refusal-descent term)."""
         if self.refusal_train is None:
             return 0.0, None
         self.passes += _n_samples(self.refusal_train)
-        return mean_loss_and_grad(self.model, self.refusal_train, self.vec)
+        return per_example_mean_loss_and_grad(self.model, self.refusal_train, self.vec)
+
+    def iterate_at(self, theta: torch.Tensor, L_t: float, g_t: torch.Tensor, update_norm: float = 0.0) -> _Iterate:
+        """The iterate at θ (``vec`` already set to it) whose task loss is known: adds L_h, L_r and J.
+
+        The task term comes first so that a trial over the task budget costs no harmful pass.
+        """
+        L_h, g_h = self.harmful_point()
+        L_r, g_r = self.refusal_point()
+        return _Iterate(theta, L_h, g_h, L_t, g_t, L_r, g_r, self.value(theta, L_h, L_t, L_r), update_norm)
 
     def value(self, theta: torch.Tensor, L_h: float, L_t: float, L_r: float = 0.0) -> float:
         """J = −min(L_h, τ) + β L_r + γ L_t + (μ/2)‖θ − θ_ft‖² (β = 0: no refusal term)."""
@@ -620,6 +668,10 @@ class _Objective:
         if g_r is not None:
             grad = grad + self.settings.refusal_weight * g_r
         return grad - g_h if L_h < self.tau else grad
+
+    def gradient_at(self, point: _Iterate) -> torch.Tensor:
+        """∇J at an iterate."""
+        return self.gradient(point.theta, point.L_h, point.g_h, point.g_t, point.g_r)
 
 
 def restore(
@@ -649,6 +701,51 @@ def restore(
     model.eval()  # LoRA dropout off: every loss is deterministic
     vec = LoraVector(model, adapter_name)
     theta_ft = vec.get()
+    base, ft_update_norm, diagnostic = _reference_losses(model, vec, theta_ft, harmful, task, refusal, base,
+                                                         ft_update_norm)
+    tau = settings.harmful_cap if settings.harmful_cap is not None else float(base.harmful.mean()) + settings.cap_margin
+    objective = _Objective(model, vec, harmful, task, settings, tau, theta_ft, refusal_train)
+
+    L_t_ft, g_t_ft = objective.task_point()
+    ft = objective.iterate_at(theta_ft.clone(), L_t_ft, g_t_ft)
+    bounds = _Constraints(vec, theta_ft, task_limit=ft.L_t + settings.task_budget, ft_update_norm=ft_update_norm,
+                          cap=settings.max_update_ratio * ft_update_norm)
+    damping, preconditioner = _build_preconditioner(model, task, vec, settings, objective)
+    log.info("restore: P = %d LoRA parameters, preconditioner %s, λ = %.3g; L_h %.4f (base %.4f, τ %.4f), "
+             "L_t %.4f (limit %.4f); base/ft harmful-loss correlation: Pearson %.3f, Spearman %.3f",
+             vec.size, settings.preconditioner, damping, ft.L_h, float(base.harmful.mean()), tau, ft.L_t,
+             bounds.task_limit, diagnostic["pearson"], diagnostic["spearman"])
+    ft_refusal = _per_example_mean_nll(model, refusal) if refusal else None
+    tracked = refusal if refusal and settings.track_refusal else None
+    history = [{"iter": 0, "harmful": ft.L_h, "task": ft.L_t, "objective": ft.J, "step": 0.0, "trials": 0,
+                "update_norm": 0.0, "ratio": 0.0, **({"refusal": ft_refusal} if tracked else {})}]
+
+    run = _descend(objective, bounds, damping, preconditioner, ft, history, tracked)
+
+    returned_iter, theta, L_h, L_t = run.returned(settings.return_iterate, history)
+    vec.set(theta)
+    update_norm = bounds.update_norm(theta)
+    losses = _loss_table(model, base, ft, L_h, L_t, refusal, ft_refusal)
+    log.info("restore: stopped after %d iterations (%s), returning iterate %d; L_h %.4f -> %.4f, L_t %.4f -> %.4f, "
+             "ratio %.4f", run.iterations, run.stop_reason, returned_iter, ft.L_h, L_h, ft.L_t, L_t,
+             update_norm / ft_update_norm)
+    param_dtype = vec.params[0].dtype
+    return RestoreResult(
+        factors={name: (A.to(param_dtype).cpu().clone(), B.to(param_dtype).cpu().clone())
+                 for name, (A, B) in vec.factors(theta).items()},
+        losses=losses, tau=tau, task_limit=bounds.task_limit, update_norm=update_norm, ft_update_norm=ft_update_norm,
+        ratio=update_norm / ft_update_norm, theta_distance=float((theta - theta_ft).norm()), iterations=run.iterations,
+        stop_reason=run.stop_reason, preconditioner=settings.preconditioner, damping=run.damping,
+        diagnostic=diagnostic, history=history, sequence_passes=objective.passes,
+        seconds=time.perf_counter() - start, damping_raises=run.damping_raises, returned_iter=returned_iter,
+    )
+
+
+def _reference_losses(model: nn.Module, vec: LoraVector, theta_ft: torch.Tensor, harmful: Sequence[Batch],
+                      task: Sequence[Batch], refusal: Sequence[Batch] | None, base: BaseLosses | None,
+                      ft_update_norm: float | None) -> tuple[BaseLosses, float, dict[str, float]]:
+    """What the run is measured against: the θ_base losses, ‖ΔW_ft‖ (the update cap's unit) and the notes §1b
+    diagnostic, the base/ft per-example harmful-loss correlation (defaults as in ``restore``)."""
     if base is None:
         base = base_losses_with_adapter_disabled(model, harmful, task, refusal)
     if ft_update_norm is None:
@@ -656,133 +753,193 @@ def restore(
     if not ft_update_norm > 0:
         raise ValueError("‖ΔW_ft‖ is zero: the adapter is untrained; for a full fine-tune pass ft_update_norm "
                          "(the dense W_ft − W_0 over the target modules)")
-    ft_harmful = per_example_losses(model, harmful)
-    diagnostic = harmful_loss_correlation(base.harmful, ft_harmful)
-    tau = settings.harmful_cap if settings.harmful_cap is not None else float(base.harmful.mean()) + settings.cap_margin
-    objective = _Objective(model, vec, harmful, task, settings, tau, theta_ft, refusal_train)
+    return base, ft_update_norm, harmful_loss_correlation(base.harmful, per_example_losses(model, harmful))
 
-    L_t, g_t = objective.task_point()
-    L_h, g_h = objective.harmful_point()
-    L_r, g_r = objective.refusal_point()
-    L_t_ft, L_h_ft = L_t, L_h
-    task_limit = L_t_ft + settings.task_budget
-    cap = settings.max_update_ratio * ft_update_norm
-    damping, preconditioner = _build_preconditioner(model, task, vec, settings, objective)
-    log.info("restore: P = %d LoRA parameters, preconditioner %s, λ = %.3g; L_h %.4f (base %.4f, τ %.4f), "
-             "L_t %.4f (limit %.4f); base/ft harmful-loss correlation: Pearson %.3f, Spearman %.3f",
-             vec.size, settings.preconditioner, damping, L_h, float(base.harmful.mean()), tau, L_t, task_limit,
-             diagnostic["pearson"], diagnostic["spearman"])
 
-    theta = theta_ft.clone()
-    J = objective.value(theta, L_h, L_t, L_r)
-    ft_refusal = float(per_example_losses(model, refusal).mean()) if refusal else None
-    tracked = refusal if refusal and settings.track_refusal else None
-    history = [{"iter": 0, "harmful": L_h, "task": L_t, "objective": J, "step": 0.0, "trials": 0,
-                "update_norm": 0.0, "ratio": 0.0, **({"refusal": ft_refusal} if tracked else {})}]
-    if settings.preconditioner == "lbfgs" and settings.lbfgs_probes and L_h < tau:
-        _probe_pairs(objective, preconditioner, theta, g_t, objective.gradient(theta, L_h, g_h, g_t, g_r), settings)
-    step_length = settings.initial_step * float(theta_ft.norm())
-    stop_reason, iteration, damping_raises = "max_iters", 0, 0
-    safest = (objective.safety(L_h, L_r), 0, theta)  # (safety, iteration, θ) of the safest accepted iterate
+def _loss_table(model: nn.Module, base: BaseLosses, ft: _Iterate, L_h: float, L_t: float,
+                refusal: Sequence[Batch] | None, ft_refusal: float | None) -> dict[str, dict[str, float]]:
+    """RestoreResult.losses: harmful / task (/ refusal) at θ_base, θ_ft and the returned iterate, which ``model``
+    holds (its refusal loss is measured here)."""
+    losses = {"harmful": {"base": float(base.harmful.mean()), "fine_tuned": ft.L_h, "restored": L_h},
+              "task": {"base": base.task, "fine_tuned": ft.L_t, "restored": L_t}}
+    if refusal:
+        restored_refusal = _per_example_mean_nll(model, refusal)
+        losses["refusal"] = {"base": base.refusal if base.refusal is not None else float("nan"),
+                             "fine_tuned": ft_refusal, "restored": restored_refusal}
+    return losses
+
+
+@dataclass
+class _DescentResult:
+    """Where the loop ended: why, after how many accepted steps, its last and its safest iterate (lowest
+    −min(L_h, τ) + β·L_r, ``RestoreSettings.return_iterate``), the last λ built and the raises at the cap."""
+
+    stop_reason: str
+    iterations: int
+    last: _Iterate
+    safest_iter: int
+    safest_theta: torch.Tensor
+    damping: float
+    damping_raises: int
+
+    def returned(self, return_iterate: str, history: list[dict[str, float]]) -> tuple[int, torch.Tensor, float, float]:
+        """(iteration, θ, L_h, L_t) of the iterate the run returns."""
+        if return_iterate == "safest":
+            row = history[self.safest_iter]
+            return self.safest_iter, self.safest_theta, row["harmful"], row["task"]
+        return self.iterations, self.last.theta, self.last.L_h, self.last.L_t
+
+
+def _descend(objective: _Objective, bounds: _Constraints, damping: float, preconditioner: _Identity,
+             current: _Iterate, history: list[dict[str, float]], tracked: Sequence[Batch] | None) -> _DescentResult:
+    """θ_{k+1} = θ_k + t_k·u_k, u_k = −(C + λI)⁻¹∇J(θ_k) / ‖·‖, from θ_ft until a stop of notes §1b: L_h ≥ τ
+    (ascent-only J), no descent direction, no accepted trial length (``_LineSearch``), or K steps.
+
+    Appends each accepted iterate to ``history`` (with the ``tracked`` set's refusal NLL); leaves the model at the
+    last accepted iterate.
+    """
+    settings, tau = objective.settings, objective.tau
+    if settings.preconditioner == "lbfgs" and settings.lbfgs_probes and current.L_h < tau:
+        _probe_pairs(objective, preconditioner, current.theta, current.g_t, objective.gradient_at(current), settings)
+    step_length = settings.initial_step * float(bounds.theta_ft.norm())
+    stop_reason, damping_raises = "max_iters", 0
+    safest = (objective.safety(current.L_h, current.L_r), 0, current.theta)  # (safety, iteration, θ)
     # The notes stop at L_h ≥ τ: there the ascent-only J has nothing left to do. With the refusal term J keeps a
     # descent direction past the cap (−min(L_h, τ) is flat, β·L_r is not), so the run goes on to the other stops
     stop_at_harmful_cap = objective.refusal_train is None
     for iteration in range(1, settings.max_iters + 1):
-        if L_h >= tau and stop_at_harmful_cap:
-            stop_reason, iteration = "harmful_cap", iteration - 1
+        if current.L_h >= tau and stop_at_harmful_cap:
+            stop_reason = "harmful_cap"
             break
-        if settings.curvature_refresh and iteration > 1 and (iteration - 1) % settings.curvature_refresh == 0 \
-                and settings.preconditioner in ("fisher_diag", "woodbury"):
-            damping, preconditioner = _build_preconditioner(model, task, vec, settings, objective)
-        grad_J = objective.gradient(theta, L_h, g_h, g_t, g_r)
+        if _curvature_refresh_due(settings, iteration):
+            damping, preconditioner = _build_preconditioner(objective.model, objective.task, bounds.vec, settings,
+                                                            objective)
+        grad_J = objective.gradient_at(current)
+        # each iteration starts from λ / growth (not below λ₀): away from the cap the step is the curvature step again
         preconditioner.damping_scale = max(1.0, preconditioner.damping_scale / settings.cap_damping_growth)
         unit = _descent_unit(preconditioner, grad_J)
         if unit is None:
-            stop_reason, iteration = "no_progress", iteration - 1
+            stop_reason = "no_progress"
             break
-        accepted, blocked = None, []
-        for trial in range(settings.max_backtracks + 1):
-            t = step_length * 0.5**trial
-            candidate = theta + t * unit
-            update_norm = vec.merged_delta_norm(candidate, theta_ft)
-            if update_norm > cap:
-                blocked.append("update_cap")
-            # Levenberg–Marquardt with the cap as the trust region: the quadratic model's minimiser within a norm
-            # ball is (C + νI)⁻¹∇J with ν growing as the ball binds; raise λ and retry this length
-            while update_norm > cap and (raised := _raise_damping(preconditioner, grad_J, unit,
-                                                                  settings.cap_damping_growth)) is not None:
-                unit, damping_raises = raised, damping_raises + 1
-                candidate = theta + t * unit
-                update_norm = vec.merged_delta_norm(candidate, theta_ft)
-            if update_norm > cap:
-                if settings.at_update_cap == "backtrack":
-                    continue
-                candidate, update_norm = pull_back_to_cap(vec, theta_ft, candidate, cap)
-                if not float((candidate - theta).norm()) > 1e-12 * float(theta_ft.norm()):
-                    continue  # θ is on the cap and the step points straight out of it
-            vec.set(candidate)
-            L_t_new, g_t_new = objective.task_point()
-            if L_t_new > task_limit:
-                blocked.append("task_budget")
-                continue
-            L_h_new, g_h_new = objective.harmful_point()
-            L_r_new, g_r_new = objective.refusal_point()
-            J_new = objective.value(candidate, L_h_new, L_t_new, L_r_new)
-            # Armijo on the step actually taken (t·slope when it was not pulled back); a pulled-back step that is
-            # no descent direction must still lower J
-            predicted = min(float(torch.dot(grad_J, candidate - theta)), 0.0)
-            if not J_new < J + ARMIJO_C1 * predicted or (predicted == 0.0 and not J_new < J):
-                blocked.append("no_progress")
-                continue
-            accepted = (trial, t, candidate, L_h_new, g_h_new, L_t_new, g_t_new, J_new, update_norm, L_r_new, g_r_new)
+        search = _LineSearch(objective, bounds, preconditioner, current, grad_J, unit)
+        step = search.run(step_length)
+        damping_raises += search.damping_raises
+        if step is None:
+            bounds.vec.set(current.theta)  # the last iterate within budget and cap
+            stop_reason = search.stop_reason()
             break
-        if accepted is None:
-            vec.set(theta)  # the last iterate within budget and cap
-            stop_reason = next((r for r in ("task_budget", "update_cap") if r in blocked), "no_progress")
-            iteration -= 1
-            break
-        trial, t, candidate, L_h, g_h_new, L_t, g_t_new, J, update_norm, L_r, g_r = accepted
-        preconditioner.update(candidate - theta, g_t_new - g_t)
-        theta, g_h, g_t = candidate, g_h_new, g_t_new
-        safety = objective.safety(L_h, L_r)
+        preconditioner.update(step.iterate.theta - current.theta, step.iterate.g_t - current.g_t)
+        current = step.iterate
+        safety = objective.safety(current.L_h, current.L_r)
         if safety < safest[0]:
-            safest = (safety, iteration, theta)
-        step_length = t * 2.0 if trial == 0 else t
-        history.append({"iter": iteration, "harmful": L_h, "task": L_t, "objective": J, "step": t, "trials": trial + 1,
-                        "update_norm": update_norm, "ratio": update_norm / ft_update_norm,
-                        "damping_scale": preconditioner.damping_scale,
-                        **({"refusal": float(per_example_losses(model, tracked).mean())} if tracked else {})})
+            safest = (safety, iteration, current.theta)
+        step_length = step.length * 2.0 if step.trials == 1 else step.length  # grow after a first-trial accept
+        ratio = current.update_norm / bounds.ft_update_norm
+        history.append({"iter": iteration, "harmful": current.L_h, "task": current.L_t, "objective": current.J,
+                        "step": step.length, "trials": step.trials, "update_norm": current.update_norm,
+                        "ratio": ratio, "damping_scale": preconditioner.damping_scale,
+                        **({"refusal": _per_example_mean_nll(objective.model, tracked)} if tracked else {})})
         log.info("restore iter %d/%d: L_h %.4f (τ %.4f)  L_t %.4f (limit %.4f)  J %.4f  step %.3g (%d trials)  "
-                 "‖ΔW − ΔW_ft‖/‖ΔW_ft‖ %.4f (ρ %.3g)", iteration, settings.max_iters, L_h, tau, L_t, task_limit, J, t,
-                 trial + 1, update_norm / ft_update_norm, settings.max_update_ratio)
+                 "‖ΔW − ΔW_ft‖/‖ΔW_ft‖ %.4f (ρ %.3g)", iteration, settings.max_iters, current.L_h, tau, current.L_t,
+                 bounds.task_limit, current.J, step.length, step.trials, ratio, settings.max_update_ratio)
     else:
-        if L_h >= tau and stop_at_harmful_cap:
+        if current.L_h >= tau and stop_at_harmful_cap:
             stop_reason = "harmful_cap"
+    return _DescentResult(stop_reason, iterations=len(history) - 1, last=current, safest_iter=safest[1],
+                          safest_theta=safest[2], damping=damping, damping_raises=damping_raises)
 
-    returned_iter = iteration
-    if settings.return_iterate == "safest":
-        _, returned_iter, theta = safest
-        L_h, L_t = history[returned_iter]["harmful"], history[returned_iter]["task"]
-    vec.set(theta)
-    update_norm = vec.merged_delta_norm(theta, theta_ft)
-    losses = {"harmful": {"base": float(base.harmful.mean()), "fine_tuned": L_h_ft, "restored": L_h},
-              "task": {"base": base.task, "fine_tuned": L_t_ft, "restored": L_t}}
-    if refusal:
-        restored_refusal = float(per_example_losses(model, refusal).mean())
-        losses["refusal"] = {"base": base.refusal if base.refusal is not None else float("nan"),
-                             "fine_tuned": ft_refusal, "restored": restored_refusal}
-    log.info("restore: stopped after %d iterations (%s), returning iterate %d; L_h %.4f -> %.4f, L_t %.4f -> %.4f, "
-             "ratio %.4f", iteration, stop_reason, returned_iter, L_h_ft, L_h, L_t_ft, L_t, update_norm / ft_update_norm)
-    param_dtype = vec.params[0].dtype
-    return RestoreResult(
-        factors={name: (A.to(param_dtype).cpu().clone(), B.to(param_dtype).cpu().clone())
-                 for name, (A, B) in vec.factors(theta).items()},
-        losses=losses, tau=tau, task_limit=task_limit, update_norm=update_norm, ft_update_norm=ft_update_norm,
-        ratio=update_norm / ft_update_norm, theta_distance=float((theta - theta_ft).norm()), iterations=iteration,
-        stop_reason=stop_reason, preconditioner=settings.preconditioner, damping=damping, diagnostic=diagnostic,
-        history=history, sequence_passes=objective.passes, seconds=time.perf_counter() - start,
-        damping_raises=damping_raises, returned_iter=returned_iter,
-    )
+
+def _curvature_refresh_due(settings: RestoreSettings, iteration: int) -> bool:
+    """Whether this iteration rebuilds the task Fisher (fisher_diag, woodbury): after every ``curvature_refresh``
+    accepted steps (``RestoreSettings.curvature_refresh``; L-BFGS gains a pair with every accepted step instead)."""
+    return bool(settings.curvature_refresh and iteration > 1 and (iteration - 1) % settings.curvature_refresh == 0
+                and settings.preconditioner in ("fisher_diag", "woodbury"))
+
+
+@dataclass
+class _Step:
+    """An accepted line-search trial: the new iterate, its step length t and the number of trials it took."""
+
+    iterate: _Iterate
+    length: float
+    trials: int
+
+
+class _LineSearch:
+    """One iteration's backtracking on the step length t along ``unit`` (notes §1b; docs/restoration.md, "Step
+    length" and "At the update cap: a trust region").
+
+    A trial θ + t·unit is accepted when it is within the update cap ρ·‖ΔW_ft‖ (after Levenberg–Marquardt raises of
+    λ and, with ``at_update_cap: project``, a pull-back onto the cap), within the task budget L_t(θ_ft) + δ, and
+    lowers J by Armijo's rule. ``unit`` follows the raises, ``damping_raises`` counts them, ``blocked`` keeps why
+    trials were rejected.
+    """
+
+    def __init__(self, objective: _Objective, bounds: _Constraints, preconditioner: _Identity, current: _Iterate,
+                 grad_J: torch.Tensor, unit: torch.Tensor):
+        self.objective, self.bounds, self.preconditioner = objective, bounds, preconditioner
+        self.settings = objective.settings
+        self.current, self.grad_J, self.unit = current, grad_J, unit
+        self.blocked: list[str] = []
+        self.damping_raises = 0
+
+    def run(self, step_length: float) -> _Step | None:
+        """Halve t from ``step_length`` (up to ``max_backtracks`` times) until a trial is accepted; None if none is."""
+        for trial in range(self.settings.max_backtracks + 1):
+            t = step_length * 0.5**trial
+            fitted = self._within_cap(t)
+            if fitted is None:
+                continue
+            accepted = self._accept(*fitted)
+            if accepted is not None:
+                return _Step(accepted, t, trial + 1)
+        return None
+
+    def stop_reason(self) -> str:
+        """Why no trial was accepted: task_budget before update_cap before no_progress (Armijo)."""
+        return next((r for r in ("task_budget", "update_cap") if r in self.blocked), "no_progress")
+
+    def _within_cap(self, t: float) -> tuple[torch.Tensor, float] | None:
+        """The trial point θ + t·unit within the update cap and its ‖ΔW − ΔW_ft‖; None when the trial is dropped
+        (``at_update_cap: backtrack``, or θ on the cap with the step pointing straight out of it)."""
+        theta, bounds = self.current.theta, self.bounds
+        candidate = theta + t * self.unit
+        update_norm = bounds.update_norm(candidate)
+        if update_norm > bounds.cap:
+            self.blocked.append("update_cap")
+        # Levenberg–Marquardt with the cap as the trust region: the quadratic model's minimiser within a norm ball
+        # is (C + νI)⁻¹∇J with ν growing as the ball binds; raise λ and retry this length
+        while update_norm > bounds.cap and (raised := _raise_damping(self.preconditioner, self.grad_J, self.unit,
+                                                                     self.settings.cap_damping_growth)) is not None:
+            self.unit, self.damping_raises = raised, self.damping_raises + 1
+            candidate = theta + t * self.unit
+            update_norm = bounds.update_norm(candidate)
+        if not update_norm > bounds.cap:
+            return candidate, update_norm
+        if self.settings.at_update_cap == "backtrack":
+            return None
+        candidate, update_norm = pull_back_to_cap(bounds.vec, bounds.theta_ft, candidate, bounds.cap)
+        if not float((candidate - theta).norm()) > 1e-12 * float(bounds.theta_ft.norm()):
+            return None  # θ is on the cap and the step points straight out of it
+        return candidate, update_norm
+
+    def _accept(self, candidate: torch.Tensor, update_norm: float) -> _Iterate | None:
+        """The iterate at ``candidate`` if it keeps the task budget and passes Armijo; else None, the reason in
+        ``blocked``. Leaves the model at ``candidate``."""
+        objective, current = self.objective, self.current
+        objective.vec.set(candidate)
+        L_t, g_t = objective.task_point()
+        if L_t > self.bounds.task_limit:
+            self.blocked.append("task_budget")
+            return None
+        trial = objective.iterate_at(candidate, L_t, g_t, update_norm)
+        # Armijo on the step actually taken (t·slope when it was not pulled back); a pulled-back step that is
+        # no descent direction must still lower J
+        predicted = min(float(torch.dot(self.grad_J, candidate - current.theta)), 0.0)
+        if not trial.J < current.J + ARMIJO_C1 * predicted or (predicted == 0.0 and not trial.J < current.J):
+            self.blocked.append("no_progress")
+            return None
+        return trial
 
 
 MAX_DAMPING_SCALE = 1e12  # λ·scale this far above λ: the step is the (scaled) gradient to float precision
@@ -874,9 +1031,9 @@ __all__ = [
     "diagonal_fisher",
     "harmful_loss_correlation",
     "lbfgs_two_loop",
-    "mean_loss_and_grad",
     "pearson",
     "per_example_losses",
+    "per_example_mean_loss_and_grad",
     "per_sample_grad_matrix",
     "restore",
     "woodbury_apply",

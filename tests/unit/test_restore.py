@@ -36,8 +36,8 @@ from sqsd_ray.mitigation.restore import (
     diagonal_fisher,
     harmful_loss_correlation,
     lbfgs_two_loop,
-    mean_loss_and_grad,
     per_example_losses,
+    per_example_mean_loss_and_grad,
     per_sample_grad_matrix,
     pull_back_to_cap,
     recovery_path,
@@ -188,7 +188,7 @@ def test_kernel_diagonal_fisher_equals_batch1_autograd_loop():
     torch.testing.assert_close(fisher, loop.square().mean(0), rtol=FISHER_RTOL, atol=1e-14)
     # and the batch gradient is the mean of the per-sample ones (atol: the mean cancels, and LlamaRMSNorm
     # computes in float32 even in a float64 model)
-    _, grad = mean_loss_and_grad(model, batches, vec)
+    _, grad = per_example_mean_loss_and_grad(model, batches, vec)
     torch.testing.assert_close(grad, loop.mean(0), rtol=FISHER_RTOL, atol=FISHER_RTOL * float(loop.abs().max()))
 
 
