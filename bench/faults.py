@@ -76,7 +76,7 @@ from sqsd_ray.models.directions import random_direction
 from sqsd_ray.models.loading import ModelConfig, load_model
 from sqsd_ray.models.lora import LoraSettings, lora_module_shapes
 from sqsd_ray.scoring.blocks import record_fingerprint
-from sqsd_ray.scoring.store import file_sha256 as sha256
+from sqsd_ray.scoring.parts import file_sha256 as sha256
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "benign" / "dolly_387.jsonl"
 PROGRESS = re.compile(r"scoring:.*?(\d+)/(\d+)")

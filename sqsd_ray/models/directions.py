@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .lora import open_safetensors
+from .lora import load_adapter_state, open_safetensors
 
 FORMAT = "sqsd-direction/1"
 DIRECTION_KINDS = ("danger", "safety")
@@ -230,101 +230,120 @@ class Direction:
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Direction:
         return Direction({name: f.to(dtype, device) for name, f in self.modules.items()}, self.metadata)
 
-    # -- io
+    # -- files: the format and its checks are in the module-level functions below
 
     def save(self, path: str | Path) -> Path:
-        """Write one ``.safetensors`` file; scalings and metadata go in the header as JSON strings."""
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            raise ValueError(f"direction files end in .safetensors, got {path}")
-        tensors: dict[str, torch.Tensor] = {}
-        for name, f in self.modules.items():
-            # clone: safetensors refuses tensors that share storage (e.g. views of one buffer)
-            tensors[f"{name}.A"] = f.A.detach().cpu().contiguous().clone()
-            tensors[f"{name}.B"] = f.B.detach().cpu().contiguous().clone()
-        header = {
-            "format": FORMAT,
-            "metadata": json.dumps(self.metadata, sort_keys=True),
-            "scalings": json.dumps({name: f.scaling for name, f in self.modules.items()}),
-            "shapes": json.dumps({name: [*f.shape, f.rank] for name, f in self.modules.items()}),
-            "fingerprint": self.fingerprint(),
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata=header)
-        return path
+        return save_direction(self, path)
 
     @staticmethod
     def read_header(path: str | Path) -> dict[str, Any]:
-        """The decoded header (format, metadata, scalings, shapes, fingerprint) without loading tensors."""
-        path = Path(path)
-        if path.is_dir() or path.suffix != ".safetensors":
-            raise ValueError(
-                f"{path} is not a direction file (*.safetensors written by Direction.save); "
-                f"to build one from a peft adapter dir use Direction.from_peft_adapter"
-            )
-        with open_safetensors(path, "direction file", _REBUILD) as handle:
-            header = handle.metadata() or {}
-        if header.get("format") != FORMAT:
-            raise ValueError(
-                f"{path} is not an SQSD direction file (header format {header.get('format')!r}, expected {FORMAT!r}); "
-                f"to build one from a peft adapter use Direction.from_peft_adapter"
-            )
-        try:
-            return {
-                "format": header["format"],
-                "metadata": json.loads(header["metadata"]),
-                "scalings": json.loads(header["scalings"]),
-                "shapes": {k: tuple(v) for k, v in json.loads(header["shapes"]).items()},
-                "fingerprint": header["fingerprint"],
-            }
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"direction file {path} has a damaged header ({type(err).__name__}: {err}): "
-                             f"{_REBUILD}") from err
+        return read_direction_header(path)
 
-    @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Direction:
-        """Read a file written by ``save``; the stored fingerprint is verified against the tensors."""
-        header = cls.read_header(path)
-        modules: dict[str, LoraFactors] = {}
-        with open_safetensors(path, "direction file", _REBUILD, device=str(device)) as handle:
-            keys = set(handle.keys())
-            for name, scaling in header["scalings"].items():
-                if f"{name}.A" not in keys or f"{name}.B" not in keys:
-                    raise ValueError(f"{path}: module {name!r} lacks its .A or .B tensor (truncated file?)")
-                modules[name] = LoraFactors(handle.get_tensor(f"{name}.A"), handle.get_tensor(f"{name}.B"), scaling)
-        direction = cls(modules, header["metadata"])
-        if direction.fingerprint() != header["fingerprint"]:
-            raise ValueError(
-                f"{path}: content fingerprint {direction.fingerprint()} differs from the stored "
-                f"{header['fingerprint']}; the file was modified or corrupted — rebuild it"
-            )
-        return direction
+    @staticmethod
+    def load(path: str | Path, device: str | torch.device = "cpu") -> Direction:
+        return load_direction(path, device)
 
-    @classmethod
+    @staticmethod
     def from_peft_adapter(
-        cls, path: str | Path, kind: str = "danger", base_model: str | None = None, **metadata: str
+        path: str | Path, kind: str = "danger", base_model: str | None = None, **metadata: str
     ) -> Direction:
-        """V = Σ_m s_m B_m A_m from a saved peft LoRA adapter (θ̂ − θ0 of Eq. 3–4 when trained from θ0).
+        return direction_from_peft_adapter(path, kind, base_model, **metadata)
 
-        Per-module scalings honour ``rank_pattern`` / ``alpha_pattern``. ``base_model`` defaults to the
-        adapter's ``base_model_name_or_path``.
-        """
-        from .lora import load_adapter_state
 
-        factors, info = load_adapter_state(path)
-        modules = {name: LoraFactors(a, b, info.module_scalings[name]) for name, (a, b) in factors.items()}
-        meta = {
-            "kind": _check_kind(kind),
-            "base_model": base_model or info.base_model_name_or_path or "unknown",
-            "source": f"peft-adapter:{Path(path).expanduser()}",
-            "created": _now(),
-            "num_modules": str(len(modules)),
-            "lora_r": str(info.lora.r),
-            "lora_alpha": repr(info.lora.alpha),
-            "use_rslora": str(info.lora.use_rslora).lower(),
-            **metadata,
+# ------------------------------------------------------------------------------------------------ files
+
+
+def save_direction(direction: Direction, path: str | Path) -> Path:
+    """Write one ``.safetensors`` file; scalings and metadata go in the header as JSON strings."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"direction files end in .safetensors, got {path}")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, f in direction.modules.items():
+        # clone: safetensors refuses tensors that share storage (e.g. views of one buffer)
+        tensors[f"{name}.A"] = f.A.detach().cpu().contiguous().clone()
+        tensors[f"{name}.B"] = f.B.detach().cpu().contiguous().clone()
+    header = {
+        "format": FORMAT,
+        "metadata": json.dumps(direction.metadata, sort_keys=True),
+        "scalings": json.dumps({name: f.scaling for name, f in direction.modules.items()}),
+        "shapes": json.dumps({name: [*f.shape, f.rank] for name, f in direction.modules.items()}),
+        "fingerprint": direction.fingerprint(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=header)
+    return path
+
+
+def read_direction_header(path: str | Path) -> dict[str, Any]:
+    """The decoded header (format, metadata, scalings, shapes, fingerprint) without loading tensors."""
+    path = Path(path)
+    if path.is_dir() or path.suffix != ".safetensors":
+        raise ValueError(
+            f"{path} is not a direction file (*.safetensors written by Direction.save); "
+            f"to build one from a peft adapter dir use Direction.from_peft_adapter"
+        )
+    with open_safetensors(path, "direction file", _REBUILD) as handle:
+        header = handle.metadata() or {}
+    if header.get("format") != FORMAT:
+        raise ValueError(
+            f"{path} is not an SQSD direction file (header format {header.get('format')!r}, expected {FORMAT!r}); "
+            f"to build one from a peft adapter use Direction.from_peft_adapter"
+        )
+    try:
+        return {
+            "format": header["format"],
+            "metadata": json.loads(header["metadata"]),
+            "scalings": json.loads(header["scalings"]),
+            "shapes": {k: tuple(v) for k, v in json.loads(header["shapes"]).items()},
+            "fingerprint": header["fingerprint"],
         }
-        return cls(modules, meta)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"direction file {path} has a damaged header ({type(err).__name__}: {err}): "
+                         f"{_REBUILD}") from err
+
+
+def load_direction(path: str | Path, device: str | torch.device = "cpu") -> Direction:
+    """Read a file written by ``save_direction``; the stored fingerprint is verified against the tensors."""
+    header = read_direction_header(path)
+    modules: dict[str, LoraFactors] = {}
+    with open_safetensors(path, "direction file", _REBUILD, device=str(device)) as handle:
+        keys = set(handle.keys())
+        for name, scaling in header["scalings"].items():
+            if f"{name}.A" not in keys or f"{name}.B" not in keys:
+                raise ValueError(f"{path}: module {name!r} lacks its .A or .B tensor (truncated file?)")
+            modules[name] = LoraFactors(handle.get_tensor(f"{name}.A"), handle.get_tensor(f"{name}.B"), scaling)
+    direction = Direction(modules, header["metadata"])
+    if direction.fingerprint() != header["fingerprint"]:
+        raise ValueError(
+            f"{path}: content fingerprint {direction.fingerprint()} differs from the stored "
+            f"{header['fingerprint']}; the file was modified or corrupted — rebuild it"
+        )
+    return direction
+
+
+def direction_from_peft_adapter(
+    path: str | Path, kind: str = "danger", base_model: str | None = None, **metadata: str
+) -> Direction:
+    """V = Σ_m s_m B_m A_m from a saved peft LoRA adapter (θ̂ − θ0 of Eq. 3–4 when trained from θ0).
+
+    Per-module scalings honour ``rank_pattern`` / ``alpha_pattern``. ``base_model`` defaults to the
+    adapter's ``base_model_name_or_path``.
+    """
+    factors, info = load_adapter_state(path)
+    modules = {name: LoraFactors(a, b, info.module_scalings[name]) for name, (a, b) in factors.items()}
+    meta = {
+        "kind": _check_kind(kind),
+        "base_model": base_model or info.base_model_name_or_path or "unknown",
+        "source": f"peft-adapter:{Path(path).expanduser()}",
+        "created": _now(),
+        "num_modules": str(len(modules)),
+        "lora_r": str(info.lora.r),
+        "lora_alpha": repr(info.lora.alpha),
+        "use_rslora": str(info.lora.use_rslora).lower(),
+        **metadata,
+    }
+    return Direction(modules, meta)
 
 
 # ----------------------------------------------------------------------------------------- factories

@@ -210,7 +210,7 @@ def _check_hub_id(key: str, repo_id: str, filename: str, revision: str | None) -
 
 
 @contextlib.contextmanager
-def _load_errors(key: str, name: str) -> Iterator[None]:
+def load_errors(key: str, name: str) -> Iterator[None]:
     """transformers' and huggingface_hub's load failures (missing repo or file, no connection) as a ConfigError
     naming the key and what to do; their own messages span lines and name neither."""
     from huggingface_hub.errors import HFValidationError
@@ -236,7 +236,7 @@ def _hub_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     return kwargs
 
 
-def _pretrained_kwargs(cfg: ModelConfig, source: ModelSource) -> dict[str, Any]:
+def pretrained_kwargs(cfg: ModelConfig, source: ModelSource) -> dict[str, Any]:
     kwargs = _hub_kwargs(cfg)
     if source.gguf_file is not None:
         kwargs["gguf_file"] = source.gguf_file
@@ -253,7 +253,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     source = resolve_model_source(cfg)
     if cfg.tokenizer is not None:
         name = os.path.expanduser(cfg.tokenizer)
-        with _load_errors("model.tokenizer", name):
+        with load_errors("model.tokenizer", name):
             # cfg.revision pins the model repo, not this one
             tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     elif source.kind == "tiny":
@@ -261,8 +261,8 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
         tokenizer = build_tiny_tokenizer()
     else:
-        with _load_errors("model.name_or_path", source.path):
-            tokenizer = AutoTokenizer.from_pretrained(source.path, **_pretrained_kwargs(cfg, source))
+        with load_errors("model.name_or_path", source.path):
+            tokenizer = AutoTokenizer.from_pretrained(source.path, **pretrained_kwargs(cfg, source))
     if cfg.chat_template is not None:
         template_path = Path(cfg.chat_template).expanduser()
         if not template_path.is_file():
@@ -296,10 +296,10 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
 
     from transformers import AutoModelForCausalLM
 
-    kwargs = _pretrained_kwargs(cfg, source)
+    kwargs = pretrained_kwargs(cfg, source)
     kwargs["dtype"] = cfg.torch_dtype
     kwargs["attn_implementation"] = cfg.attn_implementation
-    with _load_errors("model.name_or_path", source.path):
+    with load_errors("model.name_or_path", source.path):
         model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     if source.gguf_file is not None:
         _drop_gguf_quantizer(model)
@@ -367,7 +367,7 @@ def model_fingerprint(model: nn.Module, cfg: ModelConfig) -> str:
     identity = {"name_or_path": cfg.name_or_path, "gguf_file": cfg.gguf_file, "revision": cfg.revision,
                 "dtype": cfg.dtype}
     digest.update(stable_hash(identity, length=64).encode())
-    base = _base_model(model)
+    base = base_model_of(model)
     digest.update(type(base).__name__.encode())
     config = getattr(base, "config", None)
     if config is not None:
@@ -413,7 +413,7 @@ def model_identity(cfg: ModelConfig) -> str:
     return stable_hash(identity)
 
 
-def _is_peft_model(model: nn.Module) -> bool:
+def is_peft_model(model: nn.Module) -> bool:
     if "peft" not in sys.modules:  # a PeftModel cannot exist if peft was never imported
         return False
     from peft import PeftModel
@@ -421,6 +421,6 @@ def _is_peft_model(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _base_model(model: nn.Module) -> nn.Module:
+def base_model_of(model: nn.Module) -> nn.Module:
     """The HF model whose module paths are the canonical names (unwraps a PeftModel)."""
-    return model.get_base_model() if _is_peft_model(model) else model
+    return model.get_base_model() if is_peft_model(model) else model

@@ -6,7 +6,7 @@ W ∈ R^{d_out×d_in}, peft computes ``h = W x + s·B(A x)`` with A ∈ R^{r×d_
 and initialisation states are expressed in exactly these factors; this module is the one place that
 knows how peft stores them.
 
-Conventions shared with ``directions``, ``scoring.hooks`` and ``scoring.scorer``:
+Conventions shared with ``models.directions``, ``scoring.hooks`` and ``scoring.scorer``:
 
 * **Canonical module names** are module paths in the *base* model, e.g. ``model.layers.0.self_attn.q_proj``.
   peft's wrapper prefix ``base_model.model.`` and the ``.base_layer`` / ``.lora_A.<adapter>`` suffixes are
@@ -25,7 +25,7 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,10 +37,10 @@ from torch import nn
 from ..config import ConfigError, help_field, one_line
 from .loading import (
     ModelConfig,
-    _base_model,
-    _load_errors,
-    _pretrained_kwargs,
+    base_model_of,
+    load_errors,
     load_model,
+    pretrained_kwargs,
     resolve_model_source,
 )
 
@@ -141,8 +141,8 @@ def lora_shapes_without_weights(cfg: ModelConfig, lora: LoraSettings) -> dict[st
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    with _load_errors("model.name_or_path", source.path):
-        config = AutoConfig.from_pretrained(source.path, **_pretrained_kwargs(cfg, source))
+    with load_errors("model.name_or_path", source.path):
+        config = AutoConfig.from_pretrained(source.path, **pretrained_kwargs(cfg, source))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
     return lora_module_shapes(model, lora)
@@ -167,7 +167,7 @@ def _linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
     """Canonical name -> the base nn.Linear, looking through peft LoRA wrappers and skipping their insides."""
     found: dict[str, nn.Linear] = {}
     lora_prefixes: list[str] = []
-    for name, module in _base_model(model).named_modules():
+    for name, module in base_model_of(model).named_modules():
         if any(name.startswith(p) for p in lora_prefixes):
             continue  # base_layer / lora_A.<adapter> / lora_B.<adapter> of a wrapped module
         if _is_lora_layer(module):
@@ -199,7 +199,7 @@ def lora_module_shapes(model: nn.Module, lora: LoraSettings) -> dict[str, tuple[
     if missing:
         leaf_names = sorted({n.rsplit(".", 1)[-1] for n in linears})
         raise ConfigError(
-            f"lora.target_modules: {missing} match no nn.Linear in {type(_base_model(model)).__name__}; "
+            f"lora.target_modules: {missing} match no nn.Linear in {type(base_model_of(model)).__name__}; "
             f"Linear module names available: {leaf_names}"
         )
     return shapes
@@ -246,7 +246,7 @@ def lora_layers(peft_model: nn.Module, adapter_name: str) -> dict[str, nn.Module
     """Canonical name -> peft LoraLayer holding ``adapter_name``."""
     layers: dict[str, nn.Module] = {}
     available: set[str] = set()
-    for name, module in _base_model(peft_model).named_modules():
+    for name, module in base_model_of(peft_model).named_modules():
         if _is_lora_layer(module):
             available.update(module.lora_A.keys())
             if adapter_name in module.lora_A:
@@ -358,18 +358,8 @@ def _adapter_files(path: str | Path) -> tuple[Path, Path]:
     return config, weights
 
 
-def load_adapter_state(path: str | Path) -> tuple[FactorDict, AdapterInfo]:
-    """Read a saved peft LoRA adapter as factors keyed by canonical name, plus its settings.
-
-    Accepts the dir written by ``save_pretrained`` (or its ``adapter_model.safetensors``). Keys may be
-    ``….lora_A.weight`` (peft's saved form) or ``….lora_A.<adapter>.weight`` (a live state dict).
-    ``rank_pattern`` / ``alpha_pattern`` are honoured through per-module ranks and scalings
-    (``AdapterInfo.module_scalings``). Anything that is not a plain ΔW = s·B A per Linear (DoRA, LoRA bias,
-    ``modules_to_save``, embedding LoRA, fan-in-fan-out Conv1D layouts) is refused: its task vector would be
-    silently incomplete.
-    """
-
-    config_path, weights_path = _adapter_files(path)
+def _read_adapter_config(config_path: Path) -> dict[str, Any]:
+    """``adapter_config.json`` as a dict; refuses anything but plain LoRA (other peft types, DoRA, bias, Conv1D)."""
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -382,7 +372,15 @@ def load_adapter_state(path: str | Path) -> tuple[FactorDict, AdapterInfo]:
     for flag, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA bias"), ("fan_in_fan_out", "fan_in_fan_out")):
         if config.get(flag):
             raise ValueError(f"{config_path}: {what} adapters ({flag}=true) are not supported; train plain LoRA")
+    return config
 
+
+def _read_factor_tensors(weights_path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Canonical module name -> {"A": tensor, "B": tensor} as found in the weights file (pairs not yet checked).
+
+    Every tensor must be a LoRA factor (``_ADAPTER_KEY``), all of one adapter; peft's prefix is stripped from the
+    module names.
+    """
     factor_parts: dict[str, dict[str, torch.Tensor]] = {}
     adapter_names: set[str] = set()
     fix = "re-save the adapter (save_pretrained) or point the config at another adapter"
@@ -404,13 +402,25 @@ def load_adapter_state(path: str | Path) -> tuple[FactorDict, AdapterInfo]:
         raise ValueError(
             f"{weights_path}: holds no LoRA factors (an empty adapter, e.g. a ZeRO-3 save without a gather?)"
         )
+    return factor_parts
 
-    lora_alpha = float(config.get("lora_alpha", 8))
-    base_r = int(config.get("r", 8))
-    use_rslora = bool(config.get("use_rslora", False))
+
+def _global_lora_values(config: dict[str, Any]) -> tuple[float, int, bool]:
+    """(lora_alpha, r, use_rslora) of ``adapter_config.json``, with peft's defaults."""
+    return float(config.get("lora_alpha", 8)), int(config.get("r", 8)), bool(config.get("use_rslora", False))
+
+
+def _module_factors(
+    factor_parts: dict[str, dict[str, torch.Tensor]], config: dict[str, Any], weights_path: Path
+) -> tuple[FactorDict, dict[str, int], dict[str, float]]:
+    """(A, B), rank r_m and scaling s_m per module, in sorted name order.
+
+    Each module needs both factors with one rank, the rank ``rank_pattern`` gives it; s_m = α_m/r_m (α_m/√r_m
+    with rsLoRA), α_m from ``alpha_pattern``.
+    """
+    lora_alpha, base_r, use_rslora = _global_lora_values(config)
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
-
     factors: FactorDict = {}
     scalings: dict[str, float] = {}
     ranks: dict[str, int] = {}
@@ -433,20 +443,40 @@ def load_adapter_state(path: str | Path) -> tuple[FactorDict, AdapterInfo]:
         factors[module] = (a, b)
         ranks[module] = rank
         scalings[module] = alpha / (math.sqrt(rank) if use_rslora else rank)
+    return factors, ranks, scalings
 
+
+def _adapter_lora_settings(config: dict[str, Any], modules: Iterable[str]) -> LoraSettings:
+    """The adapter's global settings; a ``target_modules`` regex is reported as the leaf names of ``modules``."""
+    lora_alpha, base_r, use_rslora = _global_lora_values(config)
     targets = config.get("target_modules")
     if not isinstance(targets, list) or not targets:  # a regex string (or None): report the leaf names found
-        targets = sorted({m.rsplit(".", 1)[-1] for m in factors})
-    lora = LoraSettings(
+        targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    return LoraSettings(
         r=base_r,
         alpha=lora_alpha,
         target_modules=sorted(targets),
         dropout=float(config.get("lora_dropout", 0.0) or 0.0),
         use_rslora=use_rslora,
     )
+
+
+def load_adapter_state(path: str | Path) -> tuple[FactorDict, AdapterInfo]:
+    """Read a saved peft LoRA adapter as factors keyed by canonical name, plus its settings.
+
+    Accepts the dir written by ``save_pretrained`` (or its ``adapter_model.safetensors``). Keys may be
+    ``….lora_A.weight`` (peft's saved form) or ``….lora_A.<adapter>.weight`` (a live state dict).
+    ``rank_pattern`` / ``alpha_pattern`` are honoured through per-module ranks and scalings
+    (``AdapterInfo.module_scalings``). Anything that is not a plain ΔW = s·B A per Linear (DoRA, LoRA bias,
+    ``modules_to_save``, embedding LoRA, fan-in-fan-out Conv1D layouts) is refused: its task vector would be
+    silently incomplete.
+    """
+    config_path, weights_path = _adapter_files(path)
+    config = _read_adapter_config(config_path)
+    factors, ranks, scalings = _module_factors(_read_factor_tensors(weights_path), config, weights_path)
     info = AdapterInfo(
         path=str(Path(path).expanduser()),
-        lora=lora,
+        lora=_adapter_lora_settings(config, factors),
         module_scalings=scalings,
         module_ranks=ranks,
         base_model_name_or_path=config.get("base_model_name_or_path"),

@@ -25,8 +25,7 @@ import numpy as np
 import torch
 
 from ..models.lora import lora_layers
-from .hooks import LoraGradCapture
-from .kernel import ProjectionTarget, project_module
+from .kernel import ProjectionTarget
 from .scorer import SqsdScorer, per_sample_mean_nll
 
 
@@ -48,6 +47,24 @@ def _pad_rank(A: torch.Tensor, B: torch.Tensor, r: int) -> tuple[torch.Tensor, t
     return A_pad, B_pad
 
 
+def _displacement(scorer: SqsdScorer, direction, adapter: str, layers: dict) -> tuple[dict, bool]:
+    """Δ per module in factor space (see the module docstring), and whether θ_ref lies on the path θ0 + α·V."""
+    device, dtype = scorer.device, scorer.acc_dtype
+    end_state = {}
+    for m, (A0, _) in scorer._factors[adapter].items():
+        f = direction.modules[m]
+        B_v = (f.scaling / layers[m].scaling[adapter]) * f.B.to(device, dtype)
+        end_state[m] = _pad_rank(f.A.to(device, dtype), B_v, A0.shape[0])
+    on_linear_path = all(
+        torch.allclose(A0, end_state[m][0], rtol=1e-5, atol=1e-8) for m, (A0, _) in scorer._factors[adapter].items()
+    )
+    displacement = {
+        m: (torch.zeros_like(A0), end_state[m][1]) if on_linear_path else (end_state[m][0] - A0, end_state[m][1] - B0)
+        for m, (A0, B0) in scorer._factors[adapter].items()
+    }
+    return displacement, on_linear_path
+
+
 def first_order_fidelity(scorer: SqsdScorer, direction, direction_name: str, tokenized, pad_id: int, cfg) -> dict:
     """Predicted vs actual loss change for ``cfg.n_samples`` samples and each ε in ``cfg.eps``."""
     from ..data.tokenize import collate
@@ -64,40 +81,19 @@ def first_order_fidelity(scorer: SqsdScorer, direction, direction_name: str, tok
     labels = batch["labels"].to(device)
     dtype = scorer.acc_dtype
 
-    # Displacement Δ per module (see module docstring), as a linear functional on (g_A, g_B).
-    end_state = {}
-    for m, (A0, _) in scorer._factors[adapter].items():
-        f = direction.modules[m]
-        B_v = (f.scaling / layers[m].scaling[adapter]) * f.B.to(device, dtype)
-        end_state[m] = _pad_rank(f.A.to(device, dtype), B_v, A0.shape[0])
-    on_linear_path = all(
-        torch.allclose(A0, end_state[m][0], rtol=1e-5, atol=1e-8) for m, (A0, _) in scorer._factors[adapter].items()
-    )
-    displacement = {
-        m: (torch.zeros_like(A0), end_state[m][1]) if on_linear_path else (end_state[m][0] - A0, end_state[m][1] - B0)
-        for m, (A0, B0) in scorer._factors[adapter].items()
-    }
-    targets = {m: {"step": ProjectionTarget(right_A=dA, right_B=dB, v_norm=1.0)} for m, (dA, dB) in displacement.items()}
-
+    # The scoring pass, with Δ as the one target: ⟨g, Δ⟩ per sample (the right-hand side of Eq. 13 up to −ε).
+    displacement, on_linear_path = _displacement(scorer, direction, adapter, layers)
+    targets = {m: {"step": ProjectionTarget(right_A=dA, right_B=dB, v_norm=1.0)}
+               for m, (dA, dB) in displacement.items()}
+    loss_ref, results = scorer.run_pass(adapter, targets, input_ids, attention_mask, labels)
     inner = torch.zeros(len(chosen), dtype=dtype)
-    results = {}
-
-    def on_grad(module, x, a, gu):
-        A0, B0 = scorer._factors[adapter][module]
-        results[module] = project_module(x, a, gu, A0, B0, targets[module], attention_mask.bool())
-
-    model.set_adapter(adapter)
-    with LoraGradCapture(model, adapter, on_grad):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        loss_ref, _ = per_sample_mean_nll(logits, labels)
-        loss_ref.sum().backward()
-    for m in results:
+    for m in results:  # in the order the gradients arrived
         inner += results[m].inner["step"].cpu()
-    loss_ref = loss_ref.detach().cpu().to(dtype)
+    loss_ref = loss_ref.cpu().to(dtype)
 
     rows, summary = [], []
-    originals = {m: (layers[m].lora_A[adapter].weight.detach().clone(), layers[m].lora_B[adapter].weight.detach().clone())
-                 for m in layers}
+    originals = {m: (layer.lora_A[adapter].weight.detach().clone(), layer.lora_B[adapter].weight.detach().clone())
+                 for m, layer in layers.items()}
     try:
         for eps in cfg.eps:
             with torch.no_grad():
@@ -129,6 +125,7 @@ def first_order_fidelity(scorer: SqsdScorer, direction, direction_name: str, tok
         "displacement": "further along V: θ0 + (α+ε)V" if on_linear_path else "towards θ0 + V",
         "direction": direction_name,
         "n_samples": len(chosen),
-        "summary": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in s.items()} for s in summary],
+        "summary": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in s.items()}
+                    for s in summary],
         "rows": rows,
     }

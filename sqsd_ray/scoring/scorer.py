@@ -132,11 +132,19 @@ class SqsdScorer:
     def direction_names(self) -> list[str]:
         return [d for p in self.passes for d in p.directions]
 
-    def _run_pass(
-        self, scoring_pass: ScoringPass, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    def run_pass(
+        self,
+        state: str,
+        targets: dict[str, dict[str, ProjectionTarget]],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[str, ModuleProjections]]:
-        name = scoring_pass.state.name
-        factors, targets = self._factors[name], self._targets[name]
+        """One forward + backward at init state ``state``: per-sample losses, and per module ‖D‖² and ⟨D, t⟩ for
+        each target t in ``targets[module]`` (``score_batch``: the directions; ``fidelity``: a displacement).
+
+        The modules appear in the order their gradients arrived (the backward's order)."""
+        factors = self._factors[state]
         # None when nothing is padded: the kernel then skips masking, and no hook asks the device about it.
         token_mask = attention_mask.bool() if bool((attention_mask == 0).any()) else None
         results: dict[str, ModuleProjections] = {}
@@ -145,9 +153,9 @@ class SqsdScorer:
             A0, B0 = factors[module]
             results[module] = project_module(x, a, gu, A0, B0, targets[module], token_mask)
 
-        if self.model.active_adapter != name:
-            self.model.set_adapter(name)
-        with LoraGradCapture(self.model, name, on_grad, layers=self._layers[name]):
+        if self.model.active_adapter != state:
+            self.model.set_adapter(state)
+        with LoraGradCapture(self.model, state, on_grad, layers=self._layers[state]):
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             losses, _ = per_sample_mean_nll(logits, labels)
             del logits
@@ -171,7 +179,7 @@ class SqsdScorer:
         nonfinite = torch.zeros(n, dtype=torch.bool)
         for scoring_pass in self.passes:
             state = scoring_pass.state.name
-            losses, results = self._run_pass(scoring_pass, input_ids, attention_mask, labels)
+            losses, results = self.run_pass(state, self._targets[state], input_ids, attention_mask, labels)
             losses = losses.cpu()
             nonfinite |= ~torch.isfinite(losses)
             d_norm_sq = torch.stack([results[m].d_norm_sq for m in self.modules], 1).cpu()  # (n, M)

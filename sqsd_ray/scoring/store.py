@@ -21,7 +21,6 @@ the earlier run until the new one has succeeded; rerunning the same command resu
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -39,6 +38,8 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .parts import PartLedger, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +70,6 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
             out += _diff(old.get(key, "<absent>"), new.get(key, "<absent>"), f"{prefix}{key}.")
         return out
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
-
-
-def _expected(ledger_entry: Mapping[str, Any]) -> bool:
-    """A ledger entry whose part should be in parts/ (not set aside, not dropped as never renamed)."""
-    return "set_aside" not in ledger_entry and "dropped" not in ledger_entry
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -150,8 +138,8 @@ class RunLock:
                 raise RunLockedError(
                     f"{self.run_dir} is locked by {_describe_holder(holder)}, another host: this host cannot tell "
                     "whether that run is alive. If it is gone, rerun with --break-lock (output.break_lock=true)")
-            log.warning("taking over the lock of %s: its holder, %s, is gone%s", self.run_dir,
-                        _describe_holder(holder), " (--break-lock)" if holder.get("host") != socket.gethostname() else "")
+            log.warning("taking over the lock of %s: its holder, %s, is gone%s", self.run_dir, _describe_holder(holder),
+                        " (--break-lock)" if holder.get("host") != socket.gethostname() else "")
         me = {"pid": os.getpid(), "pid_start": _process_start(os.getpid()), "host": socket.gethostname(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)[:300]}
         os.ftruncate(fd, 0)
@@ -226,9 +214,8 @@ class ScoreStore:
 
     def _use(self, directory: Path) -> None:
         self.dir = directory
-        self.parts_dir = directory / "parts"
-        self.ledger_path = self.parts_dir / "ledger.jsonl"
-        self.set_aside_dir = directory / "set_aside"
+        self.ledger = PartLedger(directory)
+        self.parts_dir = self.ledger.parts_dir
         self.manifest_path = directory / "manifest.json"
         self.final_path = directory / "scores.parquet"
 
@@ -305,38 +292,7 @@ class ScoreStore:
         manifest = json.loads(self.manifest_path.read_text())
         return manifest.get("identity", manifest)  # an older run: the whole file was the identity
 
-    # ---- parts
-
-    def _ledger(self) -> dict[str, dict[str, Any]]:
-        entries: dict[str, dict[str, Any]] = {}
-        if self.ledger_path.exists():
-            for line in self.ledger_path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                except ValueError:  # a line cut short by a crash: its part never got its rename
-                    continue
-                entries[entry["name"]] = {**entries.get(entry["name"], {}), **entry}
-        return entries
-
-    def _append_ledger(self, entry: dict[str, Any]) -> None:
-        with open(self.ledger_path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    def _part_problem(self, path: Path, entry: dict[str, Any] | None) -> str | None:
-        if entry is None:
-            return "not in the ledger (written by another program, or its ledger line was lost)"
-        sha = file_sha256(path)
-        if sha != entry.get("sha256"):
-            return f"checksum mismatch (ledger {str(entry.get('sha256'))[:12]}…, file {sha[:12]}…)"
-        try:
-            rows = pq.read_metadata(path).num_rows
-        except Exception as err:  # noqa: BLE001 - any unreadable footer is the same finding
-            return f"unreadable ({err})"
-        if rows != entry.get("rows"):
-            return f"{rows} rows where the ledger says {entry.get('rows')}"
-        return None
+    # ---- parts (their files and ledger: ``PartLedger``)
 
     def check_parts(self) -> list[str]:
         """Check every part against the ledger; move failing ones to ``set_aside/``. Returns what was set aside.
@@ -345,33 +301,21 @@ class ScoreStore:
         Only the lock holder calls this, so no other writer is mid-part."""
         for tmp in [*self.parts_dir.glob(".*.tmp"), *self.dir.glob(".*.tmp")]:
             tmp.unlink(missing_ok=True)
-        ledger = self._ledger()
-        for name, entry in ledger.items():
-            if _expected(entry) and not (self.parts_dir / name).exists():
-                self._append_ledger({"name": name, "dropped": "interrupted before its rename; its samples are scored again"})
+        ledger = self.ledger.entries()
+        for name in self.ledger.missing(ledger):
+            self.ledger.append({"name": name, "dropped": "interrupted before its rename; its samples are scored again"})
         set_aside = []
-        for path in sorted(self.parts_dir.glob("part-*.parquet")):
-            entry = ledger.get(path.name)
-            problem = self._part_problem(path, entry)
-            if problem is None:
-                continue
-            self.set_aside_dir.mkdir(exist_ok=True)
-            os.replace(path, self.set_aside_dir / path.name)
-            self._append_ledger({"name": path.name, "set_aside": problem})
-            note = f"{path.name}: {problem}"
-            with open(self.set_aside_dir / "reasons.txt", "a") as reasons:
-                reasons.write(note + "\n")
-            log.warning("set aside part %s of %s: %s; its samples are scored again (the file is kept in %s)",
-                        path.name, self.dir, problem, self.set_aside_dir)
-            set_aside.append(note)
+        for path in self.ledger.parts():
+            problem = self.ledger.problem(path, ledger.get(path.name))
+            if problem is not None:
+                set_aside.append(self.ledger.set_aside(path, problem))
+                log.warning("set aside part %s of %s: %s; its samples are scored again (the file is kept in %s)",
+                            path.name, self.dir, problem, self.ledger.set_aside_dir)
         return set_aside
-
-    def _parts(self) -> list[Path]:
-        return sorted(self.parts_dir.glob("part-*.parquet"))
 
     def _scored_fingerprints(self) -> dict[str, str]:
         out: dict[str, str] = {}
-        for path in self._parts():
+        for path in self.ledger.parts():
             table = pq.read_table(path, columns=["sample_id", RECORD_FP])
             out.update(zip(table.column("sample_id").to_pylist(), table.column(RECORD_FP).to_pylist()))
         return out
@@ -381,24 +325,17 @@ class ScoreStore:
         return {sid for sid, fp in self._scored_fingerprints().items() if self.records.get(sid) == fp}
 
     def write_part(self, df: pd.DataFrame) -> Path:
-        """Durable part write: temp file, checksum into the ledger, then the rename. A crash at any point leaves
-        the whole part (in the ledger) or none of it."""
+        """Add scores durably (``PartLedger.write``: the whole part or none of it survives a crash), each row with
+        the fingerprint of the record content it was scored from."""
         df = df.copy()
         missing = [sid for sid in df["sample_id"] if sid not in self.records]
         if missing:
             raise KeyError(f"scores for ids not in this run's corpus: {missing[:5]}")
         df[RECORD_FP] = [self.records[sid] for sid in df["sample_id"]]
-        name = f"part-{uuid.uuid4().hex}.parquet"
-        tmp = self.parts_dir / f".{name}.tmp"
-        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        self._append_ledger({"name": name, "rows": len(df), "sha256": file_sha256(tmp)})
-        os.replace(tmp, self.parts_dir / name)
-        return self.parts_dir / name
+        return self.ledger.write(df)
 
     def read_all(self) -> pd.DataFrame:
-        frames = [pq.read_table(p).to_pandas() for p in self._parts()]
+        frames = [pq.read_table(p).to_pandas() for p in self.ledger.parts()]
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -410,7 +347,7 @@ class ScoreStore:
             raise RuntimeError(f"parts of {self.dir} failed their check while scoring: {'; '.join(set_aside)}; "
                                "rerun the same command to score their samples again")
         df = self.read_all()
-        facts: dict[str, Any] = {"parts": len(self._parts()), "duplicate_rows_dropped": 0}
+        facts: dict[str, Any] = {"parts": len(self.ledger.parts()), "duplicate_rows_dropped": 0}
         if not len(df):
             raise RuntimeError(f"no scores in {self.parts_dir}: nothing was scored")
         current = df[RECORD_FP].to_numpy() == df["sample_id"].map(self.records).to_numpy()
@@ -443,7 +380,8 @@ class ScoreStore:
             if len(weights) > 1:
                 raise RuntimeError(f"scoring workers saw different model weights: fingerprints {weights}")
             if weights:  # the loaded weights' fingerprint, next to the driver's identity of the model
-                metadata = {**metadata, "fingerprints": {**metadata.get("fingerprints", {}), "model_weights": weights[0]}}
+                fingerprints = {**metadata.get("fingerprints", {}), "model_weights": weights[0]}
+                metadata = {**metadata, "fingerprints": fingerprints}
         df = df.drop(columns=[c for c in INTERNAL_COLUMNS if c in df])
         df = df.sort_values("sample_id", kind="stable").reset_index(drop=True)
         table = pa.Table.from_pandas(df, preserve_index=False)
@@ -522,14 +460,13 @@ def verify_run(run_dir: Path) -> list[str]:
         records = manifest["records"]
     except (OSError, ValueError, KeyError) as err:
         return problems + [f"{store.manifest_path}: missing or unreadable ({err})"]
-    ledger = store._ledger()
-    for path in store._parts():
-        problem = store._part_problem(path, ledger.get(path.name))
+    ledger = store.ledger.entries()
+    for path in store.ledger.parts():
+        problem = store.ledger.problem(path, ledger.get(path.name))
         if problem:
             problems.append(f"part {path}: {problem}")
-    for name, entry in ledger.items():
-        if _expected(entry) and not (store.parts_dir / name).exists():
-            problems.append(f"part {store.parts_dir / name} is in the ledger but missing")
+    for name in store.ledger.missing(ledger):
+        problems.append(f"part {store.parts_dir / name} is in the ledger but missing")
     run_json = run_dir / "run.json"
     if not store.final_path.exists():
         return problems + [f"{store.final_path} is missing: the run did not finish (rerun its command)"]
