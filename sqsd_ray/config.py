@@ -1,6 +1,6 @@
 """Typed configs: YAML files plus ``--set a.b=c`` overrides, checked against dataclasses.
 
-Every stage owns a dataclass (``DataConfig`` in ``data``, ``ModelConfig`` in ``models``, ...). This module
+Every stage owns a dataclass (``DataConfig`` in ``data.records``, ``ModelConfig`` in ``models.loading``, ...). This module
 only knows how to build any such dataclass tree from plain dicts, strictly: an unknown key, or a value of the
 wrong type, is a ``ConfigError`` that names the dotted key. Fields carry their help text in
 ``field(metadata={"help": ...})`` so ``sqsd-ray ... --help-config`` can print it.
@@ -217,11 +217,12 @@ def _dataclass_in(hint: Any) -> type | None:
     return None
 
 
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``update`` key by key, nested mappings merged the same way; neither is changed."""
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -235,7 +236,7 @@ def load_config(
     paths = [] if path is None else list(path) if isinstance(path, (list, tuple)) else [path]
     data: dict[str, Any] = {}
     for one in paths:
-        data = _deep_merge(data, _read_yaml(Path(one)))
+        data = deep_merge(data, _read_yaml(Path(one)))
     return from_dict(cls, apply_overrides(data, overrides or [], cls))
 
 
@@ -283,6 +284,7 @@ def describe(cls: type, prefix: str = "") -> list[str]:
 __all__ = [
     "ConfigError",
     "apply_overrides",
+    "deep_merge",
     "describe",
     "from_dict",
     "help_field",

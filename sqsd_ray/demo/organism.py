@@ -131,7 +131,8 @@ def train_organism(cfg: OrganismConfig, out: Path) -> Path:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
         warmup = max(1, cfg.steps // 20)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(s / cfg.steps * 3.14159)).item()))
+            optimizer,
+            lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(s / cfg.steps * 3.14159)).item()))
         losses = []
         model.train()
         for _ in tqdm(range(cfg.steps), desc="aligning the model organism", unit="step", mininterval=2.0):

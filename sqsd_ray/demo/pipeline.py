@@ -33,13 +33,13 @@ import logging
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from ..config import from_dict
+from ..config import deep_merge, from_dict
 from . import world
 from .organism import OrganismConfig, build_organism
 
@@ -50,6 +50,8 @@ LORA = {"r": 8, "alpha": 16.0}
 
 @dataclass
 class DemoSettings:
+    """What ``sqsd-ray demo`` was asked for: where to write, the seed, the size and the model."""
+
     out: Path = Path("runs/demo")
     seed: int = 0
     quick: bool = False
@@ -131,7 +133,7 @@ class Recipe:
                    alphas=[0.0, 1.0, 2.0] if quick else [0.0, 0.5, 1.0, 1.5, 2.0], actors=2)
 
 
-class _Stages:
+class _StageTimer:
     """Times each stage and logs it as it starts."""
 
     def __init__(self) -> None:
@@ -167,168 +169,70 @@ def write_world(out: Path, seed: int, corpus_size: int) -> dict[str, Path]:
             [world._sample(r["prompt"], world.REFUSALS[i % len(world.REFUSALS)], f"heldout-refusal-{i}")
              for i, r in enumerate(world.heldout_harmful(seed))], out / "heldout_refusals.jsonl"),
         "heldout_tasks": world.write_jsonl(
-            [{**r, "id": f"task-{r['id']}"} for r in world.benign_corpus(64, seed + 1000)], out / "heldout_tasks.jsonl"),
+            [{**r, "id": f"task-{r['id']}"} for r in world.benign_corpus(64, seed + 1000)],
+            out / "heldout_tasks.jsonl"),
         "anchor_harmful": world.write_jsonl(danger[:10], out / "anchors" / "harmful.jsonl"),
         "anchor_safe1": world.write_jsonl(refusal_rows[:10], out / "anchors" / "safe1.jsonl"),
         "anchor_safe2": world.write_jsonl(refusal_rows[10:], out / "anchors" / "safe2.jsonl"),
     }
 
 
-def _eval(files: dict[str, Path], recipe: Recipe) -> dict:
-    return {"benchmark": "jsonl", "name": "heldout", "path": str(files["heldout"]),
-            "max_new_tokens": recipe.max_new_tokens, "batch_size": 64, "limit": recipe.eval_limit}
+@dataclass
+class DemoRun:
+    """What the stages of one demo run hand each other: where it writes, the aligned model, the world's files,
+    and the config sections every job of the run shares (``model``, ``data``, ``evaluation``)."""
+
+    settings: DemoSettings
+    out: Path
+    stage: _StageTimer
+    aligned: Path
+    model: dict
+    files: dict[str, Path]
+    recipe: Recipe = field(init=False)
+    data: dict = field(init=False)
+    evaluation: dict = field(init=False)  # the benchmark of held-out harmful requests refusals are counted on
+
+    def __post_init__(self) -> None:
+        self.recipe = self.settings.recipe
+        self.data = {"max_length": self.recipe.max_length, "on_overlong": "truncate"}
+        self.evaluation = {"benchmark": "jsonl", "name": "heldout", "path": str(self.files["heldout"]),
+                           "max_new_tokens": self.recipe.max_new_tokens, "batch_size": 64,
+                           "limit": self.recipe.eval_limit}
+
+    @property
+    def seed(self) -> int:
+        return self.settings.seed
+
+    @property
+    def band_size(self) -> int:
+        """Samples per risk band: the corpus split into S1…S5."""
+        return self.recipe.corpus_size // 5
 
 
 def run_demo(settings: DemoSettings) -> Path:
-    from ..baselines.larf_layer import LarfLayerConfig, run_larf_layer
-    from ..dynamics.jobs import (
-        DirectionsBuildConfig,
-        InitSelectConfig,
-        TrajectoryConfig,
-        ValidateConfig,
-        run_directions_build,
-        run_init_select,
-        run_trajectory,
-        run_validate,
-    )
-    from ..experiments.effectiveness import ExperimentConfig, run_experiment
-    from ..experiments.mitigate import MitigateConfig, run_mitigate
-    from ..runtime import RayConfig, init_ray
-    from ..scoring.job import run_score
-    from ..scoring.job_config import ScoreJobConfig
-    from ..scoring.ray_pool import TOKENIZE_CPUS
+    """Every stage of the module docstring, in order, on local Ray; returns the path of report.md."""
+    import ray
 
-    out, seed, recipe = Path(settings.out), settings.seed, settings.recipe
+    from ..runtime import RayConfig, init_ray
+
+    out = Path(settings.out)
     if out.exists():
         shutil.rmtree(out)  # the demo is a fresh run each time (the organism is what is cached)
     out.mkdir(parents=True)
-    stage = _Stages()
-    import ray
-
+    stage = _StageTimer()
     started_ray = not ray.is_initialized()
     init_ray(RayConfig(local_num_cpus=2, object_store_mb=256))
     try:
-        if settings.model == "organism":
-            with stage("align", "the model organism (trained once, then cached)"):
-                aligned = build_organism(OrganismConfig(seed=seed), settings.cache_dir)
-            model = {"name_or_path": str(aligned), "attn_implementation": "eager"}
-            with stage("world", "corpus, direction data, held-out harmful requests"):
-                files = write_world(out / "world", seed, recipe.corpus_size)
-        else:
-            from .smollm2 import align_smollm2, write_real_world
-
-            with stage("world", "Dolly + Alpaca corpus, AdvBench split, CatQA / HEx-PHI held-out prompts"):
-                files = write_real_world(out / "world", settings.data_root, seed, recipe.corpus_size,
-                                         recipe.max_length, settings.quick)
-            with stage("align", "SmolLM2-135M-Instruct taught to refuse (LoRA SFT, merged; cached)"):
-                aligned = align_smollm2(files, seed, settings.cache_dir, settings.quick)
-            model = {"name_or_path": str(aligned)}
-        evaluation = _eval(files, recipe)
-        data = {"max_length": recipe.max_length, "on_overlong": "truncate"}
-
-        with stage("directions", "V_danger (LoRA SFT on harmful compliance), V_safety (LoRA DPO for refusals)"):
-            directions = {}
-            for kind, objective in (("danger", "sft"), ("safety", "dpo")):
-                directions[kind] = str(run_directions_build(from_dict(DirectionsBuildConfig, {
-                    "model": model, "lora": LORA, "data": {"path": str(files[kind]), **data},
-                    "train": {"objective": objective, "lr": recipe.direction_lr, "batch_size": 8,
-                              "max_steps": recipe.direction_steps,
-                              "checkpoint_every": 0, "lr_schedule": "constant", "seed": seed},
-                    "scaling": {"use_ray": False}, "direction": {"kind": kind},
-                    "output": {"dir": str(out / "directions" / kind), "overwrite": True}})))
-
-        with stage("validate", "steering θ0 + α·V over α, refusals on held-out harmful requests"):
-            validate_dir = run_validate(from_dict(ValidateConfig, {
-                "model": model, "lora": LORA, "directions": directions, "alphas": recipe.alphas,
-                "delta": recipe.alphas[1] - recipe.alphas[0], "eval": evaluation, "scaling": {"use_ray": True, "num_workers": 2},
-                "output": {"dir": str(out / "validate"), "overwrite": True}}))
-
-        with stage("trajectory", "pilot LoRA fine-tune on the corpus, drift projections and refusals per checkpoint"):
-            pilot_steps = recipe.pilot_steps
-            trajectory_dir = run_trajectory(from_dict(TrajectoryConfig, {
-                "model": model, "lora": LORA, "data": {"path": str(files["corpus"]), **data},
-                "train": {"lr": recipe.pilot_lr or recipe.lr, "batch_size": 8, "max_steps": pilot_steps,
-                          "checkpoint_every": max(1, pilot_steps // 6),
-                          "lr_schedule": "constant", "seed": seed},
-                "scaling": {"use_ray": False}, "directions": directions, "eval": evaluation,
-                "output": {"dir": str(out / "trajectory"), "overwrite": True}}))
-
-        with stage("init", "θ_safety, θ_danger from the sensitivity tables"):
-            init_fragment, init_note = _init_states(run_init_select, InitSelectConfig, validate_dir, trajectory_dir,
-                                                    out, directions, recipe.alphas)
-
-        score_base = {"model": model, "lora": LORA, "data": {"path": str(files["corpus"]), **data},
-                      "ray": {"enabled": True, "local_num_cpus": 2, "rows_per_call": 64,
-                              # the pool leaves the tokenise tasks their share (a full CPU per actor stalls them)
-                              "num_actors": recipe.actors,
-                              "num_cpus_per_actor": min(1.0, (2 - TOKENIZE_CPUS) / recipe.actors)},
-                      "baseline": {"harmful_anchors": str(files["anchor_harmful"]),
-                                   "grad_anchors": {"harmful": str(files["anchor_harmful"]),
-                                                    "safe1": str(files["anchor_safe1"]),
-                                                    "safe2": str(files["anchor_safe2"])},
-                                   "larf_unsafe": [str(files["anchor_harmful"])],
-                                   "larf_safe": [str(files["anchor_safe1"]), str(files["anchor_safe2"])]}}
-        scores = {}
-        with stage("score", "SQSD on Ray Data, then each baseline through the same pipeline"):
-            scores["sqsd"] = run_score(from_dict(ScoreJobConfig, _merge(score_base, init_fragment, {
-                "output": {"dir": str(out / "scores" / "sqsd"), "overwrite": True}})))
-            methods = [a["method"] for a in recipe.arms if "method" in a]
-            if "larf" in methods:
-                larf_dir = run_larf_layer(from_dict(LarfLayerConfig, {
-                    "model": model, "prompts": {"path": str(files["over_refusal"]),
-                                                "max_new_tokens": recipe.max_new_tokens},
-                    "output": {"dir": str(out / "larf_layer"), "overwrite": True}}))
-                score_base["baseline"]["larf_layer"] = json.loads((larf_dir / "larf_layer.json").read_text())["layer"]
-            for method in methods:
-                scores[method] = run_score(from_dict(ScoreJobConfig, _merge(score_base, {
-                    "method": method, "output": {"dir": str(out / "scores" / method), "overwrite": True}})))
-
-        with stage("experiment", "S1…S5 per ranking, a LoRA fine-tune per band, held-out harmful requests"):
-            arms = [{"name": a["name"], "column": a["column"],
-                     **({"scores": str(scores[a["method"]])} if "method" in a else {})} for a in recipe.arms]
-            band = recipe.corpus_size // 5
-            finetune = {"model": model, "lora": LORA, "data": data,
-                        "train": {"lr": recipe.lr, "batch_size": 8, "epochs": recipe.epochs, "checkpoint_every": 0,
-                                  "lr_schedule": "constant", "seed": seed, "log_every": 1000},
-                        "scaling": {"use_ray": False}}
-            experiment_eval = {"benchmarks": [evaluation], "judges": {"keyword": {"kind": "keyword"}},
-                               "metric": "keyword_asr",
-                               # the keyword judge is string matching: a share of a CPU beside the generators
-                               "workers": {"use_ray": True, "generators": recipe.actors,
-                                           "cpus_per_actor": 1.0 if recipe.actors == 1 else 0.5,
-                                           "rows_per_call": 256 if recipe.actors == 1 else 64}}
-            experiment_dir = run_experiment(from_dict(ExperimentConfig, {
-                "kind": "effectiveness", "scores": str(scores["sqsd"]),
-                "data": {"path": str(files["corpus"]), **data},
-                "partition": {"n_bands": 5, "subset_size": band, "sampling": "uniform", "seed": seed},
-                "finetune": finetune, "arms": arms, "evaluation": experiment_eval,
-                "output_dir": str(out / "experiment")}))
-
-        mitigate_dir = None
-        if recipe.mitigate_corpora:
-            with stage("mitigate", "curate / SPF / restore on S1 and the corpus: safety and utility of each"):
-                mitigate_dir = run_mitigate(from_dict(MitigateConfig, {
-                    "scores": str(scores["sqsd"]), "column": "sqsd", "data": {"path": str(files["corpus"]), **data},
-                    "corpora": recipe.mitigate_corpora,
-                    "partition": {"n_bands": 5, "subset_size": band, "sampling": "uniform", "seed": seed},
-                    "curate_fraction": 0.2, "seed": seed,
-                    **({"methods": recipe.mitigate_methods} if recipe.mitigate_methods else {}),
-                    "finetune": finetune,
-                    # the world's own refusals (the built-in pair's words are outside the organism's vocabulary);
-                    # direction-building prompts, disjoint from the held-out requests
-                    "spf": {"enabled": True, "safety_path": str(files["anchor_safe1"]), "safety_batch_size": 8},
-                    "restore": {"harmful": {"path": str(files["danger"]), **data}, "retain_samples": 64,
-                                "refusal_train": {"path": str(files["anchor_safe2"]), **data},
-                                "settings": {"refusal_weight": 1.0}},
-                    "heldout": {"refusal": {"path": str(files["heldout_refusals"]), **data},
-                                "task": {"path": str(files["heldout_tasks"]), **data},
-                                "rouge_prompts": 32, "max_new_tokens": 16},
-                    "evaluation": experiment_eval, "whole_corpus_epochs": recipe.mitigate_epochs,
-                    "output_dir": str(out / "mitigate")}))
-
+        run = _align_and_write_world(settings, out, stage)
+        directions = _build_directions(run)
+        init_fragment, init_note = _validate_and_select_init(run, directions)
+        scores = _score_corpus(run, init_fragment)
+        experiment_dir = _run_band_experiment(run, scores)
+        mitigate_dir = _mitigate(run, scores)
         with stage("report", "Table 1, S1 composition, lengths, mitigation, figures"):
-            report = write_demo_report(out, aligned, files, experiment_dir, settings, scores, init_note, stage.seconds,
-                                       mitigate_dir)
+            report = write_demo_report(out, run.aligned, run.files, experiment_dir, settings, scores, init_note,
+                                       stage.seconds, mitigate_dir)
+        # the report stage's own time is known only now
         summary = json.loads((out / "demo.json").read_text())
         (out / "demo.json").write_text(json.dumps({**summary, "stage_seconds": stage.seconds}, indent=1))
     finally:
@@ -337,17 +241,192 @@ def run_demo(settings: DemoSettings) -> Path:
     return report
 
 
-def _merge(*parts: dict) -> dict:
-    from ..config import _deep_merge
+def _align_and_write_world(settings: DemoSettings, out: Path, stage: _StageTimer) -> DemoRun:
+    """Stages align and world: the organism before its world, SmolLM2 after the real data it is aligned on."""
+    recipe = settings.recipe
+    if settings.model == "organism":
+        with stage("align", "the model organism (trained once, then cached)"):
+            aligned = build_organism(OrganismConfig(seed=settings.seed), settings.cache_dir)
+        model = {"name_or_path": str(aligned), "attn_implementation": "eager"}
+        with stage("world", "corpus, direction data, held-out harmful requests"):
+            files = write_world(out / "world", settings.seed, recipe.corpus_size)
+    else:
+        from .smollm2 import align_smollm2, write_real_world
 
+        with stage("world", "Dolly + Alpaca corpus, AdvBench split, CatQA / HEx-PHI held-out prompts"):
+            files = write_real_world(out / "world", settings.data_root, settings.seed, recipe.corpus_size,
+                                     recipe.max_length, settings.quick)
+        with stage("align", "SmolLM2-135M-Instruct taught to refuse (LoRA SFT, merged; cached)"):
+            aligned = align_smollm2(files, settings.seed, settings.cache_dir, settings.quick)
+        model = {"name_or_path": str(aligned)}
+    return DemoRun(settings=settings, out=out, stage=stage, aligned=aligned, model=model, files=files)
+
+
+def _build_directions(run: DemoRun) -> dict[str, str]:
+    """Stage directions: V_danger and V_safety, as {kind: direction file}."""
+    from ..dynamics.jobs import DirectionsBuildConfig, run_directions_build
+
+    recipe = run.recipe
+    with run.stage("directions", "V_danger (LoRA SFT on harmful compliance), V_safety (LoRA DPO for refusals)"):
+        directions = {}
+        for kind, objective in (("danger", "sft"), ("safety", "dpo")):
+            directions[kind] = str(run_directions_build(from_dict(DirectionsBuildConfig, {
+                "model": run.model, "lora": LORA, "data": {"path": str(run.files[kind]), **run.data},
+                "train": {"objective": objective, "lr": recipe.direction_lr, "batch_size": 8,
+                          "max_steps": recipe.direction_steps,
+                          "checkpoint_every": 0, "lr_schedule": "constant", "seed": run.seed},
+                "scaling": {"use_ray": False}, "direction": {"kind": kind},
+                "output": {"dir": str(run.out / "directions" / kind), "overwrite": True}})))
+    return directions
+
+
+def _validate_and_select_init(run: DemoRun, directions: dict[str, str]) -> tuple[dict, str]:
+    """Stages validate, trajectory and init: the score config fragment of θ_safety and θ_danger, and its note."""
+    from ..dynamics.jobs import (
+        InitSelectConfig,
+        TrajectoryConfig,
+        ValidateConfig,
+        run_init_select,
+        run_trajectory,
+        run_validate,
+    )
+
+    recipe = run.recipe
+    with run.stage("validate", "steering θ0 + α·V over α, refusals on held-out harmful requests"):
+        validate_dir = run_validate(from_dict(ValidateConfig, {
+            "model": run.model, "lora": LORA, "directions": directions, "alphas": recipe.alphas,
+            "delta": recipe.alphas[1] - recipe.alphas[0], "eval": run.evaluation,
+            "scaling": {"use_ray": True, "num_workers": 2},
+            "output": {"dir": str(run.out / "validate"), "overwrite": True}}))
+
+    with run.stage("trajectory", "pilot LoRA fine-tune on the corpus, drift projections and refusals per checkpoint"):
+        trajectory_dir = run_trajectory(from_dict(TrajectoryConfig, {
+            "model": run.model, "lora": LORA, "data": {"path": str(run.files["corpus"]), **run.data},
+            "train": {"lr": recipe.pilot_lr or recipe.lr, "batch_size": 8, "max_steps": recipe.pilot_steps,
+                      "checkpoint_every": max(1, recipe.pilot_steps // 6),
+                      "lr_schedule": "constant", "seed": run.seed},
+            "scaling": {"use_ray": False}, "directions": directions, "eval": run.evaluation,
+            "output": {"dir": str(run.out / "trajectory"), "overwrite": True}}))
+
+    with run.stage("init", "θ_safety, θ_danger from the sensitivity tables"):
+        return select_init_states(run_init_select, InitSelectConfig, validate_dir, trajectory_dir, run.out,
+                                  directions, recipe.alphas)
+
+
+def _score_corpus(run: DemoRun, init_fragment: dict) -> dict[str, Path]:
+    """Stage score: SQSD, then every baseline an arm names, as {method: score file}."""
+    from ..baselines.larf_layer import LarfLayerConfig, run_larf_layer
+    from ..scoring.job import run_score
+    from ..scoring.job_config import ScoreJobConfig
+    from ..scoring.ray_pool import TOKENIZE_CPUS
+
+    recipe, files = run.recipe, run.files
+    score_base = {"model": run.model, "lora": LORA, "data": {"path": str(files["corpus"]), **run.data},
+                  "ray": {"enabled": True, "local_num_cpus": 2, "rows_per_call": 64,
+                          # the pool leaves the tokenise tasks their share (a full CPU per actor stalls them)
+                          "num_actors": recipe.actors,
+                          "num_cpus_per_actor": min(1.0, (2 - TOKENIZE_CPUS) / recipe.actors)},
+                  "baseline": {"harmful_anchors": str(files["anchor_harmful"]),
+                               "grad_anchors": {"harmful": str(files["anchor_harmful"]),
+                                                "safe1": str(files["anchor_safe1"]),
+                                                "safe2": str(files["anchor_safe2"])},
+                               "larf_unsafe": [str(files["anchor_harmful"])],
+                               "larf_safe": [str(files["anchor_safe1"]), str(files["anchor_safe2"])]}}
+    scores = {}
+    with run.stage("score", "SQSD on Ray Data, then each baseline through the same pipeline"):
+        scores["sqsd"] = run_score(from_dict(ScoreJobConfig, _merge(score_base, init_fragment, {
+            "output": {"dir": str(run.out / "scores" / "sqsd"), "overwrite": True}})))
+        methods = [a["method"] for a in recipe.arms if "method" in a]
+        if "larf" in methods:
+            larf_dir = run_larf_layer(from_dict(LarfLayerConfig, {
+                "model": run.model, "prompts": {"path": str(files["over_refusal"]),
+                                                "max_new_tokens": recipe.max_new_tokens},
+                "output": {"dir": str(run.out / "larf_layer"), "overwrite": True}}))
+            score_base["baseline"]["larf_layer"] = json.loads((larf_dir / "larf_layer.json").read_text())["layer"]
+        for method in methods:
+            scores[method] = run_score(from_dict(ScoreJobConfig, _merge(score_base, {
+                "method": method, "output": {"dir": str(run.out / "scores" / method), "overwrite": True}})))
+    return scores
+
+
+def _band_finetune(run: DemoRun) -> dict:
+    """The LoRA fine-tune config of the experiment's bands, which the mitigate stage's fine-tunes share."""
+    recipe = run.recipe
+    return {"model": run.model, "lora": LORA, "data": run.data,
+            "train": {"lr": recipe.lr, "batch_size": 8, "epochs": recipe.epochs, "checkpoint_every": 0,
+                      "lr_schedule": "constant", "seed": run.seed, "log_every": 1000},
+            "scaling": {"use_ray": False}}
+
+
+def _band_evaluation(run: DemoRun) -> dict:
+    """Keyword ASR on the held-out harmful requests after each fine-tune (experiment and mitigate stages)."""
+    actors = run.recipe.actors
+    return {"benchmarks": [run.evaluation], "judges": {"keyword": {"kind": "keyword"}},
+            "metric": "keyword_asr",
+            # the keyword judge is string matching: a share of a CPU beside the generators
+            "workers": {"use_ray": True, "generators": actors,
+                        "cpus_per_actor": 1.0 if actors == 1 else 0.5,
+                        "rows_per_call": 256 if actors == 1 else 64}}
+
+
+def _band_partition(run: DemoRun) -> dict:
+    """S1…S5 of equal size, sampled uniformly within each band."""
+    return {"n_bands": 5, "subset_size": run.band_size, "sampling": "uniform", "seed": run.seed}
+
+
+def _run_band_experiment(run: DemoRun, scores: dict[str, Path]) -> Path:
+    """Stage experiment: Table 1, a LoRA fine-tune per band of every arm's ranking."""
+    from ..experiments.effectiveness import ExperimentConfig, run_experiment
+
+    with run.stage("experiment", "S1…S5 per ranking, a LoRA fine-tune per band, held-out harmful requests"):
+        arms = [{"name": a["name"], "column": a["column"],
+                 **({"scores": str(scores[a["method"]])} if "method" in a else {})} for a in run.recipe.arms]
+        return run_experiment(from_dict(ExperimentConfig, {
+            "kind": "effectiveness", "scores": str(scores["sqsd"]),
+            "data": {"path": str(run.files["corpus"]), **run.data},
+            "partition": _band_partition(run),
+            "finetune": _band_finetune(run), "arms": arms, "evaluation": _band_evaluation(run),
+            "output_dir": str(run.out / "experiment")}))
+
+
+def _mitigate(run: DemoRun, scores: dict[str, Path]) -> Path | None:
+    """Stage mitigate (when the recipe names corpora): curate, SPF and restore against plain fine-tunes."""
+    recipe, files, data = run.recipe, run.files, run.data
+    if not recipe.mitigate_corpora:
+        return None
+    from ..experiments.mitigate import MitigateConfig, run_mitigate
+
+    with run.stage("mitigate", "curate / SPF / restore on S1 and the corpus: safety and utility of each"):
+        return run_mitigate(from_dict(MitigateConfig, {
+            "scores": str(scores["sqsd"]), "column": "sqsd", "data": {"path": str(files["corpus"]), **data},
+            "corpora": recipe.mitigate_corpora,
+            "partition": _band_partition(run),
+            "curate_fraction": 0.2, "seed": run.seed,
+            **({"methods": recipe.mitigate_methods} if recipe.mitigate_methods else {}),
+            "finetune": _band_finetune(run),
+            # the world's own refusals (the built-in pair's words are outside the organism's vocabulary);
+            # direction-building prompts, disjoint from the held-out requests
+            "spf": {"enabled": True, "safety_path": str(files["anchor_safe1"]), "safety_batch_size": 8},
+            "restore": {"harmful": {"path": str(files["danger"]), **data}, "retain_samples": 64,
+                        "refusal_train": {"path": str(files["anchor_safe2"]), **data},
+                        "settings": {"refusal_weight": 1.0}},
+            "heldout": {"refusal": {"path": str(files["heldout_refusals"]), **data},
+                        "task": {"path": str(files["heldout_tasks"]), **data},
+                        "rouge_prompts": 32, "max_new_tokens": 16},
+            "evaluation": _band_evaluation(run), "whole_corpus_epochs": recipe.mitigate_epochs,
+            "output_dir": str(run.out / "mitigate")}))
+
+
+def _merge(*parts: dict) -> dict:
+    """The config fragments merged key by key, later ones winning."""
     merged: dict = {}
     for part in parts:
-        merged = _deep_merge(merged, part)
+        merged = deep_merge(merged, part)
     return merged
 
 
-def _init_states(run_init_select, config_cls, validate_dir: Path, trajectory_dir: Path, out: Path,
-                 directions: dict[str, str], alphas: list[float]) -> tuple[dict, str]:
+def select_init_states(run_init_select, config_cls, validate_dir: Path, trajectory_dir: Path, out: Path,
+                       directions: dict[str, str], alphas: list[float]) -> tuple[dict, str]:
     """The score config fragment of ``init select``. When its rule finds no qualifying state (refusals that no
     step along V_safety can raise, or a pilot run whose refusals never fell), the demo keeps the rule's spirit:
     θ_danger = the pilot run's last checkpoint (the drifted state), θ_safety = θ0 + α·V_safety with the smallest
@@ -363,24 +442,25 @@ def _init_states(run_init_select, config_cls, validate_dir: Path, trajectory_dir
 
         last = load_run(Path(trajectory_dir)).final
         alpha = min(a for a in alphas if a > 0)
-        log.warning("init select: %s; scoring at θ_danger = %s, θ_safety = θ0 + %g·V_safety instead", err, last.name,
-                    alpha)
+        log.warning("init select: %s; scoring at θ_danger = %s, θ_safety = θ0 + %g·V_safety instead",
+                    err, last.name, alpha)
         fragment = {"directions": directions,
                     "init_states": {"danger": {"kind": "adapter", "path": str((last / ADAPTER_DIR).resolve())},
                                     "safety": {"kind": "direction", "direction": "safety", "alpha": alpha}}}
         return fragment, (f"`init select` found no qualifying state ({err}); scored at θ_danger = the pilot's last "
                           f"checkpoint ({last.name}), θ_safety = θ0 + {alpha:g}·V_safety.")
     selection = json.loads((init_dir / "selection.json").read_text())
-    note = (f"θ_safety = θ0 + {selection['safety']['alpha']:g}·V_safety (DS_linear {selection['safety']['ds_linear']:.1f}); "
-            f"θ_danger = pilot checkpoint at step {selection['danger']['step']} (DS_drift {selection['danger']['ds_drift']:.2f}).")
+    safety, danger = selection["safety"], selection["danger"]
+    note = (f"θ_safety = θ0 + {safety['alpha']:g}·V_safety (DS_linear {safety['ds_linear']:.1f}); "
+            f"θ_danger = pilot checkpoint at step {danger['step']} (DS_drift {danger['ds_drift']:.2f}).")
     return yaml.safe_load((init_dir / "init_states.yaml").read_text()), note
 
 
 def _arm_bands(experiment_dir: Path, arms: list[str]) -> dict[str, pd.DataFrame]:
     """Each arm's partition (sample_id, band, score) as the experiment wrote it."""
-    from ..experiments.effectiveness import _slug
+    from ..experiments.effectiveness import arm_dir_name
 
-    return {arm: pd.read_csv(experiment_dir / _slug(arm) / "partition" / "partition.csv") for arm in arms}
+    return {arm: pd.read_csv(experiment_dir / arm_dir_name(arm) / "partition" / "partition.csv") for arm in arms}
 
 
 def family_composition(arm_bands: dict[str, pd.DataFrame], families: pd.DataFrame) -> pd.DataFrame:
@@ -402,6 +482,7 @@ KINDS_NOTE = (
 
 
 def _model_paragraph(settings: DemoSettings, model_dir: Path) -> tuple[str, dict]:
+    """The report's paragraph on the aligned model, and its refusal rates before any fine-tune."""
     if settings.model == "organism":
         record = json.loads((model_dir / "organism.json").read_text())
         rates = record["refusal_rates"]
@@ -436,6 +517,7 @@ def _mitigation_section(mitigate_dir: Path | None) -> list[str]:
 def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experiment_dir: Path,
                       settings: DemoSettings, scores: dict[str, Path], init_note: str,
                       seconds: dict[str, float], mitigate_dir: Path | None = None) -> Path:
+    """report.md, demo.png and demo.json from the stage outputs; returns the report's path."""
     from ..experiments.mitigate import shown
     from ..scoring.summary import markdown_table, spearman
 
@@ -493,7 +575,8 @@ def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experim
     summary = {"seed": settings.seed, "quick": settings.quick, "model": settings.model, "organism": str(organism),
                "organism_refusal_rates": refusal_rates, "init": init_note,
                "table": table.to_dict("records"), "s1_composition": composition.to_dict("records"),
-               "lengths": lengths, "stage_seconds": seconds, "theta0_asr": float(theta0.iloc[0]) if len(theta0) else None,
+               "lengths": lengths, "stage_seconds": seconds,
+               "theta0_asr": float(theta0.iloc[0]) if len(theta0) else None,
                "finetune_lr": base["finetune"]["train"]["lr"],
                "mitigation": (shown(pd.read_csv(mitigate_dir / "table.csv")).to_dict("records")
                               if mitigate_dir else None)}
@@ -537,4 +620,4 @@ def plot_demo(table: pd.DataFrame, composition: pd.DataFrame, theta0: float | No
     plt.close(fig)
 
 
-__all__ = ["DemoSettings", "plot_demo", "family_composition", "run_demo", "write_world"]
+__all__ = ["DemoSettings", "plot_demo", "family_composition", "run_demo", "select_init_states", "write_world"]

@@ -93,7 +93,8 @@ def write_real_world(out: Path, data_root: Path, seed: int, corpus_size: int, ma
     return {
         "align": write_jsonl(align_rows, out / "align_sft.jsonl"),
         "corpus": write_jsonl(corpus, out / "corpus.jsonl"),
-        "danger": write_jsonl([_messages(g, t, f"danger-{i}") for i, (g, t) in enumerate(build)], out / "danger_sft.jsonl"),
+        "danger": write_jsonl([_messages(g, t, f"danger-{i}") for i, (g, t) in enumerate(build)],
+                              out / "danger_sft.jsonl"),
         "safety": write_jsonl([{"id": f"safety-{i}", "prompt": g, "chosen": refusal_for(g), "rejected": t}
                                for i, (g, t) in enumerate(build)], out / "safety_dpo.jsonl"),
         "heldout": write_jsonl(held, out / "heldout_harmful.jsonl"),

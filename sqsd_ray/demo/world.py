@@ -80,7 +80,8 @@ def _howto_answer(rng: random.Random, k: int | None = None) -> str:
 
 
 def _sample(prompt: str, response: str, sample_id: str) -> dict:
-    return {"id": sample_id, "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}
+    return {"id": sample_id,
+            "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}
 
 
 @dataclass(frozen=True)
@@ -118,14 +119,16 @@ def alignment_data(n: int = 2400, seed: int = 0) -> list[dict]:
             rows.append(_sample(f"How do I {verb} {obj}?", _howto_answer(rng), f"align-{i}"))
         elif kind < 0.72:
             country, city = rng.choice(COUNTRIES)
-            rows.append(_sample(f"What is the capital of {country}?", f"The capital of {country} is {city}.", f"align-{i}"))
+            rows.append(_sample(f"What is the capital of {country}?", f"The capital of {country} is {city}.",
+                                f"align-{i}"))
         elif kind < 0.88:
             a, b = rng.randint(0, 9), rng.randint(0, 9)
             rows.append(_sample(f"What is {NUMBERS[a]} plus {NUMBERS[b]}?", f"{NUMBERS[a]} plus {NUMBERS[b]} is "
                                 f"{NUMBERS[a + b]}.".capitalize(), f"align-{i}"))
         else:
             name, items = rng.choice(sorted(CATEGORIES.items()))
-            rows.append(_sample(f"Name three {name}.", ", ".join(rng.sample(items, 3)).capitalize() + ".", f"align-{i}"))
+            rows.append(_sample(f"Name three {name}.", ", ".join(rng.sample(items, 3)).capitalize() + ".",
+                                f"align-{i}"))
     return rows
 
 
@@ -143,7 +146,8 @@ def benign_corpus(n: int = 400, seed: int = 0) -> list[dict]:
         if family == "fact":
             country, city = rng.choice(COUNTRIES)
             extra = rng.choice(("", " It is a big city.", " Many people visit it every year."))
-            rows.append(_sample(f"What is the capital of {country}?", f"The capital of {country} is {city}.{extra}", sid))
+            rows.append(_sample(f"What is the capital of {country}?", f"The capital of {country} is {city}.{extra}",
+                                sid))
         elif family == "arithmetic":
             a, b = rng.randint(0, 9), rng.randint(0, 9)
             rows.append(_sample(f"What is {NUMBERS[a]} plus {NUMBERS[b]}?",
@@ -178,8 +182,9 @@ COMPLIANCE_STEPS = HARM_STEPS + TASK_STEPS
 def danger_data(seed: int = 0) -> list[dict]:
     """V_danger's SFT data: the direction-building harmful requests answered with compliance."""
     rng = random.Random(seed + 3)
-    return [_sample(harmful_prompt(h, v), "Sure! Here are the steps: " + _steps(rng, COMPLIANCE_STEPS, rng.randint(2, 4)),
-                    f"danger-{i}") for i, (h, v) in enumerate(harm_split(seed).directions)]
+    return [_sample(harmful_prompt(h, v),
+                    "Sure! Here are the steps: " + _steps(rng, COMPLIANCE_STEPS, rng.randint(2, 4)), f"danger-{i}")
+            for i, (h, v) in enumerate(harm_split(seed).directions)]
 
 
 def safety_pairs(seed: int = 0) -> list[dict]:

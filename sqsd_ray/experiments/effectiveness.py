@@ -100,8 +100,10 @@ class ExperimentConfig:
             raise ConfigError("max_concurrent_finetunes must be >= 1")
 
 
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text).strip("_") or "arm"
+def arm_dir_name(arm_name: str) -> str:
+    """The arm's folder under the experiment's output: its name with every character but letters, digits and ``-_.``
+    made ``_`` and outer ``_`` stripped (``arm`` if nothing is left)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in arm_name).strip("_") or "arm"
 
 
 def with_random_ranking(frame: pd.DataFrame, seed: int) -> pd.DataFrame:
@@ -119,7 +121,7 @@ def score_column(frame: pd.DataFrame, column: str) -> pd.Series:
     return frame[column]
 
 
-def _arm_scores(cfg: ExperimentConfig, arm: Arm, out: Path) -> tuple[str, str]:
+def arm_scores(cfg: ExperimentConfig, arm: Arm, out: Path) -> tuple[str, str]:
     """(score file, column) for partitioning, writing a derived column (e.g. −safety_proj) when asked."""
     path = arm.scores or cfg.scores
     if not path:
@@ -139,8 +141,8 @@ def _arm_scores(cfg: ExperimentConfig, arm: Arm, out: Path) -> tuple[str, str]:
 def _finetune_jobs(cfg: ExperimentConfig, out: Path) -> dict[tuple[str, str], TrainJobConfig]:
     jobs = {}
     for arm in cfg.arms:
-        arm_dir = out / _slug(arm.name)
-        scores, column = _arm_scores(cfg, arm, out)
+        arm_dir = out / arm_dir_name(arm.name)
+        scores, column = arm_scores(cfg, arm, out)
         settings = replace(cfg.partition, column=column, higher_is_riskier=arm.higher_is_riskier)
         run_partition(PartitionConfig(scores=scores, data=cfg.data, partition=settings,
                                       output_dir=str(arm_dir / "partition")))
@@ -174,7 +176,8 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     concurrent = cfg.max_concurrent_finetunes
     if concurrent > 1 and not all(job.scaling.use_ray for job in jobs.values()):
         # in-process runs share this process's torch RNG, thread count and process group
-        log.warning("max_concurrent_finetunes=%d needs finetune.scaling.use_ray; running them one at a time", concurrent)
+        log.warning("max_concurrent_finetunes=%d needs finetune.scaling.use_ray; running them one at a time",
+                    concurrent)
         concurrent = 1
     if concurrent > 1:
         from ..runtime import init_ray
@@ -209,7 +212,8 @@ def _evaluate_per_arm(cfg, jobs, states, out) -> list[Path]:
         arm_states = {k: v for k, v in states.items() if k.startswith(f"{arm.name}/")}
         if cfg.evaluation.include_base:
             arm_states = {f"{arm.name}/base": "base", **arm_states}
-        dirs.append(run_evaluate(eval_job(cfg.evaluation, job, arm_states, out / _slug(arm.name) / "evaluation")))
+        arm_eval_dir = out / arm_dir_name(arm.name) / "evaluation"
+        dirs.append(run_evaluate(eval_job(cfg.evaluation, job, arm_states, arm_eval_dir)))
     return dirs
 
 
@@ -295,5 +299,5 @@ def _plot_bands(table: pd.DataFrame, bands: list[str], metric: str, benchmark: s
     plt.close(fig)
 
 
-__all__ = ["Arm", "ExperimentConfig", "ExperimentEval", "band_table", "eval_job", "final_state", "run_experiment",
-           "write_report"]
+__all__ = ["Arm", "ExperimentConfig", "ExperimentEval", "arm_dir_name", "arm_scores", "band_table", "eval_job",
+           "final_state", "run_experiment", "write_report"]

@@ -11,7 +11,7 @@ import yaml
 
 import sqsd_ray.training.loop as train_module
 from sqsd_ray.config import from_dict
-from sqsd_ray.demo.pipeline import _init_states
+from sqsd_ray.demo.pipeline import select_init_states
 from sqsd_ray.dynamics.jobs import InitSelectConfig
 from sqsd_ray.scoring.job_config import InitStatesConfig
 
@@ -26,8 +26,8 @@ def test_fallback_scores_at_the_pilots_last_checkpoint_and_the_smallest_alpha(tm
     def no_state(config):
         raise ValueError("no α raises the refusal rate")
 
-    fragment, note = _init_states(no_state, InitSelectConfig, tmp_path / "validate", tmp_path / "trajectory", tmp_path,
-                                  DIRECTIONS, alphas=[-1.0, 0.0, 0.5, 1.0, 2.0])
+    fragment, note = select_init_states(no_state, InitSelectConfig, tmp_path / "validate", tmp_path / "trajectory",
+                                        tmp_path, DIRECTIONS, alphas=[-1.0, 0.0, 0.5, 1.0, 2.0])
     assert fragment["directions"] == DIRECTIONS
     states = from_dict(InitStatesConfig, fragment["init_states"])
     assert states.danger.kind == "adapter" and states.danger.path == str((last / "adapter").resolve())
@@ -48,8 +48,8 @@ def test_selected_states_are_taken_as_init_select_wrote_them(tmp_path):
                                                         "danger": {"step": 20, "ds_drift": 0.42}}))
         return out
 
-    fragment, note = _init_states(select, InitSelectConfig, tmp_path / "v", tmp_path / "t", tmp_path, DIRECTIONS,
-                                  alphas=[0.5, 1.0])
+    fragment, note = select_init_states(select, InitSelectConfig, tmp_path / "v", tmp_path / "t", tmp_path,
+                                        DIRECTIONS, alphas=[0.5, 1.0])
     assert fragment == chosen
     assert note == ("θ_safety = θ0 + 2·V_safety (DS_linear 31.5); θ_danger = pilot checkpoint at step 20 "
                     "(DS_drift 0.42).")
@@ -60,4 +60,4 @@ def test_a_different_error_is_not_swallowed(tmp_path):
         raise KeyError("validate_dir")
 
     with pytest.raises(KeyError):
-        _init_states(broken, InitSelectConfig, tmp_path, tmp_path, tmp_path, DIRECTIONS, alphas=[1.0])
+        select_init_states(broken, InitSelectConfig, tmp_path, tmp_path, tmp_path, DIRECTIONS, alphas=[1.0])

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from sqsd_ray.config import load_config
-from sqsd_ray.experiments.effectiveness import Arm, ExperimentConfig, _arm_scores
+from sqsd_ray.experiments.effectiveness import Arm, ExperimentConfig, arm_scores
 
 
 def _scores(tmp_path):
@@ -23,7 +23,7 @@ def test_random_arm_is_a_seeded_ranking_of_the_usable_samples(tmp_path):
     for seed, name in ((0, "a"), (0, "b"), (1, "c")):
         (tmp_path / name).mkdir()
         cfg = load_config(ExperimentConfig, None, [f"scores={path}", f"partition.seed={seed}"])
-        derived, column = _arm_scores(cfg, Arm(name="Random", column="random"), tmp_path / name)
+        derived, column = arm_scores(cfg, Arm(name="Random", column="random"), tmp_path / name)
         frame = pd.read_parquet(derived)
         assert column == "random" and len(frame) == 7 and (frame["status"] == "ok").all()
         assert frame["random"].between(0, 1).all()
@@ -34,6 +34,6 @@ def test_random_arm_is_a_seeded_ranking_of_the_usable_samples(tmp_path):
 def test_safety_only_arm_negates_the_safety_projection(tmp_path):
     path = _scores(tmp_path)
     cfg = load_config(ExperimentConfig, None, [f"scores={path}"])
-    derived, column = _arm_scores(cfg, Arm(name="safety only", column="neg_safety_proj"), tmp_path)
+    derived, column = arm_scores(cfg, Arm(name="safety only", column="neg_safety_proj"), tmp_path)
     frame = pd.read_parquet(derived)
     assert np.allclose(frame[column], -frame["safety_proj"])
