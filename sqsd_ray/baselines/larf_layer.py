@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from ..config import ConfigError, help_field
-from ..dynamics.jobs import RunOutput, _prepare_dir
+from ..dynamics.jobs import RunOutput, prepare_run_dir
 from ..evaluation.generate import EvalPrompt, EvalSettings, generate_responses, keyword_refusal, load_eval_prompts
 from ..models.loading import ModelConfig, load_model_and_tokenizer
 from ..scoring.summary import markdown_table, save_figure
@@ -123,7 +123,7 @@ def run_larf_layer(cfg: LarfLayerConfig) -> Path:
 
     from .methods import decoder_layers, find_safety_layer
 
-    out = _prepare_dir(cfg.output.dir, cfg.output.overwrite)
+    out = prepare_run_dir(cfg.output.dir, cfg.output.overwrite)
     prompts = load_over_refusal_prompts(cfg.prompts)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     model.eval()

@@ -47,7 +47,7 @@ def _write_csv(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def _prepare_dir(path: str, overwrite: bool) -> Path:
+def prepare_run_dir(path: str, overwrite: bool) -> Path:
     out = Path(path)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -168,7 +168,7 @@ def run_validate(cfg: ValidateConfig) -> Path:
     """Safety of θ0 + α·V for every direction and α; Fig. 5, DS_linear table (Table 4 style)."""
     from ..models.directions import init_state_from_direction
 
-    out = _prepare_dir(cfg.output.dir, cfg.output.overwrite)
+    out = prepare_run_dir(cfg.output.dir, cfg.output.overwrite)
     cfg = replace(cfg, directions=_absolute(cfg.directions))
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     directions = {name: load_direction(path, _direction_kind(path, name, cfg.direction_kinds))
@@ -403,7 +403,7 @@ def run_init_select(cfg: InitSelectConfig) -> Path:
     for path in (validate_dir / "sensitivity_linear.csv", trajectory_dir / "sensitivity_drift.csv"):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: run `directions validate` / `trajectory` (with evaluation) first")
-    out = _prepare_dir(cfg.output.dir, cfg.output.overwrite)
+    out = prepare_run_dir(cfg.output.dir, cfg.output.overwrite)
     validate_cfg = yaml.safe_load((validate_dir / "config.yaml").read_text())
     trajectory_cfg = yaml.safe_load((trajectory_dir / "trajectory_config.yaml").read_text())
 

@@ -34,7 +34,7 @@ from .. import __version__
 from ..config import ConfigError, from_dict, help_field, stable_hash, to_dict
 from ..data.records import DataConfig, DataReport, load_samples
 from ..data.tokenize import collate, length_sorted_batches, tokenize_samples
-from ..dynamics.jobs import RunOutput, _prepare_dir
+from ..dynamics.jobs import RunOutput, prepare_run_dir
 from ..models.loading import ModelConfig, load_model, load_tokenizer
 from ..models.lora import (
     LoraSettings,
@@ -247,7 +247,7 @@ def run_restore(cfg: RestoreConfig) -> Path:
     """Restore ``cfg.fine_tuned``; write adapter/, restore.json, restore.md, restore_losses.png; return the dir."""
     sets = _load_sets(cfg)  # data errors surface before the output dir is touched
     loaded = None if cfg.scaling.use_ray else _load_fine_tune(cfg, sets)  # so do model errors, in process
-    out = _prepare_dir(cfg.output.dir, cfg.output.overwrite)
+    out = prepare_run_dir(cfg.output.dir, cfg.output.overwrite)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     if loaded is None:
         _restore_with_ray_train(cfg, out)
