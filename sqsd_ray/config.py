@@ -3,7 +3,8 @@
 Every stage owns a dataclass (``DataConfig`` in ``data.records``, ``ModelConfig`` in ``models.loading``, ...). This module
 only knows how to build any such dataclass tree from plain dicts, strictly: an unknown key, or a value of the
 wrong type, is a ``ConfigError`` that names the dotted key. Fields carry their help text in
-``field(metadata={"help": ...})`` so ``sqsd-ray ... --help-config`` can print it.
+``field(metadata={"help": ...})`` so ``sqsd-ray ... --help-config`` can print it. ``RunOutput`` (a run directory
+a job owns) is here so that the jobs of every stage can share it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import shutil
 import types
 from collections.abc import Sequence
 from pathlib import Path
@@ -281,8 +283,28 @@ def describe(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
+@dataclasses.dataclass
+class RunOutput:
+    """A run directory the job owns: overwrite deletes what an earlier run left there. A job's own output
+    settings go in a subclass."""
+
+    dir: str = help_field("runs/out", help="run directory")
+    overwrite: bool = help_field(False, help="replace an existing, non-empty run directory")
+
+
+def prepare_run_dir(path: str, overwrite: bool) -> Path:
+    out = Path(path)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; set output.overwrite: true or another output.dir")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 __all__ = [
     "ConfigError",
+    "RunOutput",
     "apply_overrides",
     "deep_merge",
     "describe",
@@ -290,6 +312,7 @@ __all__ = [
     "help_field",
     "load_config",
     "one_line",
+    "prepare_run_dir",
     "stable_hash",
     "to_dict",
 ]

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import ConfigError, help_field
-from ..dynamics.jobs import RunOutput, prepare_run_dir
+from ..config import ConfigError, RunOutput, help_field, prepare_run_dir
 from ..evaluation.generate import EvalPrompt, EvalSettings, generate_responses, keyword_refusal, load_eval_prompts
 from ..models.loading import ModelConfig, load_model_and_tokenizer
 from ..scoring.summary import markdown_table, save_figure

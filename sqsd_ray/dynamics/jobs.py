@@ -20,7 +20,7 @@ from typing import Literal
 
 import yaml
 
-from ..config import ConfigError, help_field, to_dict
+from ..config import ConfigError, RunOutput, help_field, prepare_run_dir, to_dict
 from ..evaluation.generate import EvalSettings, StateResult, evaluate_states, write_responses
 from ..models.directions import Direction
 from ..models.loading import ModelConfig
@@ -45,22 +45,6 @@ def _write_csv(rows: list[dict], path: Path) -> Path:
 
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
-
-
-def prepare_run_dir(path: str, overwrite: bool) -> Path:
-    out = Path(path)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; set output.overwrite: true or another output.dir")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-@dataclass
-class RunOutput:
-    dir: str = help_field("runs/out", help="run directory")
-    overwrite: bool = help_field(False, help="replace an existing, non-empty run directory")
 
 
 # ------------------------------------------------------------------------------------ directions build

@@ -38,9 +38,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..config import ConfigError, help_field, to_dict
+from ..config import ConfigError, RunOutput, help_field, to_dict
 from ..data.records import DataConfig, load_samples
-from ..dynamics.jobs import RunOutput
 from ..evaluation.generate import EvalPrompt, generate_responses
 from ..evaluation.job import run_evaluate
 from ..mitigation.curate import CurateConfig, CurateOutput, run_curate

@@ -101,6 +101,9 @@ class ReweightSettings:
 
 @dataclass
 class CurateOutput:
+    """Not a ``RunOutput``: output.dir may hold other files (the corpus's own directory, say), and overwrite
+    replaces only what an earlier curation wrote there."""
+
     dir: str = help_field("runs/curate", help="where the curated corpus, manifest.json and curate.md are written")
     overwrite: bool = help_field(False, help="replace an earlier curation in output.dir")
     figure: bool = help_field(True, help="draw curate.png (score vs response length, removed samples marked)")

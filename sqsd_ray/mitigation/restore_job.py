@@ -31,10 +31,9 @@ import torch
 import yaml
 
 from .. import __version__
-from ..config import ConfigError, from_dict, help_field, stable_hash, to_dict
+from ..config import ConfigError, RunOutput, from_dict, help_field, prepare_run_dir, stable_hash, to_dict
 from ..data.records import DataConfig, DataReport, load_samples
 from ..data.tokenize import collate, length_sorted_batches, tokenize_samples
-from ..dynamics.jobs import RunOutput, prepare_run_dir
 from ..models.loading import ModelConfig, load_model, load_tokenizer
 from ..models.lora import (
     LoraSettings,

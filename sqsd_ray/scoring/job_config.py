@@ -14,11 +14,7 @@ import torch
 
 from ..baselines.job import BaselineSettings
 from ..config import ConfigError, help_field
-from ..data.records import DataConfig
-from ..models.loading import ModelConfig
-from ..models.lora import (
-    LoraSettings,
-)
+from ..job_base import ModelDataJob
 from ..runtime import RayConfig
 
 DIRECTION_NAMES = ("danger", "safety")
@@ -135,12 +131,9 @@ class FidelityConfig:
 
 
 @dataclass
-class ScoreJobConfig:
+class ScoreJobConfig(ModelDataJob):
     """Everything ``sqsd-ray score`` needs; see jobs/*.yaml for annotated examples."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    data: DataConfig = field(default_factory=DataConfig)
     directions: DirectionsConfig = field(default_factory=DirectionsConfig)
     init_states: InitStatesConfig = field(default_factory=InitStatesConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)

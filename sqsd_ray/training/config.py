@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..config import ConfigError, help_field, stable_hash, to_dict
+from ..config import ConfigError, RunOutput, help_field, stable_hash, to_dict
 from ..data.records import DataConfig
-from ..models.loading import ModelConfig
-from ..models.lora import LoraSettings
+from ..job_base import ModelDataJob
 from ..runtime import WorkerScaling
 from .spf import SpfSettings
 
@@ -87,17 +86,14 @@ class TrainSettings:
 
 
 @dataclass
-class TrainOutput:
+class TrainOutput(RunOutput):
+    # dir again for its own default: --help-config shows a section's class defaults, not a default_factory's
     dir: str = help_field("runs/train", help="run directory (checkpoints in <dir>/train/step-XXXXXX)")
-    overwrite: bool = help_field(False, help="delete an existing run directory first")
     resume: bool = help_field(True, help="continue from the newest checkpoint of the same job in dir")
 
 
 @dataclass
-class TrainJobConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    data: DataConfig = field(default_factory=DataConfig)
+class TrainJobConfig(ModelDataJob):
     train: TrainSettings = field(default_factory=TrainSettings)
     scaling: WorkerScaling = field(default_factory=WorkerScaling)
     output: TrainOutput = field(default_factory=TrainOutput)
