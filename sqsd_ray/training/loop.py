@@ -142,7 +142,11 @@ class _RaySession:
 
         checkpoint = ray.train.get_checkpoint()  # set after a worker-group restart (fault tolerance)
         if checkpoint is not None:
-            self._copy = Path(checkpoint.to_directory())  # a local copy: removed once loaded (release_restore)
+            # a local copy of this worker's own, removed once loaded (release_restore): without a path, every worker
+            # of a node gets the same temporary directory, and the first to finish loading would delete it under the
+            # others
+            own = tempfile.mkdtemp(prefix=f"sqsd-restore-rank{self.rank}-")
+            self._copy = Path(checkpoint.to_directory(own))
             return self._copy
         return Path(self.resume_from) if self.resume_from else None
 

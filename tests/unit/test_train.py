@@ -304,3 +304,28 @@ def test_a_resumed_run_continues_the_uninterrupted_one(tmp_path, method, stage):
         load_weights(two, resumed.final, "full")
         pairs = list(zip(one.state_dict().values(), two.state_dict().values()))
     assert max(float((x - y).abs().max()) for x, y in pairs) <= 1e-6
+
+
+def test_each_worker_restores_from_its_own_copy_of_the_checkpoint(tmp_path, monkeypatch):
+    """Workers of one node restoring the same Ray checkpoint: each loads its own local copy, so the first to finish
+    (and delete its copy) cannot pull the files from under another (seen as a missing trainer_state.json)."""
+    import ray.train
+
+    from sqsd_ray.training.loop import _RaySession
+
+    checkpoint_dir = tmp_path / "checkpoint"
+    checkpoint_dir.mkdir()
+    (checkpoint_dir / "trainer_state.json").write_text('{"step": 3}')
+    shared = ray.train.Checkpoint.from_directory(str(checkpoint_dir))  # every worker is handed the same one (uuid)
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: shared)
+    sessions = []
+    for rank in (0, 1):
+        session = object.__new__(_RaySession)  # a worker's session without a running Ray Train group
+        session.rank, session.resume_from = rank, None
+        sessions.append(session)
+    copies = [session.restore_point() for session in sessions]
+    assert copies[0] != copies[1] and all((c / "trainer_state.json").is_file() for c in copies)
+    sessions[0].release_restore()
+    assert not copies[0].exists() and (copies[1] / "trainer_state.json").read_text() == '{"step": 3}'
+    sessions[1].release_restore()
+    assert not copies[1].exists() and (checkpoint_dir / "trainer_state.json").is_file()  # the original stays
