@@ -19,6 +19,7 @@
     sqsd-ray restore --config jobs/restore_tiny.yaml                     # post-fine-tune safety restoration
     sqsd-ray partition --set scores=runs/x/scores.parquet --set data.path=corpus.jsonl   # S1 ... S5 subsets
     sqsd-ray curate --config jobs/curate_tiny.yaml [--set mode=reweight]   # drop / down-weight the riskiest samples
+    sqsd-ray agreement --scores runs/x/scores.parquet --labels labels.jsonl  # AUROC against your own labels
 
 Every --config may be given several times: the files merge key by key, later ones winning.
 A failure the tool anticipates (a bad config key, a missing file, a damaged record) is one line on stderr,
@@ -175,6 +176,16 @@ def cmd_length_bias(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agreement(args: argparse.Namespace) -> int:
+    from .scoring.agreement import run_agreement
+
+    out = run_agreement(args.scores, args.labels, args.out, baselines=args.baseline, columns=args.columns,
+                        n_resamples=args.n_boot, seed=args.seed)
+    print((out / "agreement.md").read_text())
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from .demo.quickstart import run_quickstart
 
@@ -188,6 +199,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo.pipeline import DemoSettings, run_demo
 
     report = run_demo(DemoSettings(out=Path(args.out), seed=args.seed, quick=args.quick, model=args.model,
+                                   world=args.world, resume=args.resume,
                                    data_root=Path(args.data_root), cache_dir=Path(args.cache) if args.cache else None))
     print(report.read_text())
     print(f"wrote {report.parent}")
@@ -253,6 +265,18 @@ def build_parser() -> argparse.ArgumentParser:
     _job(sub, "restore", "raise the harmful-completion loss of a fine-tune where the task loss is flat (curvature-aware, "
          "or first-order with restore.preconditioner=none): restored adapter + report", cmd_restore)
 
+    _add_analysis_verbs(sub)
+
+    init = sub.add_parser("init", help="choose the initialisation states θ_danger, θ_safety")
+    isub = init.add_subparsers(dest="init_command", required=True)
+    _job(isub, "select", "θ_safety = θ0 + α*·V_safety, θ_danger = θ_t* from the sensitivity tables", cmd_init_select)
+
+    _add_demo_verbs(sub)
+    return parser
+
+
+def _add_analysis_verbs(sub) -> None:
+    """Verbs that read score files: App. H's length bias, agreement with a user's labels."""
     bias = sub.add_parser("length-bias", help="App. H: response length per rank band and score-length correlation")
     bias.add_argument("--scores", required=True, help="scores.parquet")
     bias.add_argument("--columns", nargs="+", default=["sqsd", "sqsd_raw", "n_response_tokens"],
@@ -262,19 +286,38 @@ def build_parser() -> argparse.ArgumentParser:
     bias.add_argument("--out", default="runs/length_bias", help="output directory")
     bias.set_defaults(func=cmd_length_bias)
 
-    init = sub.add_parser("init", help="choose the initialisation states θ_danger, θ_safety")
-    isub = init.add_subparsers(dest="init_command", required=True)
-    _job(isub, "select", "θ_safety = θ0 + α*·V_safety, θ_danger = θ_t* from the sensitivity tables", cmd_init_select)
+    agree = sub.add_parser("agreement", help="AUROC of each ranking against your own 0/1 labels of harmful samples, "
+                           "with bootstrap intervals, against response length alone and within length quintiles")
+    agree.add_argument("--scores", required=True, help="scores.parquet of a `score` run")
+    agree.add_argument("--labels", required=True, help='JSONL, one {"id": sample_id, "label": 0 or 1} a line '
+                       "(1 = harmful to safety)")
+    agree.add_argument("--baseline", action="append", default=[], metavar="PATH[:COLUMN]",
+                       help="a baseline's score file (its method column is found; name it after ':' otherwise); "
+                       "repeatable")
+    agree.add_argument("--columns", nargs="+", default=None, help="score columns of --scores (default: sqsd sqsd_raw "
+                       "danger_proj neg_safety_proj, where present; neg_safety_proj = −safety_proj)")
+    agree.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
+    agree.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    agree.add_argument("--out", default="runs/agreement", help="output directory")
+    agree.set_defaults(func=cmd_agreement)
 
+
+def _add_demo_verbs(sub) -> None:
+    """The embedded defaults: the whole pipeline on a model organism (or SmolLM2), and scoring only."""
     demo = sub.add_parser("demo", help="the whole pipeline on a CPU model organism: align, directions, validate, "
                           "trajectory, init, score (SQSD + baselines), S1..S5 fine-tunes, evaluate, report")
-    demo.add_argument("--out", default="runs/demo", help="run directory (replaced)")
+    demo.add_argument("--out", default="runs/demo", help="run directory (replaced, unless --resume)")
+    demo.add_argument("--resume", action="store_true", help="continue an interrupted run of the same settings in "
+                      "--out: finished directions, sensitivity runs, score files and fine-tunes are kept")
     demo.add_argument("--seed", type=int, default=0, help="seed of the world, the organism and every run")
     demo.add_argument("--quick", action="store_true", help="CI size: smaller corpus, fewer steps, fewer arms")
     demo.add_argument("--model", choices=("organism", "smollm2"), default="organism",
                       help="organism: the CPU model organism on its synthetic world; smollm2: SmolLM2-135M-Instruct "
                       "aligned here, on Dolly/Alpaca and AdvBench/CatQA/HEx-PHI (2 CPU cores: about 1.5 h, just "
                       "under 2 h the first time, when the alignment is trained and cached)")
+    demo.add_argument("--world", type=int, choices=(1, 2), default=1,
+                      help="organism: the world's version: 1 = one kind of benign sample carries the risk (the "
+                      "published figures); 2 = risk graded over five kinds (in design, docs/demo.md)")
     demo.add_argument("--data-root", default="../shared/data", help="smollm2: folder holding benign/, eval/, anchors/")
     demo.add_argument("--cache", default=None, help="where the organism is cached (default $SQSD_CACHE or "
                       "~/.cache/sqsd-ray)")
@@ -286,7 +329,6 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a score config key")
     quick.set_defaults(func=cmd_quickstart)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
