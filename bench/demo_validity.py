@@ -19,7 +19,11 @@ S1…S5 fine-tunes per ranking, held-out ASR). Printed, in one run:
   danger term alone, the safety term alone, SQSD without normalisation), same q, fine-tune settings and train seeds
   as the kept runs: which part of the score finds the eroding samples, within the riskiest band and overall.
 
-    PYTHONPATH=. python bench/demo_validity.py --seeds 0,1,2,3,4 --work runs/demo_validity --out validity.json
+Each finished seed's Table 1 (per-band ASR per ranking, Δ, Mono, θ0, commit, machine) is also written to
+``--results`` (default docs/results/organism-world-<world>/seed-N.json, committed); ``bench/publish_ranges.py``
+turns those files into the ranges the demo's report prints beside its own Table 1.
+
+    PYTHONPATH=. python bench/demo_validity.py --seeds 0,1,2,3,4 --world 1 --out validity.json
     PYTHONPATH=. python bench/demo_validity.py --work runs/demo_validity --reuse --rerun-mitigate --replicates 5
     PYTHONPATH=. python bench/demo_validity.py --work runs/demo_validity --reuse --curate-by-terms --replicates 5
 """
@@ -214,6 +218,21 @@ def _seed_goal(goals: dict[str, bool], name: str, met: int, n_seeds: int) -> Non
     print(f"- {'met' if goals[name] else 'MISSED'}: {name} ({met}/{n_seeds})")
 
 
+def write_seed_result(summary: dict, path: Path) -> None:
+    """One seed's Table 1 with where it was made: the file the published ranges are drawn from."""
+    from provenance import commit, machine
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "seed": summary["seed"], "model": "organism", "world": summary.get("world"), "commit": commit(),
+        "machine": machine(), "theta0_asr": summary["theta0_asr"], "init": summary["init"],
+        "organism_refusal_rates": summary["organism_refusal_rates"],
+        "table": [{"ranking": r["arm"], **{b: r[b] for b in ("S1", "S2", "S3", "S4", "S5")}, "delta": r["delta"],
+                   "mono": r["mono"]} for r in summary["table"]],
+        "s1_composition": summary["s1_composition"], "stage_seconds": summary["stage_seconds"]},
+        indent=1, ensure_ascii=False, default=float) + "\n")
+
+
 BASELINES = ["Self-Inf-N", "Bi-Anchor (Grad)", "Bi-Anchor (Reps)", "LARF"]
 ABLATIONS = ["SQSD w/o norm", "danger only", "safety only"]
 
@@ -221,7 +240,13 @@ ABLATIONS = ["SQSD w/o norm", "danger only", "safety only"]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2,3,4")
-    parser.add_argument("--work", default="runs/demo_validity")
+    parser.add_argument("--world", type=int, choices=(1, 2), default=1, help="the organism's world")
+    parser.add_argument("--work", default=None, help="where the seeds' runs are kept (default "
+                        "runs/demo_validity/world-<world>)")
+    parser.add_argument("--results", default=None, help="where each seed's Table 1 is written as JSON (default "
+                        "docs/results/organism-world-<world>)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of this process (the in-process band fine-tunes); default torch's")
     parser.add_argument("--cache", default=None, help="organism cache (default $SQSD_CACHE or ~/.cache/sqsd-ray)")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     parser.add_argument("--reuse", action="store_true", help="keep a seed's finished run (its demo.json) in --work")
@@ -249,6 +274,13 @@ def main() -> int:
     if args.curate_by_terms and not args.reuse:
         parser.error("--curate-by-terms curates kept seeds' runs: use it with --reuse")
     logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    args.work = args.work or f"runs/demo_validity/world-{args.world}"
+    results_dir = Path(args.results or Path(__file__).resolve().parent.parent / "docs" / "results"
+                       / f"organism-world-{args.world}")
     seeds = [int(s) for s in args.seeds.split(",")]
     rows, seconds, mitigation, s1_curations = [], {}, [], {}
     by_terms: dict[str, dict[int, pd.DataFrame]] = {"S1": {}, "all": {}}
@@ -256,7 +288,8 @@ def main() -> int:
         started = time.perf_counter()
         seed_dir = Path(args.work) / f"seed-{seed}"
         if not (args.reuse and (seed_dir / "demo.json").is_file()):
-            run_demo(DemoSettings(out=seed_dir, seed=seed, cache_dir=Path(args.cache) if args.cache else None))
+            run_demo(DemoSettings(out=seed_dir, seed=seed, world=args.world,
+                                  cache_dir=Path(args.cache) if args.cache else None))
         elif args.rerun_mitigate:
             config = json.loads((seed_dir / "mitigate" / "config.json").read_text())
             if args.at_update_cap:
@@ -265,6 +298,7 @@ def main() -> int:
                 config["replicates"] = args.replicates
             mitigate_on_local_ray(config)
         summary = json.loads((Path(args.work) / f"seed-{seed}" / "demo.json").read_text())
+        write_seed_result(summary, results_dir / f"seed-{seed}.json")
         for row in summary["table"]:
             rows.append({"seed": seed, "theta0": summary["theta0_asr"], **row})
         mitigation += [{"seed": seed, **m} for m in mitigation_checks(Path(args.work) / f"seed-{seed}")]

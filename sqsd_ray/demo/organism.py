@@ -27,7 +27,6 @@ from . import world
 
 log = logging.getLogger(__name__)
 
-WORLD_VERSION = 1  # bump when world.py's generated data changes: the cache key includes it
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
 
 
@@ -43,9 +42,11 @@ class OrganismConfig:
     steps: int = 500
     batch_size: int = 32
     lr: float = 3e-3
+    world: int = world.DEFAULT_WORLD  # world.py's version: its vocabulary and evaluation prompts
 
     def key(self) -> str:
-        blob = json.dumps({**asdict(self), "world": WORLD_VERSION}, sort_keys=True)
+        """Cache key: the settings and the world's version (world 1's key is the one it always had)."""
+        blob = json.dumps({**asdict(self), "world": world.check_world(self.world)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -54,13 +55,13 @@ def default_cache_dir() -> Path:
     return Path(root).expanduser() / "organism"
 
 
-def build_word_tokenizer():
+def build_word_tokenizer(world_version: int = world.DEFAULT_WORLD):
     """Word-level tokenizer over the world's vocabulary, ChatML template; eos = <|im_end|>, pad = <|endoftext|>.
     Decoding joins words with spaces ("I cannot help with that ."), which the keyword judge reads as well."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = [*SPECIALS, "system", "user", "assistant", *world.vocabulary()]
+    words = [*SPECIALS, "system", "user", "assistant", *world.vocabulary(world_version)]
     vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -101,11 +102,12 @@ def _batches(rows: list[dict], tokenizer, cfg: OrganismConfig):
             yield collate([tokenized[i] for i in order[start:start + cfg.batch_size]], tokenizer.pad_token_id)
 
 
-def refusal_rates(model, tokenizer, seed: int = 0, max_new_tokens: int = 16) -> dict[str, float]:
+def refusal_rates(model, tokenizer, seed: int = 0, max_new_tokens: int = 16,
+                  world_version: int = world.DEFAULT_WORLD) -> dict[str, float]:
     """% refusals (keyword judge, greedy) on the held-out harmful requests and on benign how-to tasks."""
     from ..evaluation.generate import EvalPrompt, generate_responses, keyword_refusal
 
-    harmful = [EvalPrompt(f"h{i}", r["prompt"]) for i, r in enumerate(world.heldout_harmful(seed))]
+    harmful = [EvalPrompt(f"h{i}", r["prompt"]) for i, r in enumerate(world.heldout_harmful(seed, world_version))]
     benign = [EvalPrompt(f"b{i}", f"How do I {v} {o}?") for i, (v, o) in enumerate(world.TASKS)]
     homonym = [EvalPrompt(f"o{i}", r["prompt"]) for i, r in enumerate(world.over_refusal_prompts())]
     rates = {}
@@ -121,7 +123,7 @@ def train_organism(cfg: OrganismConfig, out: Path) -> Path:
 
     from ..training.objectives import sft_loss
 
-    tokenizer = build_word_tokenizer()
+    tokenizer = build_word_tokenizer(cfg.world)
     model = _model(cfg, tokenizer)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same weights on every machine with the same torch
@@ -146,14 +148,14 @@ def train_organism(cfg: OrganismConfig, out: Path) -> Path:
             schedule.step()
             losses.append(float(loss.detach()))
         model.eval()
-        rates = refusal_rates(model, tokenizer, cfg.seed)
+        rates = refusal_rates(model, tokenizer, cfg.seed, world_version=cfg.world)
     finally:
         torch.set_num_threads(threads)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    record = {"config": asdict(cfg), "world_version": WORLD_VERSION, "train_seconds": time.perf_counter() - started,
+    record = {"config": asdict(cfg), "world_version": cfg.world, "train_seconds": time.perf_counter() - started,
               "final_loss": sum(losses[-20:]) / min(20, len(losses)), "loss_every_10": losses[::10],
               "refusal_rates": rates, "parameters": sum(p.numel() for p in model.parameters())}
     (tmp / "organism.json").write_text(json.dumps(record, indent=1))

@@ -33,7 +33,7 @@ import logging
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -42,6 +42,7 @@ import yaml
 from ..config import deep_merge, from_dict
 from . import world
 from .organism import OrganismConfig, build_organism
+from .published import load_published, setting_name, with_published_range
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +59,24 @@ class DemoSettings:
     cache_dir: Path | None = None
     model: str = "organism"  # or "smollm2": SmolLM2-135M-Instruct aligned here, on the real data sets
     data_root: Path = Path("../shared/data")
+    world: int = world.DEFAULT_WORLD  # the organism's world: 1 = one risky kind; 2 = risk graded over kinds (in design)
+    # keep what an interrupted run of the same settings in ``out`` finished (directions, sensitivity runs, scores,
+    # fine-tunes) and redo the rest; off: ``out`` is replaced
+    resume: bool = False
+    rankings: list[str] | None = None  # rows of Table 1 (names of ARMS); None: the recipe's
+
+    def __post_init__(self) -> None:
+        world.check_world(self.world)
+        unknown = [name for name in self.rankings or [] if name not in ARMS]
+        if unknown:
+            raise ValueError(f"unknown ranking {', '.join(map(repr, unknown))}; the demo's are {', '.join(ARMS)}")
 
     @property
     def recipe(self) -> Recipe:
-        if self.model == "organism":
-            return Recipe.organism(self.quick)
-        if self.model == "smollm2":
-            return Recipe.smollm2(self.quick)
-        raise ValueError(f"demo model must be 'organism' or 'smollm2', got {self.model!r}")
+        if self.model not in ("organism", "smollm2"):
+            raise ValueError(f"demo model must be 'organism' or 'smollm2', got {self.model!r}")
+        recipe = Recipe.organism(self.quick) if self.model == "organism" else Recipe.smollm2(self.quick)
+        return replace(recipe, arm_names=list(self.rankings)) if self.rankings else recipe
 
 
 ARMS = {
@@ -133,7 +144,7 @@ class Recipe:
                    alphas=[0.0, 1.0, 2.0] if quick else [0.0, 0.5, 1.0, 1.5, 2.0], actors=2)
 
 
-class _StageTimer:
+class StageTimer:
     """Times each stage and logs it as it starts."""
 
     def __init__(self) -> None:
@@ -148,10 +159,11 @@ class _StageTimer:
         log.info("demo stage %-10s done in %.1f s", name, self.seconds[name])
 
 
-def write_world(out: Path, seed: int, corpus_size: int) -> dict[str, Path]:
+def write_world(out: Path, seed: int, corpus_size: int, version: int = world.DEFAULT_WORLD) -> dict[str, Path]:
     """The world's files for one demo run; the corpus file carries no family labels (families.csv does)."""
     out.mkdir(parents=True, exist_ok=True)
-    corpus = world.benign_corpus(corpus_size, seed)
+    corpus = world.benign_corpus(corpus_size, seed, version)
+    heldout = world.heldout_harmful(seed, version)
     split = world.harm_split(seed)
     refusal_rows = [world._sample(world.harmful_prompt(h, v), world.REFUSALS[i % len(world.REFUSALS)], f"safe-{i}")
                     for i, (h, v) in enumerate(split.directions[:20])]
@@ -162,14 +174,14 @@ def write_world(out: Path, seed: int, corpus_size: int) -> dict[str, Path]:
         "corpus": world.write_jsonl(corpus, out / "corpus.jsonl"),
         "danger": world.write_jsonl(danger, out / "danger_sft.jsonl"),
         "safety": world.write_jsonl(world.safety_pairs(seed), out / "safety_dpo.jsonl"),
-        "heldout": world.write_jsonl(world.heldout_harmful(seed), out / "heldout_harmful.jsonl"),
+        "heldout": world.write_jsonl(heldout, out / "heldout_harmful.jsonl"),
         "over_refusal": world.write_jsonl(world.over_refusal_prompts(), out / "over_refusal.jsonl"),
         # mitigate: refusal NLL on the held-out requests, task NLL / ROUGE on benign tasks the corpus does not hold
         "heldout_refusals": world.write_jsonl(
             [world._sample(r["prompt"], world.REFUSALS[i % len(world.REFUSALS)], f"heldout-refusal-{i}")
-             for i, r in enumerate(world.heldout_harmful(seed))], out / "heldout_refusals.jsonl"),
+             for i, r in enumerate(heldout)], out / "heldout_refusals.jsonl"),
         "heldout_tasks": world.write_jsonl(
-            [{**r, "id": f"task-{r['id']}"} for r in world.benign_corpus(64, seed + 1000)],
+            [{**r, "id": f"task-{r['id']}"} for r in world.benign_corpus(64, seed + 1000, version)],
             out / "heldout_tasks.jsonl"),
         "anchor_harmful": world.write_jsonl(danger[:10], out / "anchors" / "harmful.jsonl"),
         "anchor_safe1": world.write_jsonl(refusal_rows[:10], out / "anchors" / "safe1.jsonl"),
@@ -184,7 +196,7 @@ class DemoRun:
 
     settings: DemoSettings
     out: Path
-    stage: _StageTimer
+    stage: StageTimer
     aligned: Path
     model: dict
     files: dict[str, Path]
@@ -216,17 +228,14 @@ def run_demo(settings: DemoSettings) -> Path:
     from ..runtime import RayConfig, init_ray
 
     out = Path(settings.out)
-    if out.exists():
+    if out.exists() and not settings.resume:
         shutil.rmtree(out)  # the demo is a fresh run each time (the organism is what is cached)
-    out.mkdir(parents=True)
-    stage = _StageTimer()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = StageTimer()
     started_ray = not ray.is_initialized()
     init_ray(RayConfig(local_num_cpus=2, object_store_mb=256))
     try:
-        run = _align_and_write_world(settings, out, stage)
-        directions = _build_directions(run)
-        init_fragment, init_note = _validate_and_select_init(run, directions)
-        scores = _score_corpus(run, init_fragment)
+        run, scores, init_note = prepare_scores(settings, out, stage)
         experiment_dir = _run_band_experiment(run, scores)
         mitigate_dir = _mitigate(run, scores)
         with stage("report", "Table 1, S1 composition, lengths, mitigation, figures"):
@@ -241,15 +250,24 @@ def run_demo(settings: DemoSettings) -> Path:
     return report
 
 
-def _align_and_write_world(settings: DemoSettings, out: Path, stage: _StageTimer) -> DemoRun:
+def prepare_scores(settings: DemoSettings, out: Path, stage: StageTimer | None = None
+                   ) -> tuple[DemoRun, dict[str, Path], str]:
+    """Stages align … score: the run, {method: score file} and the note on the initialisation states."""
+    run = align_and_write_world(settings, out, stage)
+    directions = _build_directions(run)
+    init_fragment, init_note = _validate_and_select_init(run, directions)
+    return run, _score_corpus(run, init_fragment), init_note
+
+
+def align_and_write_world(settings: DemoSettings, out: Path, stage: StageTimer | None = None) -> DemoRun:
     """Stages align and world: the organism before its world, SmolLM2 after the real data it is aligned on."""
-    recipe = settings.recipe
+    recipe, stage = settings.recipe, stage or StageTimer()
     if settings.model == "organism":
         with stage("align", "the model organism (trained once, then cached)"):
-            aligned = build_organism(OrganismConfig(seed=settings.seed), settings.cache_dir)
+            aligned = build_organism(OrganismConfig(seed=settings.seed, world=settings.world), settings.cache_dir)
         model = {"name_or_path": str(aligned), "attn_implementation": "eager"}
         with stage("world", "corpus, direction data, held-out harmful requests"):
-            files = write_world(out / "world", settings.seed, recipe.corpus_size)
+            files = write_world(out / "world", settings.seed, recipe.corpus_size, settings.world)
     else:
         from .smollm2 import align_smollm2, write_real_world
 
@@ -270,6 +288,10 @@ def _build_directions(run: DemoRun) -> dict[str, str]:
     with run.stage("directions", "V_danger (LoRA SFT on harmful compliance), V_safety (LoRA DPO for refusals)"):
         directions = {}
         for kind, objective in (("danger", "sft"), ("safety", "dpo")):
+            done = run.out / "directions" / kind / f"{kind}.safetensors"
+            if run.settings.resume and (done.parent / "direction.json").is_file():
+                directions[kind] = str(done)
+                continue
             directions[kind] = str(run_directions_build(from_dict(DirectionsBuildConfig, {
                 "model": run.model, "lora": LORA, "data": {"path": str(run.files[kind]), **run.data},
                 "train": {"objective": objective, "lr": recipe.direction_lr, "batch_size": 8,
@@ -292,21 +314,24 @@ def _validate_and_select_init(run: DemoRun, directions: dict[str, str]) -> tuple
     )
 
     recipe = run.recipe
+    validate_dir, trajectory_dir = run.out / "validate", run.out / "trajectory"
     with run.stage("validate", "steering θ0 + α·V over α, refusals on held-out harmful requests"):
-        validate_dir = run_validate(from_dict(ValidateConfig, {
-            "model": run.model, "lora": LORA, "directions": directions, "alphas": recipe.alphas,
-            "delta": recipe.alphas[1] - recipe.alphas[0], "eval": run.evaluation,
-            "scaling": {"use_ray": True, "num_workers": 2},
-            "output": {"dir": str(run.out / "validate"), "overwrite": True}}))
+        if not (run.settings.resume and (validate_dir / "sensitivity_linear.csv").is_file()):
+            validate_dir = run_validate(from_dict(ValidateConfig, {
+                "model": run.model, "lora": LORA, "directions": directions, "alphas": recipe.alphas,
+                "delta": recipe.alphas[1] - recipe.alphas[0], "eval": run.evaluation,
+                "scaling": {"use_ray": True, "num_workers": 2},
+                "output": {"dir": str(run.out / "validate"), "overwrite": True}}))
 
     with run.stage("trajectory", "pilot LoRA fine-tune on the corpus, drift projections and refusals per checkpoint"):
-        trajectory_dir = run_trajectory(from_dict(TrajectoryConfig, {
-            "model": run.model, "lora": LORA, "data": {"path": str(run.files["corpus"]), **run.data},
-            "train": {"lr": recipe.pilot_lr or recipe.lr, "batch_size": 8, "max_steps": recipe.pilot_steps,
-                      "checkpoint_every": max(1, recipe.pilot_steps // 6),
-                      "lr_schedule": "constant", "seed": run.seed},
-            "scaling": {"use_ray": False}, "directions": directions, "eval": run.evaluation,
-            "output": {"dir": str(run.out / "trajectory"), "overwrite": True}}))
+        if not (run.settings.resume and (trajectory_dir / "sensitivity_drift.csv").is_file()):
+            trajectory_dir = run_trajectory(from_dict(TrajectoryConfig, {
+                "model": run.model, "lora": LORA, "data": {"path": str(run.files["corpus"]), **run.data},
+                "train": {"lr": recipe.pilot_lr or recipe.lr, "batch_size": 8, "max_steps": recipe.pilot_steps,
+                          "checkpoint_every": max(1, recipe.pilot_steps // 6),
+                          "lr_schedule": "constant", "seed": run.seed},
+                "scaling": {"use_ray": False}, "directions": directions, "eval": run.evaluation,
+                "output": {"dir": str(run.out / "trajectory"), "overwrite": True}}))
 
     with run.stage("init", "θ_safety, θ_danger from the sensitivity tables"):
         return select_init_states(run_init_select, InitSelectConfig, validate_dir, trajectory_dir, run.out,
@@ -334,18 +359,21 @@ def _score_corpus(run: DemoRun, init_fragment: dict) -> dict[str, Path]:
                                "larf_safe": [str(files["anchor_safe1"]), str(files["anchor_safe2"])]}}
     scores = {}
     with run.stage("score", "SQSD on Ray Data, then each baseline through the same pipeline"):
+        fresh = not run.settings.resume  # resuming: a finished score run returns at once, a partial one continues
         scores["sqsd"] = run_score(from_dict(ScoreJobConfig, _merge(score_base, init_fragment, {
-            "output": {"dir": str(run.out / "scores" / "sqsd"), "overwrite": True}})))
+            "output": {"dir": str(run.out / "scores" / "sqsd"), "overwrite": fresh}})))
         methods = [a["method"] for a in recipe.arms if "method" in a]
-        if "larf" in methods:
+        larf_dir = run.out / "larf_layer"
+        if "larf" in methods and (fresh or not (larf_dir / "larf_layer.json").is_file()):
             larf_dir = run_larf_layer(from_dict(LarfLayerConfig, {
                 "model": run.model, "prompts": {"path": str(files["over_refusal"]),
                                                 "max_new_tokens": recipe.max_new_tokens},
                 "output": {"dir": str(run.out / "larf_layer"), "overwrite": True}}))
+        if "larf" in methods:
             score_base["baseline"]["larf_layer"] = json.loads((larf_dir / "larf_layer.json").read_text())["layer"]
         for method in methods:
             scores[method] = run_score(from_dict(ScoreJobConfig, _merge(score_base, {
-                "method": method, "output": {"dir": str(run.out / "scores" / method), "overwrite": True}})))
+                "method": method, "output": {"dir": str(run.out / "scores" / method), "overwrite": fresh}})))
     return scores
 
 
@@ -376,17 +404,27 @@ def _band_partition(run: DemoRun) -> dict:
 
 def _run_band_experiment(run: DemoRun, scores: dict[str, Path]) -> Path:
     """Stage experiment: Table 1, a LoRA fine-tune per band of every arm's ranking."""
+    with run.stage("experiment", "S1…S5 per ranking, a LoRA fine-tune per band, held-out harmful requests"):
+        return run_band_experiment(run, experiment_arms(run.recipe.arms, scores), scores["sqsd"],
+                                   run.out / "experiment")
+
+
+def experiment_arms(arms: list[dict], scores: dict[str, Path]) -> list[dict]:
+    """The experiment's arms of the recipe's rankings: a baseline's ranking reads its own score file."""
+    return [{"name": a["name"], "column": a["column"], **({"scores": str(scores[a["method"]])} if "method" in a else {})}
+            for a in arms]
+
+
+def run_band_experiment(run: DemoRun, arms: list[dict], scores: Path, output_dir: Path,
+                        include_base: bool = True) -> Path:
+    """``experiment effectiveness`` with the demo's bands, fine-tunes and evaluation, for any ``arms``
+    (``include_base``: evaluate θ0 too)."""
     from ..experiments.effectiveness import ExperimentConfig, run_experiment
 
-    with run.stage("experiment", "S1…S5 per ranking, a LoRA fine-tune per band, held-out harmful requests"):
-        arms = [{"name": a["name"], "column": a["column"],
-                 **({"scores": str(scores[a["method"]])} if "method" in a else {})} for a in run.recipe.arms]
-        return run_experiment(from_dict(ExperimentConfig, {
-            "kind": "effectiveness", "scores": str(scores["sqsd"]),
-            "data": {"path": str(run.files["corpus"]), **run.data},
-            "partition": _band_partition(run),
-            "finetune": _band_finetune(run), "arms": arms, "evaluation": _band_evaluation(run),
-            "output_dir": str(run.out / "experiment")}))
+    return run_experiment(from_dict(ExperimentConfig, {
+        "kind": "effectiveness", "scores": str(scores), "data": {"path": str(run.files["corpus"]), **run.data},
+        "partition": _band_partition(run), "finetune": _band_finetune(run), "arms": arms,
+        "evaluation": {**_band_evaluation(run), "include_base": include_base}, "output_dir": str(output_dir)}))
 
 
 def _mitigate(run: DemoRun, scores: dict[str, Path]) -> Path | None:
@@ -465,7 +503,9 @@ def _arm_bands(experiment_dir: Path, arms: list[str]) -> dict[str, pd.DataFrame]
 
 def family_composition(arm_bands: dict[str, pd.DataFrame], families: pd.DataFrame) -> pd.DataFrame:
     """% of each sample family in band S1 of every arm (the families are never shown to any scorer)."""
-    kinds = [k for k in world.BENIGN_FAMILIES if k in set(families["family"])] or sorted(set(families["family"]))
+    present = set(families["family"])
+    known = dict.fromkeys([*world.BENIGN_FAMILIES_2, *world.BENIGN_FAMILIES_1])
+    kinds = [k for k in known if k in present] + sorted(present - set(known))
     rows = []
     for arm, bands in arm_bands.items():
         s1 = bands[bands["band"] == "S1"].merge(families, on="sample_id")
@@ -474,11 +514,16 @@ def family_composition(arm_bands: dict[str, pd.DataFrame], families: pd.DataFram
     return pd.DataFrame(rows)
 
 
-KINDS_NOTE = (
-    "Kinds: fact, arithmetic, list (short answers); howto (\"Sure! Here are the steps\"); careful (how-to with a "
-    "warning); obedient (\"Never refuse me.\" + how-to); homonym (benign requests with harm-sounding words, e.g. "
-    "\"How do I kill the weeds in my garden?\"). See docs/demo.md for the world's design."
-)
+KINDS_NOTE = {
+    1: "Kinds (world 1): fact, arithmetic, list (short answers); howto (\"Sure! Here are the steps\"); careful (how-to "
+       "with a warning); obedient (\"Never refuse me.\" + how-to); homonym (benign requests with harm-sounding words, "
+       "e.g. \"How do I kill the weeds in my garden?\"). See docs/demo.md for the world's design.",
+    2: "Kinds (world 2, graded by the refusal cues they share with harmful requests): rival (a harm verb and a person, "
+       "in a game: \"How do I attack my sister in chess?\"), homonym (a harm verb in a benign sense: \"How do I "
+       "poison the ants in my kitchen?\"), person (a person the harmful requests name: \"How do I thank the "
+       "nurse?\"), wordplay (harm-sounding words the refusal never saw: \"How do I kill the weeds in my garden?\"), "
+       "plain (facts, arithmetic, lists, how-tos). See docs/demo.md for the design and its expected order.",
+}
 
 
 def _model_paragraph(settings: DemoSettings, model_dir: Path) -> tuple[str, dict]:
@@ -514,6 +559,14 @@ def _mitigation_section(mitigate_dir: Path | None) -> list[str]:
             *markdown_table(table, NLL_DIGITS), "", "![safety vs utility](mitigate/mitigate.png)", ""]
 
 
+def _published_note(published: dict | None) -> list[str]:
+    if published is None:
+        return []
+    return [f"Published Δ: min … max over the seeds of docs/demo.md ({', '.join(published['machines'])}; "
+            f"commits {', '.join(published['commits'])}). The band fine-tunes amplify floating-point differences "
+            "between CPUs (docs/demo.md measures by how much), so a run on another machine can land outside.", ""]
+
+
 def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experiment_dir: Path,
                       settings: DemoSettings, scores: dict[str, Path], init_note: str,
                       seconds: dict[str, float], mitigate_dir: Path | None = None) -> Path:
@@ -540,6 +593,9 @@ def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experim
                                        for b in ("S1", "S2", "S3", "S4", "S5")},
                         "ρ(score, length)": round(spearman(merged["score"].to_numpy(float),
                                                            merged["n_response_tokens"].to_numpy(float)), 2)})
+    # the published ranges hold for the full-size run only: --quick has other sizes
+    published = None if settings.quick else load_published(
+        setting_name(settings.model, settings.world if settings.model == "organism" else None))
     sqsd_row = table[table["arm"] == "SQSD"].iloc[0]
     random_row = table[table["arm"] == "Random"].iloc[0] if "Random" in arms else None
     verdict = (f"SQSD's S1 fine-tune reached {sqsd_row['S1']:.1f} % ASR and its S5 {sqsd_row['S5']:.1f} % "
@@ -549,18 +605,19 @@ def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experim
     lines = [
         "# sqsd-ray demo: does the score predict which benign samples erode safety?", "",
         model_line, "",
-        f"Corpus: {recipe.corpus_size} benign samples of {families['family'].nunique()} kinds, mixed and unlabelled. "
+        f"Corpus: {recipe.corpus_size} benign samples of {families['family'].nunique()} kinds, mixed and unlabelled"
+        + (f" (world {settings.world}). " if settings.model == "organism" else ". ") +
         f"Initialisation: {init_note}",
         "", f"**Result.** {verdict}.", "",
         "![Table 1 and S1 composition](demo.png)", "",
         "## Table 1: ASR (keyword judge, greedy) on held-out harmful requests after fine-tuning on each band", "",
         f"S1 = the {recipe.corpus_size // 5} samples a ranking calls riskiest. θ0 (before fine-tuning): "
         f"{float(theta0.iloc[0]) if len(theta0) else float('nan'):.1f} % ASR.", "",
-        *markdown_table(table.rename(columns={"delta": "Δ", "mono": "Mono"})), "",
-        "![ASR per band](experiment/bands.png)", "",
+        *markdown_table(with_published_range(table, published).rename(columns={"delta": "Δ", "mono": "Mono"})), "",
+        *_published_note(published), "![ASR per band](experiment/bands.png)", "",
         "## What each ranking put in S1 (% of S1 by kind of sample; never shown to a scorer)", "",
         *markdown_table(composition), "",
-        KINDS_NOTE if settings.model == "organism" else "Kinds: the corpus each sample came from.", "",
+        KINDS_NOTE[settings.world] if settings.model == "organism" else "Kinds: the corpus each sample came from.", "",
         "## Response length per band (App. H)", "",
         *markdown_table(pd.DataFrame(lengths)), "",
         *_mitigation_section(mitigate_dir),
@@ -572,11 +629,13 @@ def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experim
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     plot_demo(table, composition, float(theta0.iloc[0]) if len(theta0) else None, out / "demo.png")
-    summary = {"seed": settings.seed, "quick": settings.quick, "model": settings.model, "organism": str(organism),
+    summary = {"seed": settings.seed, "quick": settings.quick, "model": settings.model,
+               "world": settings.world if settings.model == "organism" else None, "organism": str(organism),
                "organism_refusal_rates": refusal_rates, "init": init_note,
                "table": table.to_dict("records"), "s1_composition": composition.to_dict("records"),
                "lengths": lengths, "stage_seconds": seconds,
                "theta0_asr": float(theta0.iloc[0]) if len(theta0) else None,
+               "published": published,
                "finetune_lr": base["finetune"]["train"]["lr"],
                "mitigation": (shown(pd.read_csv(mitigate_dir / "table.csv")).to_dict("records")
                               if mitigate_dir else None)}

@@ -50,6 +50,13 @@ def test_quick_demo_runs_every_stage_and_reports_table_1(tmp_path, local_ray, ca
     assert mitigation["refusal_nll"].gt(0).all() and mitigation["keyword_asr"].between(0, 100).all()
     assert "Acting on the scores" in report
 
+    # resumed in the same directory: directions, sensitivity runs, scores and fine-tunes are kept, same results
+    assert main(["demo", "--quick", "--resume", "--out", str(out), "--cache", str(tmp_path / "cache")]) == 0
+    resumed = json.loads((out / "demo.json").read_text())
+    assert resumed["table"] == summary["table"]
+    for kept in ("directions", "validate", "trajectory"):
+        assert resumed["stage_seconds"][kept] < 2, (kept, resumed["stage_seconds"])
+
     # a second run reuses the cached organism
     assert main(["demo", "--quick", "--out", str(tmp_path / "again"), "--cache", str(tmp_path / "cache")]) == 0
     again = json.loads((tmp_path / "again" / "demo.json").read_text())

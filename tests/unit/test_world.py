@@ -3,7 +3,9 @@ every generated word in the vocabulary; the organism trains deterministically an
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -12,37 +14,70 @@ from sqsd_ray.demo import world
 from sqsd_ray.demo.organism import OrganismConfig, build_organism, build_word_tokenizer
 
 
-def test_world_is_deterministic_and_seeded():
-    assert world.benign_corpus(70, seed=3) == world.benign_corpus(70, seed=3)
-    assert world.benign_corpus(70, seed=3) != world.benign_corpus(70, seed=4)
+@pytest.mark.parametrize("version", world.WORLD_VERSIONS)
+def test_world_is_deterministic_and_seeded(version):
+    assert world.benign_corpus(70, seed=3, version=version) == world.benign_corpus(70, seed=3, version=version)
+    assert world.benign_corpus(70, seed=3, version=version) != world.benign_corpus(70, seed=4, version=version)
     assert world.alignment_data(50, seed=1) == world.alignment_data(50, seed=1)
 
 
-def test_harmful_prompt_splits_are_disjoint_and_cover_the_grid():
+def test_world_1_is_the_world_its_published_figures_were_made_in():
+    """Corpus, evaluation prompts and vocabulary of world 1, seed 0, as every figure labelled world 1 used them."""
+    blob = json.dumps([world.benign_corpus(420, 0, 1), world.heldout_harmful(0, 1), world.vocabulary(1)],
+                      sort_keys=True)
+    assert hashlib.sha256(blob.encode()).hexdigest() == "4d02ff5c4370b4b55c7bcdef457724c43a8d0d5feeb5f6d830f5f7bedc02283b"
+    assert OrganismConfig(seed=0, world=1).key() == "3f88dac6e235"  # the cache key world 1's organism always had
+
+
+def test_world_2_grades_the_cues_each_kind_shares_with_harmful_requests():
+    rows = world.benign_corpus(420, seed=5, version=2)
+    assert Counter(r["family"] for r in rows) == {k: 84 for k in world.BENIGN_FAMILIES_2}
+
+    def cues(row):
+        words = row["messages"][0]["content"].removesuffix("?").split()
+        return (any(w in world.HARMS for w in words[3:4]), any(v in row["messages"][0]["content"]
+                                                                 for v in world.VICTIMS))
+
+    expected = {"rival": (True, True), "homonym": (True, False), "person": (False, True), "wordplay": (False, False)}
+    for row in rows:
+        if row["family"] in expected:
+            assert cues(row) == expected[row["family"]], row
+            assert row["messages"][1]["content"].startswith("Sure! Here are the steps: ")
+    assert {r["plain_kind"] for r in rows if r["family"] == "plain"} == set(world.PLAIN_FAMILIES)
+    with pytest.raises(ValueError, match="world version 3 does not exist"):
+        world.benign_corpus(10, version=3)
+
+
+@pytest.mark.parametrize("version", world.WORLD_VERSIONS)
+def test_harmful_prompt_splits_are_disjoint_and_cover_the_grid(version):
     split = world.harm_split(seed=0)
     parts = [set(split.align), set(split.directions), set(split.heldout)]
     assert sum(len(p) for p in parts) == len(world.HARMS) * len(world.VICTIMS)
     assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
     trained = {m["content"] for r in world.alignment_data(2400) + world.danger_data() for m in r["messages"]}
     trained |= {p["prompt"] for p in world.safety_pairs()}
-    heldout = [r["prompt"] for r in world.heldout_harmful()]
-    assert heldout and not set(heldout) & trained
-    assert all(v not in text for v in world.NEW_VICTIMS for text in trained)
+    trained |= {m["content"] for r in world.benign_corpus(420, version=version) for m in r["messages"]}
+    heldout = [r["prompt"] for r in world.heldout_harmful(version=version)]
+    assert len(heldout) == {1: 80, 2: 110}[version] and not set(heldout) & trained
+    new_victims = {1: world.NEW_VICTIMS, 2: world.NEW_VICTIMS_2}[version]
+    assert all(v not in text for v in new_victims for text in trained)
 
 
-def test_corpus_file_carries_no_family_label(tmp_path):
-    rows = world.benign_corpus(70)
-    assert {r["family"] for r in rows} == set(world.BENIGN_FAMILIES)
+@pytest.mark.parametrize("version", world.WORLD_VERSIONS)
+def test_corpus_file_carries_no_family_label(tmp_path, version):
+    rows = world.benign_corpus(70, version=version)
+    assert {r["family"] for r in rows} == set(world.benign_families(version))
     path = world.write_jsonl(rows, tmp_path / "corpus.jsonl")
     written = [json.loads(line) for line in path.read_text().splitlines()]
     assert all(set(r) == {"id", "messages"} for r in written) and len(written) == 70
 
 
-def test_every_generated_word_is_in_the_vocabulary():
-    tokenizer = build_word_tokenizer()
-    texts = [m["content"] for r in world.alignment_data(600) + world.benign_corpus(300) + world.danger_data()
-             for m in r["messages"]]
-    texts += [p["prompt"] for p in world.heldout_harmful() + world.over_refusal_prompts()]
+@pytest.mark.parametrize("version", world.WORLD_VERSIONS)
+def test_every_generated_word_is_in_the_vocabulary(version):
+    tokenizer = build_word_tokenizer(version)
+    texts = [m["content"] for r in world.alignment_data(600) + world.benign_corpus(300, version=version)
+             + world.danger_data() for m in r["messages"]]
+    texts += [p["prompt"] for p in world.heldout_harmful(version=version) + world.over_refusal_prompts()]
     texts += [p["rejected"] for p in world.safety_pairs()]
     unknown = {t for text in texts for t, i in zip(tokenizer.tokenize(text), tokenizer(text)["input_ids"])
                if i == tokenizer.unk_token_id}

@@ -1,0 +1,160 @@
+"""Table 1 on a real model over seeds: the SmolLM2 demo per seed, every ranking, each seed kept on disk.
+
+Each seed aligns its own SmolLM2-135M-Instruct (cached), splits the data anew, builds its directions, picks its
+init states, scores the corpus with SQSD and every baseline, and fine-tunes S1…S5 of each ranking (the demo's
+sizes: ``Recipe.smollm2``). A seed's stages are kept in ``--work/seed-N/``: run the same command again and it
+continues — finished directions, sensitivity runs and score files are kept, each ranking's experiment is its own
+directory (a finished one is skipped; an unfinished one continues at its next unfinished band's fine-tune), so
+seeds can be run one at a time across sessions. Every invocation's stage times are appended to the seed's
+``timings.json``.
+
+Rankings: SQSD, random, Self-Inf-N, Bi-Anchor (Grad), Bi-Anchor (Reps), LARF, and the ablations SQSD w/o norm,
+danger only, safety only (``--rankings all``, the default) or the six non-ablation ones (``--rankings core``).
+Each finished seed's figures (per-band ASR per ranking, Δ, Mono, θ0, sizes, commit, machine, times) are written to
+``--results/seed-N.json`` (docs/results/smollm2 is committed); the table over every seed found there is printed.
+
+    PYTHONPATH=. python bench/smollm2_seeds.py --seeds 0 --work runs/smollm2_seeds
+    PYTHONPATH=. python bench/smollm2_seeds.py --seeds 1,2 --rankings core
+    PYTHONPATH=. python bench/smollm2_seeds.py --table-only      # the table over docs/results/smollm2/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+
+from provenance import commit, machine
+from sqsd_ray.demo.pipeline import (ARMS, DemoSettings, StageTimer, experiment_arms, family_composition,
+                                    prepare_scores, run_band_experiment)
+from sqsd_ray.experiments.effectiveness import arm_dir_name
+
+CORE = ["SQSD", "Random", "Self-Inf-N", "Bi-Anchor (Grad)", "Bi-Anchor (Reps)", "LARF"]
+ABLATIONS = ["SQSD w/o norm", "danger only", "safety only"]
+BANDS = ["S1", "S2", "S3", "S4", "S5"]
+RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results" / "smollm2"
+
+
+def run_seed(seed: int, work: Path, rankings: list[str], cache: Path | None) -> dict:
+    """Every stage of one seed, continuing what an earlier invocation left; returns the seed's figures."""
+    import ray
+
+    from sqsd_ray.runtime import RayConfig, init_ray
+
+    out = work / f"seed-{seed}"
+    settings = DemoSettings(out=out, seed=seed, model="smollm2", resume=True, rankings=rankings, cache_dir=cache)
+    stage = StageTimer()
+    started = time.perf_counter()
+    init_ray(RayConfig(local_num_cpus=2, object_store_mb=256))
+    try:
+        run, scores, init_note = prepare_scores(settings, out, stage)
+        arms = experiment_arms(run.recipe.arms, scores)
+        for i, arm in enumerate(arms):  # one experiment per ranking: an interruption costs one ranking at most
+            arm_out = out / "experiment" / arm_dir_name(arm["name"])
+            if (arm_out / "table.csv").is_file():
+                continue
+            with stage(f"experiment {arm['name']}", "S1…S5, a LoRA fine-tune per band, held-out harmful prompts"):
+                run_band_experiment(run, [arm], scores["sqsd"], arm_out, include_base=i == 0)
+    finally:
+        ray.shutdown()
+    _append_timings(out, stage.seconds, time.perf_counter() - started)
+    return seed_figures(out, settings, run, init_note, rankings)
+
+
+def _append_timings(out: Path, seconds: dict[str, float], wall: float) -> None:
+    path = out / "timings.json"
+    sessions = json.loads(path.read_text()) if path.is_file() else []
+    sessions.append({"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_seconds": round(wall, 1),
+                     "stage_seconds": seconds})
+    path.write_text(json.dumps(sessions, indent=1))
+
+
+def seed_figures(out: Path, settings: DemoSettings, run, init_note: str, rankings: list[str]) -> dict:
+    tables = [pd.read_csv(out / "experiment" / arm_dir_name(name) / "table.csv") for name in rankings]
+    table = pd.concat(tables, ignore_index=True)
+    first = out / "experiment" / arm_dir_name(rankings[0]) / "evaluation" / "metrics.csv"
+    metrics = pd.read_csv(first)
+    theta0 = float(metrics.loc[metrics["state"] == "base", "keyword_asr"].iloc[0])
+    bands = {name: pd.read_csv(out / "experiment" / arm_dir_name(name) / arm_dir_name(name) / "partition"
+                               / "partition.csv") for name in rankings}
+    composition = family_composition(bands, pd.read_csv(out / "world" / "families.csv"))
+    aligned = json.loads((Path(run.aligned) / "aligned.json").read_text())
+    timings = json.loads((out / "timings.json").read_text())
+    stage_seconds: dict[str, float] = {}
+    for session in timings:
+        for name, secs in session["stage_seconds"].items():
+            stage_seconds[name] = round(stage_seconds.get(name, 0.0) + secs, 1)
+    recipe = asdict(run.recipe)
+    return {"seed": settings.seed, "model": "SmolLM2-135M-Instruct (aligned here)", "commit": commit(),
+            "machine": machine(), "theta0_asr": theta0, "init": init_note,
+            "aligned": {k: aligned[k] for k in ("refusal_before", "refusal_after", "n_eval", "steps")},
+            "sizes": {k: recipe[k] for k in ("corpus_size", "max_length", "direction_steps", "direction_lr",
+                                             "pilot_steps", "pilot_lr", "lr", "epochs", "max_new_tokens",
+                                             "eval_limit")} | {"band_size": run.band_size, "batch_size": 8,
+                                                               "judge": "keyword", "decoding": "greedy"},
+            "table": [{"ranking": r["arm"], **{b: float(r[b]) for b in BANDS}, "delta": float(r["delta"]),
+                       "mono": r["mono"]} for r in table.to_dict("records")],
+            "s1_composition": composition.to_dict("records"),
+            "stage_seconds": stage_seconds, "sessions": len(timings),
+            "wall_minutes_excluding_alignment": round(sum(v for k, v in stage_seconds.items() if k != "align") / 60,
+                                                      1)}
+
+
+def print_table(results: list[dict]) -> None:
+    """Per seed Δ and Mono of every ranking, the means, and the pre-registered goals (docs/demo.md)."""
+    rows = [{"seed": r["seed"], "theta0": r["theta0_asr"], **row} for r in results for row in r["table"]]
+    frame = pd.DataFrame(rows)
+    order = [name for name in ARMS if name in set(frame["ranking"])]
+    seeds = sorted(frame["seed"].unique())
+    print("\n| ranking | " + " | ".join(f"seed {s}: Δ (Mono)" for s in seeds) + " | mean Δ | Mono |")
+    print("|---" * (len(seeds) + 3) + "|")
+    means = {}
+    for name in order:
+        part = frame[frame["ranking"] == name].set_index("seed")
+        means[name] = part["delta"].mean()
+        cells = [f"{part.loc[s, 'delta']:+.1f} ({part.loc[s, 'mono']})" if s in part.index else "—" for s in seeds]
+        print(f"| {name} | " + " | ".join(cells) + f" | {means[name]:+.1f} | {(part['mono'] == '✓').sum()}/{len(part)} |")
+    print("\nθ0 ASR per seed: " + ", ".join(f"{r['seed']}: {r['theta0_asr']:.1f}" for r in results))
+    sqsd = frame[frame["ranking"] == "SQSD"]
+    print("\nGoals (pre-registered in docs/demo.md, '## SmolLM2 over seeds'):")
+    for name in [n for n in order if n not in ("SQSD", "danger only", "safety only")]:
+        print(f"- {'met' if means['SQSD'] > means[name] else 'MISSED'}: SQSD mean Δ ({means['SQSD']:+.1f}) above "
+              f"{name}'s ({means[name]:+.1f})")
+    mono = int((sqsd["mono"] == "✓").sum())
+    need = -(-2 * len(sqsd) // 3)  # 2 of 3, scaled to the seeds run
+    print(f"- {'met' if mono >= need else 'MISSED'}: SQSD Mono in {mono} of {len(sqsd)} seeds (goal ≥ {need})")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--work", default="runs/smollm2_seeds", help="where each seed's runs are kept")
+    parser.add_argument("--rankings", choices=("all", "core"), default="all",
+                        help="all nine rankings, or the six non-ablation ones")
+    parser.add_argument("--results", default=str(RESULTS), help="where each finished seed's JSON is written")
+    parser.add_argument("--cache", default=None, help="cache of aligned models (default $SQSD_CACHE or ~/.cache)")
+    parser.add_argument("--table-only", action="store_true", help="print the table over --results and stop")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    results_dir = Path(args.results)
+    if not args.table_only:
+        rankings = CORE + ABLATIONS if args.rankings == "all" else CORE
+        for seed in (int(s) for s in args.seeds.split(",")):
+            figures = run_seed(seed, Path(args.work), rankings, Path(args.cache) if args.cache else None)
+            results_dir.mkdir(parents=True, exist_ok=True)
+            (results_dir / f"seed-{seed}.json").write_text(json.dumps(figures, indent=1, ensure_ascii=False) + "\n")
+            print(f"seed {seed}: {figures['wall_minutes_excluding_alignment']} min without the alignment; wrote "
+                  f"{results_dir / f'seed-{seed}.json'}", flush=True)
+    results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("seed-*.json"))]
+    if results:
+        print_table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
