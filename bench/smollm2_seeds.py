@@ -40,14 +40,15 @@ BANDS = ["S1", "S2", "S3", "S4", "S5"]
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results" / "smollm2"
 
 
-def run_seed(seed: int, work: Path, rankings: list[str], cache: Path | None) -> dict:
+def run_seed(seed: int, work: Path, rankings: list[str], cache: Path | None, quick: bool = False) -> dict:
     """Every stage of one seed, continuing what an earlier invocation left; returns the seed's figures."""
     import ray
 
     from sqsd_ray.runtime import RayConfig, init_ray
 
     out = work / f"seed-{seed}"
-    settings = DemoSettings(out=out, seed=seed, model="smollm2", resume=True, rankings=rankings, cache_dir=cache)
+    settings = DemoSettings(out=out, seed=seed, model="smollm2", resume=True, rankings=rankings, cache_dir=cache,
+                            quick=quick)
     stage = StageTimer()
     started = time.perf_counter()
     init_ray(RayConfig(local_num_cpus=2, object_store_mb=256))
@@ -139,13 +140,15 @@ def main() -> int:
     parser.add_argument("--results", default=str(RESULTS), help="where each finished seed's JSON is written")
     parser.add_argument("--cache", default=None, help="cache of aligned models (default $SQSD_CACHE or ~/.cache)")
     parser.add_argument("--table-only", action="store_true", help="print the table over --results and stop")
+    parser.add_argument("--quick", action="store_true", help="the wiring at toy size (demo --quick's sizes); its "
+                        "results go to --work/results, never to the published ones")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    results_dir = Path(args.results)
+    results_dir = Path(args.work) / "results" if args.quick else Path(args.results)
     if not args.table_only:
         rankings = CORE + ABLATIONS if args.rankings == "all" else CORE
         for seed in (int(s) for s in args.seeds.split(",")):
-            figures = run_seed(seed, Path(args.work), rankings, Path(args.cache) if args.cache else None)
+            figures = run_seed(seed, Path(args.work), rankings, Path(args.cache) if args.cache else None, args.quick)
             results_dir.mkdir(parents=True, exist_ok=True)
             (results_dir / f"seed-{seed}.json").write_text(json.dumps(figures, indent=1, ensure_ascii=False) + "\n")
             print(f"seed {seed}: {figures['wall_minutes_excluding_alignment']} min without the alignment; wrote "
