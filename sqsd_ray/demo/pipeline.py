@@ -115,6 +115,10 @@ class Recipe:
     # SmolLM2 (one process per core: generation and scoring gain little from threads)
     actors: int = 1
     pilot_lr: float | None = None  # the trajectory's pilot fine-tune (None: ``lr``)
+    # LARF's layer search answers its over-refusal prompts once per block and scale (121 times on SmolLM2): a
+    # refusal shows in the first words, and one batch per trial saves the per-token overhead of three
+    larf_max_new_tokens: int | None = None  # None: ``max_new_tokens``
+    larf_batch_size: int = 16
 
     @property
     def arms(self) -> list[dict]:
@@ -141,7 +145,8 @@ class Recipe:
                    max_length=256, direction_steps=4 if quick else 40, direction_lr=1e-4,
                    pilot_steps=6 if quick else 60, pilot_lr=1e-4, lr=5e-4, epochs=2,
                    max_new_tokens=8 if quick else 40, eval_limit=6 if quick else 60,
-                   alphas=[0.0, 1.0, 2.0] if quick else [0.0, 0.5, 1.0, 1.5, 2.0], actors=2)
+                   alphas=[0.0, 1.0, 2.0] if quick else [0.0, 0.5, 1.0, 1.5, 2.0], actors=2,
+                   larf_max_new_tokens=8 if quick else 12, larf_batch_size=64)
 
 
 class StageTimer:
@@ -367,7 +372,8 @@ def _score_corpus(run: DemoRun, init_fragment: dict) -> dict[str, Path]:
         if "larf" in methods and (fresh or not (larf_dir / "larf_layer.json").is_file()):
             larf_dir = run_larf_layer(from_dict(LarfLayerConfig, {
                 "model": run.model, "prompts": {"path": str(files["over_refusal"]),
-                                                "max_new_tokens": recipe.max_new_tokens},
+                                                "max_new_tokens": recipe.larf_max_new_tokens or recipe.max_new_tokens,
+                                                "batch_size": recipe.larf_batch_size},
                 "output": {"dir": str(run.out / "larf_layer"), "overwrite": True}}))
         if "larf" in methods:
             score_base["baseline"]["larf_layer"] = json.loads((larf_dir / "larf_layer.json").read_text())["layer"]
