@@ -5,8 +5,8 @@ init states, scores the corpus with SQSD and every baseline, and fine-tunes S1â€
 sizes: ``Recipe.smollm2``). A seed's stages are kept in ``--work/seed-N/``: run the same command again and it
 continues â€” finished directions, sensitivity runs and score files are kept, each ranking's experiment is its own
 directory (a finished one is skipped; an unfinished one continues at its next unfinished band's fine-tune), so
-seeds can be run one at a time across sessions. Every invocation's stage times are appended to the seed's
-``timings.json``.
+seeds can be run one at a time across sessions. Every invocation's stage times are saved to the seed's
+``timings.json`` after each stage, so a run cut short keeps the times of what it finished.
 
 Rankings: SQSD, random, Self-Inf-N, Bi-Anchor (Grad), Bi-Anchor (Reps), LARF, and the ablations SQSD w/o norm,
 danger only, safety only (``--rankings all``, the default) or the six non-ablation ones (``--rankings core``).
@@ -49,8 +49,9 @@ def run_seed(seed: int, work: Path, rankings: list[str], cache: Path | None, qui
     out = work / f"seed-{seed}"
     settings = DemoSettings(out=out, seed=seed, model="smollm2", resume=True, rankings=rankings, cache_dir=cache,
                             quick=quick)
-    stage = StageTimer()
-    started = time.perf_counter()
+    started, session = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S")
+    # saved after every stage: an invocation cut short (a session's end) keeps the times of what it finished
+    stage = StageTimer(on_stage=lambda seconds: _save_timings(out, session, seconds, time.perf_counter() - started))
     init_ray(RayConfig(local_num_cpus=2, object_store_mb=256))
     try:
         run, scores, init_note = prepare_scores(settings, out, stage)
@@ -63,15 +64,17 @@ def run_seed(seed: int, work: Path, rankings: list[str], cache: Path | None, qui
                 run_band_experiment(run, [arm], scores["sqsd"], arm_out, include_base=i == 0)
     finally:
         ray.shutdown()
-    _append_timings(out, stage.seconds, time.perf_counter() - started)
+    _save_timings(out, session, stage.seconds, time.perf_counter() - started)
     return seed_figures(out, settings, run, init_note, rankings)
 
 
-def _append_timings(out: Path, seconds: dict[str, float], wall: float) -> None:
+def _save_timings(out: Path, session: str, seconds: dict[str, float], wall: float) -> None:
+    """This invocation's entry of ``timings.json`` (one per invocation, keyed by its start), written anew."""
     path = out / "timings.json"
-    sessions = json.loads(path.read_text()) if path.is_file() else []
-    sessions.append({"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_seconds": round(wall, 1),
-                     "stage_seconds": seconds})
+    sessions = [s for s in (json.loads(path.read_text()) if path.is_file() else []) if s["started"] != session]
+    sessions.append({"started": session, "commit": commit(), "machine": machine()["cpu"],
+                     "wall_seconds": round(wall, 1), "stage_seconds": dict(seconds)})
+    out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(sessions, indent=1))
 
 
@@ -91,7 +94,9 @@ def seed_figures(out: Path, settings: DemoSettings, run, init_note: str, ranking
         for name, secs in session["stage_seconds"].items():
             stage_seconds[name] = round(stage_seconds.get(name, 0.0) + secs, 1)
     recipe = asdict(run.recipe)
-    return {"seed": settings.seed, "model": "SmolLM2-135M-Instruct (aligned here)", "commit": commit(),
+    # a seed may be finished over several invocations: the commits they ran; stage times add up over them
+    commits = sorted({session.get("commit", "unknown") for session in timings})
+    return {"seed": settings.seed, "model": "SmolLM2-135M-Instruct (aligned here)", "commit": ", ".join(commits),
             "machine": machine(), "theta0_asr": theta0, "init": init_note,
             "aligned": {k: aligned[k] for k in ("refusal_before", "refusal_after", "n_eval", "steps")},
             "sizes": {k: recipe[k] for k in ("corpus_size", "max_length", "direction_steps", "direction_lr",

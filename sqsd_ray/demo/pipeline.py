@@ -150,10 +150,11 @@ class Recipe:
 
 
 class StageTimer:
-    """Times each stage and logs it as it starts."""
+    """Times each stage and logs it as it starts; ``on_stage(seconds)`` after each (e.g. to save them as they come)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_stage=None) -> None:
         self.seconds: dict[str, float] = {}
+        self.on_stage = on_stage
 
     @contextmanager
     def __call__(self, name: str, what: str):
@@ -162,6 +163,8 @@ class StageTimer:
         yield
         self.seconds[name] = round(time.perf_counter() - started, 1)
         log.info("demo stage %-10s done in %.1f s", name, self.seconds[name])
+        if self.on_stage is not None:
+            self.on_stage(self.seconds)
 
 
 def write_world(out: Path, seed: int, corpus_size: int, version: int = world.DEFAULT_WORLD) -> dict[str, Path]:
