@@ -30,6 +30,8 @@ def main() -> int:
     parser.add_argument("--train-seeds", default="0", help="fine-tune seeds, comma-separated")
     parser.add_argument("--epochs", default=None, help="band fine-tune epochs to compare, comma-separated "
                         "(default: the demo's)")
+    parser.add_argument("--lrs", default=None, help="band fine-tune learning rates to compare, comma-separated "
+                        "(default: the demo's)")
     parser.add_argument("--out", default="runs/organism_kinds")
     parser.add_argument("--cache", default=None)
     args = parser.parse_args()
@@ -54,9 +56,10 @@ def main() -> int:
         scores = families.assign(kind_rank=families["family"].map(rank).astype(float), status="ok")
         scores.to_parquet(out / "kind_scores.parquet", index=False)
         epochs = [int(e) for e in args.epochs.split(",")] if args.epochs else [run.recipe.epochs]
-        arms = [{"name": f"epochs {e}, train seed {s}", "column": "kind_rank",
-                 "train_overrides": [f"train.seed={s}", f"train.epochs={e}"]}
-                for e in epochs for s in map(int, args.train_seeds.split(","))]
+        lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else [run.recipe.lr]
+        arms = [{"name": f"lr {lr:g} epochs {e}, train seed {s}", "column": "kind_rank",
+                 "train_overrides": [f"train.seed={s}", f"train.epochs={e}", f"train.lr={lr}"]}
+                for lr in lrs for e in epochs for s in map(int, args.train_seeds.split(","))]
         experiment = run_band_experiment(run, arms, out / "kind_scores.parquet", out / "experiment")
     finally:
         ray.shutdown()
@@ -66,7 +69,7 @@ def main() -> int:
     bands = [f"S{i + 1}" for i in range(5)]
     per_kind = table[bands].rename(columns=dict(zip(bands, kinds)))
     print(f"\nworld {args.world}, design seed {args.seed}: keyword ASR % on {len(world.heldout_harmful(args.seed, args.world))} "
-          f"held-out harmful requests after a LoRA fine-tune (lr {run.recipe.lr:g}) on the samples of one kind; "
+          f"held-out harmful requests after a LoRA fine-tune on the samples of one kind; "
           f"θ0 {theta0:.1f}\n")
     print("| fine-tune | " + " | ".join(kinds) + " |\n|" + "---|" * (len(kinds) + 1))
     for arm, row in zip(table["arm"], per_kind.itertuples(index=False)):

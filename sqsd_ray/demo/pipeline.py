@@ -368,8 +368,10 @@ def _score_corpus(run: DemoRun, init_fragment: dict) -> dict[str, Path]:
     scores = {}
     with run.stage("score", "SQSD on Ray Data, then each baseline through the same pipeline"):
         fresh = not run.settings.resume  # resuming: a finished score run returns at once, a partial one continues
-        scores["sqsd"] = run_score(from_dict(ScoreJobConfig, _merge(score_base, init_fragment, {
-            "output": {"dir": str(run.out / "scores" / "sqsd"), "overwrite": fresh}})))
+        sqsd_config = _merge(score_base, init_fragment, {
+            "output": {"dir": str(run.out / "scores" / "sqsd"), "overwrite": fresh}})
+        scores["sqsd"] = run_score(from_dict(ScoreJobConfig, sqsd_config))
+        write_score_config(run.out / "score_config.yaml", sqsd_config)
         methods = [a["method"] for a in recipe.arms if "method" in a]
         larf_dir = run.out / "larf_layer"
         if "larf" in methods and (fresh or not (larf_dir / "larf_layer.json").is_file()):
@@ -384,6 +386,28 @@ def _score_corpus(run: DemoRun, init_fragment: dict) -> dict[str, Path]:
             scores[method] = run_score(from_dict(ScoreJobConfig, _merge(score_base, {
                 "method": method, "output": {"dir": str(run.out / "scores" / method), "overwrite": fresh}})))
     return scores
+
+
+def write_score_config(path: Path, config: dict) -> Path:
+    """This run's SQSD score config with every local path made absolute, so that
+
+        sqsd-ray score --config <path> --set data.path=my_corpus.jsonl --set output.dir=runs/mine
+
+    scores any corpus with the run's aligned model, its directions and its chosen init states."""
+    def absolute(node):
+        if isinstance(node, dict):
+            return {key: absolute(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [absolute(value) for value in node]
+        return str(Path(node).resolve()) if isinstance(node, str) and node and Path(node).exists() else node
+
+    reusable = {**absolute(config), "output": {"dir": "runs/score", "overwrite": False}}
+    header = ("# The SQSD score config of this demo run: its aligned model, directions and init states.\n"
+              "# Score any corpus with them:\n"
+              f"#   sqsd-ray score --config {path.resolve()} --set data.path=my_corpus.jsonl "
+              "--set output.dir=runs/mine\n")
+    path.write_text(header + yaml.safe_dump(reusable, sort_keys=False, allow_unicode=True))
+    return path
 
 
 def _band_finetune(run: DemoRun) -> dict:

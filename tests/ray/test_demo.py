@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -44,6 +45,13 @@ def test_quick_demo_runs_every_stage_and_reports_table_1(tmp_path, local_ray, ca
     assert len(pd.read_parquet(out / "scores" / "self_inf_n" / "scores.parquet")) == 140
     assert (out / "trajectory" / "sensitivity_drift.csv").is_file()
     assert (out / "validate" / "sensitivity_linear.csv").is_file()
+    # the run's score config scores another corpus with the same model, directions and init states
+    from sqsd_ray.config import load_config
+    from sqsd_ray.scoring.job_config import ScoreJobConfig
+
+    reusable = load_config(ScoreJobConfig, [out / "score_config.yaml"], [f"data.path={out / 'world' / 'corpus.jsonl'}"])
+    assert reusable.model.name_or_path == summary["organism"] and Path(reusable.directions.danger).is_file()
+    assert reusable.output.dir == "runs/score" and not reusable.output.overwrite
     mitigation = pd.DataFrame(summary["mitigation"])  # the mitigate stage: S1 only in --quick
     assert list(zip(mitigation["corpus"], mitigation["method"])) == [
         ("θ0", "base"), *[("S1", m) for m in ("plain", "curated", "spf", "restore_first_order", "restore_curvature")]]

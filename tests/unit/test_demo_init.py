@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -61,3 +62,36 @@ def test_a_different_error_is_not_swallowed(tmp_path):
 
     with pytest.raises(KeyError):
         select_init_states(broken, InitSelectConfig, tmp_path, tmp_path, tmp_path, DIRECTIONS, alphas=[1.0])
+
+
+def test_score_config_of_a_run_scores_another_corpus_from_anywhere(tmp_path, monkeypatch):
+    """demo writes score_config.yaml: its SQSD config with local paths absolute, loadable as a score job."""
+    import yaml
+
+    from sqsd_ray.config import load_config
+    from sqsd_ray.demo.pipeline import write_score_config
+    from sqsd_ray.scoring.job_config import ScoreJobConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run" / "directions").mkdir(parents=True)
+    for name in ("danger", "safety"):
+        (tmp_path / "run" / "directions" / f"{name}.safetensors").write_bytes(b"x")
+    (tmp_path / "run" / "corpus.jsonl").write_text("")
+    config = {"model": {"name_or_path": "tiny-llama", "attn_implementation": "eager"},
+              "data": {"path": "run/corpus.jsonl", "max_length": 128},
+              "directions": {"danger": "run/directions/danger.safetensors",
+                             "safety": "run/directions/safety.safetensors"},
+              "init_states": {"safety": {"kind": "direction", "direction": "safety", "alpha": 0.5}},
+              "output": {"dir": "run/scores/sqsd", "overwrite": True}}
+    path = write_score_config(tmp_path / "run" / "score_config.yaml", config)
+    written = yaml.safe_load(path.read_text())
+    assert written["directions"]["danger"] == str(tmp_path / "run" / "directions" / "danger.safetensors")
+    assert written["model"]["name_or_path"] == "tiny-llama" and written["data"]["max_length"] == 128
+    assert written["output"] == {"dir": "runs/score", "overwrite": False}  # never the demo's own score run
+    assert f"sqsd-ray score --config {path}" in path.read_text().splitlines()[2]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(ScoreJobConfig, [path], ["data.path=mine.jsonl", "output.dir=runs/mine"])
+    assert cfg.data.path == "mine.jsonl" and cfg.init_states.safety.alpha == 0.5
+    assert Path(cfg.directions.safety).is_file() and Path(cfg.directions.danger).is_absolute()
