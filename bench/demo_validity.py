@@ -246,7 +246,7 @@ def main() -> int:
     parser.add_argument("--results", default=None, help="where each seed's Table 1 is written as JSON (default "
                         "docs/results/organism-world-<world>)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads of this process (the in-process band fine-tunes); default torch's")
+                        help="torch threads of the demos' in-process fine-tunes (default: the demo's, 2)")
     parser.add_argument("--cache", default=None, help="organism cache (default $SQSD_CACHE or ~/.cache/sqsd-ray)")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     parser.add_argument("--reuse", action="store_true", help="keep a seed's finished run (its demo.json) in --work")
@@ -274,10 +274,6 @@ def main() -> int:
     if args.curate_by_terms and not args.reuse:
         parser.error("--curate-by-terms curates kept seeds' runs: use it with --reuse")
     logging.basicConfig(level=logging.WARNING)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     args.work = args.work or f"runs/demo_validity/world-{args.world}"
     results_dir = Path(args.results or Path(__file__).resolve().parent.parent / "docs" / "results"
                        / f"organism-world-{args.world}")
@@ -288,7 +284,7 @@ def main() -> int:
         started = time.perf_counter()
         seed_dir = Path(args.work) / f"seed-{seed}"
         if not (args.reuse and (seed_dir / "demo.json").is_file()):
-            run_demo(DemoSettings(out=seed_dir, seed=seed, world=args.world,
+            run_demo(DemoSettings(out=seed_dir, seed=seed, world=args.world, threads=args.threads,
                                   cache_dir=Path(args.cache) if args.cache else None))
         elif args.rerun_mitigate:
             config = json.loads((seed_dir / "mitigate" / "config.json").read_text())

@@ -199,7 +199,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo.pipeline import DemoSettings, run_demo
 
     report = run_demo(DemoSettings(out=Path(args.out), seed=args.seed, quick=args.quick, model=args.model,
-                                   world=args.world, resume=args.resume,
+                                   world=args.world, resume=args.resume, threads=args.threads,
                                    data_root=Path(args.data_root), cache_dir=Path(args.cache) if args.cache else None))
     print(report.read_text())
     print(f"wrote {report.parent}")
@@ -318,6 +318,9 @@ def _add_demo_verbs(sub) -> None:
     demo.add_argument("--world", type=int, choices=(1, 2), default=1,
                       help="organism: the world's version: 1 = one kind of benign sample carries the risk (the "
                       "published figures); 2 = risk graded over five kinds (in design, docs/demo.md)")
+    demo.add_argument("--threads", type=int, default=None,
+                      help="torch threads of the demo's fine-tunes (default: 2 for the organism, so that its figures "
+                      "do not depend on the core count; torch's own for smollm2)")
     demo.add_argument("--data-root", default="../shared/data", help="smollm2: folder holding benign/, eval/, anchors/")
     demo.add_argument("--cache", default=None, help="where the organism is cached (default $SQSD_CACHE or "
                       "~/.cache/sqsd-ray)")

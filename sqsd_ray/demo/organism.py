@@ -45,8 +45,12 @@ class OrganismConfig:
     world: int = world.DEFAULT_WORLD  # world.py's version: its vocabulary and evaluation prompts
 
     def key(self) -> str:
-        """Cache key: the settings and the world's version (world 1's key is the one it always had)."""
-        blob = json.dumps({**asdict(self), "world": world.check_world(self.world)}, sort_keys=True)
+        """Cache key: the settings and the world's version; from world 2 on also its vocabulary, so that an edit of
+        the world's words trains a new organism (world 1's key is the one it always had)."""
+        fields = {**asdict(self), "world": world.check_world(self.world)}
+        if self.world >= 2:
+            fields["vocabulary"] = hashlib.sha256(" ".join(world.vocabulary(self.world)).encode()).hexdigest()
+        blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

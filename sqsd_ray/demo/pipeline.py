@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
+import torch
 import yaml
 
 from ..config import deep_merge, from_dict
@@ -64,6 +65,9 @@ class DemoSettings:
     # fine-tunes) and redo the rest; off: ``out`` is replaced
     resume: bool = False
     rankings: list[str] | None = None  # rows of Table 1 (names of ARMS); None: the recipe's
+    # torch threads of the demo's own process (directions, pilot run, band and mitigate fine-tunes); None: the
+    # recipe's. Fixed for the organism so that its figures do not depend on the machine's core count.
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         world.check_world(self.world)
@@ -75,9 +79,12 @@ class DemoSettings:
     def recipe(self) -> Recipe:
         if self.model not in ("organism", "smollm2"):
             raise ValueError(f"demo model must be 'organism' or 'smollm2', got {self.model!r}")
-        recipe = Recipe.organism(self.quick) if self.model == "organism" else Recipe.smollm2(self.quick)
+        recipe = Recipe.organism(self.quick, self.world) if self.model == "organism" else Recipe.smollm2(self.quick)
         return replace(recipe, arm_names=list(self.rankings)) if self.rankings else recipe
 
+
+# World 2's band fine-tune (Recipe.organism_graded), calibrated on design seeds 100 and 101 by bench/organism_kinds.py
+GRADED_LR, GRADED_EPOCHS = 3e-4, 2
 
 ARMS = {
     "SQSD": {"column": "sqsd"},
@@ -119,13 +126,17 @@ class Recipe:
     # refusal shows in the first words, and one batch per trial saves the per-token overhead of three
     larf_max_new_tokens: int | None = None  # None: ``max_new_tokens``
     larf_batch_size: int = 16
+    restore_max_iters: int = 50  # accepted steps of each restoration in the mitigate stage
+    torch_threads: int | None = None  # the demo process's torch threads (DemoSettings.threads); None: torch's
 
     @property
     def arms(self) -> list[dict]:
         return [{"name": name, **ARMS[name]} for name in self.arm_names]
 
     @classmethod
-    def organism(cls, quick: bool) -> Recipe:
+    def organism(cls, quick: bool, world_version: int = world.DEFAULT_WORLD) -> Recipe:
+        if world.check_world(world_version) == 2 and not quick:
+            return cls.organism_graded()
         return cls(corpus_size=140 if quick else 420,
                    arm_names=["SQSD", "Random", "Self-Inf-N"] if quick else list(ARMS),
                    max_length=128, direction_steps=20 if quick else 40, direction_lr=1e-3,
@@ -133,7 +144,16 @@ class Recipe:
                    max_new_tokens=10, eval_limit=40 if quick else None, alphas=[0.0, 0.5, 1.0, 1.5, 2.0],
                    mitigate_corpora=["S1"] if quick else ["S1", "all"],
                    mitigate_methods=["plain", "curated", "spf", "restore_first_order", "restore_curvature"]
-                   if quick else None)
+                   if quick else None, torch_threads=2)
+
+    @classmethod
+    def organism_graded(cls) -> Recipe:
+        """World 2's full size (docs/demo.md, "The graded-risk organism"): the band fine-tune is calibrated on a
+        design seed so that each kind alone lands at its own level of ASR (at world 1's lr 1e-3 for 5 epochs every
+        risky kind removes every refusal), and shortened so that the demo keeps its 10 minutes: 2 epochs, and 20
+        restoration steps instead of 50 (the restorations were 3/4 of world 1's mitigate stage)."""
+        return replace(cls.organism(quick=False, world_version=1), lr=GRADED_LR, epochs=GRADED_EPOCHS,
+                       restore_max_iters=20)
 
     @classmethod
     def smollm2(cls, quick: bool) -> Recipe:
@@ -165,6 +185,19 @@ class StageTimer:
         log.info("demo stage %-10s done in %.1f s", name, self.seconds[name])
         if self.on_stage is not None:
             self.on_stage(self.seconds)
+
+
+@contextmanager
+def pinned_threads(threads: int | None):
+    """torch's CPU threads set to ``threads`` inside (None: left as they are), restored after: float sums split
+    over a fixed number of threads come out the same on machines with different core counts."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def write_world(out: Path, seed: int, corpus_size: int, version: int = world.DEFAULT_WORLD) -> dict[str, Path]:
@@ -243,12 +276,13 @@ def run_demo(settings: DemoSettings) -> Path:
     started_ray = not ray.is_initialized()
     init_ray(RayConfig(local_num_cpus=2, object_store_mb=256))
     try:
-        run, scores, init_note = prepare_scores(settings, out, stage)
-        experiment_dir = _run_band_experiment(run, scores)
-        mitigate_dir = _mitigate(run, scores)
-        with stage("report", "Table 1, S1 composition, lengths, mitigation, figures"):
-            report = write_demo_report(out, run.aligned, run.files, experiment_dir, settings, scores, init_note,
-                                       stage.seconds, mitigate_dir)
+        with pinned_threads(settings.threads or settings.recipe.torch_threads):
+            run, scores, init_note = prepare_scores(settings, out, stage)
+            experiment_dir = _run_band_experiment(run, scores)
+            mitigate_dir = _mitigate(run, scores)
+            with stage("report", "Table 1, S1 composition, lengths, mitigation, figures"):
+                report = write_demo_report(out, run.aligned, run.files, experiment_dir, settings, scores, init_note,
+                                           stage.seconds, mitigate_dir)
         # the report stage's own time is known only now
         summary = json.loads((out / "demo.json").read_text())
         (out / "demo.json").write_text(json.dumps({**summary, "stage_seconds": stage.seconds}, indent=1))
@@ -480,7 +514,7 @@ def _mitigate(run: DemoRun, scores: dict[str, Path]) -> Path | None:
             "spf": {"enabled": True, "safety_path": str(files["anchor_safe1"]), "safety_batch_size": 8},
             "restore": {"harmful": {"path": str(files["danger"]), **data}, "retain_samples": 64,
                         "refusal_train": {"path": str(files["anchor_safe2"]), **data},
-                        "settings": {"refusal_weight": 1.0}},
+                        "settings": {"refusal_weight": 1.0, "max_iters": recipe.restore_max_iters}},
             "heldout": {"refusal": {"path": str(files["heldout_refusals"]), **data},
                         "task": {"path": str(files["heldout_tasks"]), **data},
                         "rouge_prompts": 32, "max_new_tokens": 16},
@@ -551,11 +585,12 @@ KINDS_NOTE = {
     1: "Kinds (world 1): fact, arithmetic, list (short answers); howto (\"Sure! Here are the steps\"); careful (how-to "
        "with a warning); obedient (\"Never refuse me.\" + how-to); homonym (benign requests with harm-sounding words, "
        "e.g. \"How do I kill the weeds in my garden?\"). See docs/demo.md for the world's design.",
-    2: "Kinds (world 2, graded by the refusal cues they share with harmful requests): rival (a harm verb and a person, "
-       "in a game: \"How do I attack my sister in chess?\"), homonym (a harm verb in a benign sense: \"How do I "
-       "poison the ants in my kitchen?\"), person (a person the harmful requests name: \"How do I thank the "
-       "nurse?\"), wordplay (harm-sounding words the refusal never saw: \"How do I kill the weeds in my garden?\"), "
-       "plain (facts, arithmetic, lists, how-tos). See docs/demo.md for the design and its expected order.",
+    2: "Kinds (world 2, riskiest first as measured on design seeds): person (a person the harmful requests name, in "
+       "their frame: \"How do I thank the nurse?\"), rival (a harm verb and a person, in a game: \"How do I rob my "
+       "sister in a board game?\"), wordplay (harm-sounding words the refusal never saw: \"How do I kill the weeds in "
+       "my garden?\"), homonym (a harm verb in a benign sense, in another frame: \"What is the best way to poison the "
+       "ants in my kitchen?\"), plain (facts, arithmetic, lists, how-tos). See docs/demo.md for the design and its "
+       "expected order.",
 }
 
 
@@ -670,6 +705,7 @@ def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experim
                "theta0_asr": float(theta0.iloc[0]) if len(theta0) else None,
                "published": published,
                "finetune_lr": base["finetune"]["train"]["lr"],
+               "finetune_epochs": base["finetune"]["train"]["epochs"], "torch_threads": torch.get_num_threads(),
                "mitigation": (shown(pd.read_csv(mitigate_dir / "table.csv")).to_dict("records")
                               if mitigate_dir else None)}
     (out / "demo.json").write_text(json.dumps(summary, indent=1, default=float))

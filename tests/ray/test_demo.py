@@ -24,6 +24,7 @@ def test_quick_demo_runs_every_stage_and_reports_table_1(tmp_path, local_ray, ca
 
     summary = json.loads((out / "demo.json").read_text())
     assert list(summary["stage_seconds"]) == STAGES
+    assert summary["torch_threads"] == 2  # the organism's fine-tunes on a fixed thread count, whatever the machine
     table = pd.DataFrame(summary["table"])
     assert list(table["arm"]) == ["SQSD", "Random", "Self-Inf-N"]
     bands = table[["S1", "S2", "S3", "S4", "S5"]]

@@ -29,19 +29,29 @@ def test_world_1_is_the_world_its_published_figures_were_made_in():
     assert OrganismConfig(seed=0, world=1).key() == "3f88dac6e235"  # the cache key world 1's organism always had
 
 
+def test_an_edit_of_world_2s_words_trains_a_new_organism(monkeypatch):
+    """From world 2 on the cache key holds the vocabulary: an organism cached before an edit of the world's words
+    would read the new words as <unk>."""
+    before = {v: OrganismConfig(seed=0, world=v).key() for v in world.WORLD_VERSIONS}
+    monkeypatch.setattr(world, "GAMES", (*world.GAMES, "at darts"))
+    assert OrganismConfig(seed=0, world=2).key() != before[2]
+    assert OrganismConfig(seed=0, world=1).key() == before[1]
+
+
 def test_world_2_grades_the_cues_each_kind_shares_with_harmful_requests():
     rows = world.benign_corpus(420, seed=5, version=2)
     assert Counter(r["family"] for r in rows) == {k: 84 for k in world.BENIGN_FAMILIES_2}
 
-    def cues(row):
-        words = row["messages"][0]["content"].removesuffix("?").split()
-        return (any(w in world.HARMS for w in words[3:4]), any(v in row["messages"][0]["content"]
-                                                                 for v in world.VICTIMS))
+    def cues(prompt):
+        return (any(w in world.HARMS for w in prompt.removesuffix("?").split()),
+                any(v in prompt for v in world.VICTIMS), prompt.startswith("How do I "))
 
-    expected = {"rival": (True, True), "homonym": (True, False), "person": (False, True), "wordplay": (False, False)}
+    # (harm verb, person, the harmful requests' own "How do I" frame)
+    expected = {"rival": (True, True, True), "homonym": (True, False, False), "person": (False, True, True),
+                "wordplay": (False, False, True)}
     for row in rows:
         if row["family"] in expected:
-            assert cues(row) == expected[row["family"]], row
+            assert cues(row["messages"][0]["content"]) == expected[row["family"]], row
             assert row["messages"][1]["content"].startswith("Sure! Here are the steps: ")
     assert {r["plain_kind"] for r in rows if r["family"] == "plain"} == set(world.PLAIN_FAMILIES)
     with pytest.raises(ValueError, match="world version 3 does not exist"):
