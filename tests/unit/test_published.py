@@ -55,3 +55,12 @@ def test_published_file_matches_the_result_files():
         return
     for folder in folders:
         assert load_published(folder.name) == json.loads(json.dumps(collect_ranges(folder))), folder.name
+
+
+def test_a_run_that_repeats_a_published_seed_is_inside(tmp_path):
+    """The ranges are kept to 2 decimals; Δ of 110 prompts (4.5454…) rounds outside its own range without a margin."""
+    _seed(tmp_path, 0, [100 * 5 / 110, 0, 0, 0, 0])
+    _seed(tmp_path, 1, [100 * 9 / 110, 0, 0, 0, 0])
+    published = json.loads(json.dumps(collect_ranges(tmp_path)))
+    table = pd.DataFrame({"arm": ["SQSD"] * 3, "delta": [100 * 5 / 110, 100 * 9 / 110, 100 * 10 / 110]})
+    assert list(with_published_range(table, published)["inside"]) == ["✓", "✓", "✗"]
