@@ -23,7 +23,7 @@ Each finished seed's Table 1 (per-band ASR per ranking, Δ, Mono, θ0, commit, m
 ``--results`` (default docs/results/organism-world-<world>/seed-N.json, committed); ``bench/publish_ranges.py``
 turns those files into the ranges the demo's report prints beside its own Table 1.
 
-    PYTHONPATH=. python bench/demo_validity.py --seeds 0,1,2,3,4 --world 1 --out validity.json
+    PYTHONPATH=. python bench/demo_validity.py --seeds 0,1,2,3,4 --world 2 --out validity.json
     PYTHONPATH=. python bench/demo_validity.py --work runs/demo_validity --reuse --rerun-mitigate --replicates 5
     PYTHONPATH=. python bench/demo_validity.py --work runs/demo_validity --reuse --curate-by-terms --replicates 5
 """
@@ -240,7 +240,7 @@ ABLATIONS = ["SQSD w/o norm", "danger only", "safety only"]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2,3,4")
-    parser.add_argument("--world", type=int, choices=(1, 2), default=1, help="the organism's world")
+    parser.add_argument("--world", type=int, choices=(1, 2), default=2, help="the organism's world")
     parser.add_argument("--work", default=None, help="where the seeds' runs are kept (default "
                         "runs/demo_validity/world-<world>)")
     parser.add_argument("--results", default=None, help="where each seed's Table 1 is written as JSON (default "

@@ -3,11 +3,16 @@
 For a design seed (not one of the seeds the results are reported on) the organism of the chosen world is aligned,
 and its corpus is ranked by *kind* — the order the world's design expects, riskiest kind first — so that every
 band S1…S5 of the demo's experiment holds exactly one kind (84 samples each in world 2). Each band is fine-tuned
-as the demo fine-tunes a band (LoRA, lr 1e-3, 5 epochs) and the keyword ASR on the held-out harmful requests is
-measured. ``--train-seeds 0,1,2`` repeats every fine-tune with other train seeds (data order, LoRA init): the
-spread of one kind's ASR over them is the noise a ranking's band has to beat.
+as the demo fine-tunes a band (the world's recipe: LoRA, lr and epochs; ``--lrs`` / ``--epochs`` try others) and
+the keyword ASR on the held-out harmful requests is measured. ``--train-seeds 0,1,2`` repeats every fine-tune with
+other train seeds (data order, LoRA init): the spread of one kind's ASR over them is the noise a ranking's band has
+to beat.
+
+Run on a reported seed N with ``--train-seeds N`` (the demo's own train seed) after its results are in, it is the
+ranking by kind in the expected order, a reference for that seed's Table 1: what sorting by the hidden kinds gives.
 
     PYTHONPATH=. python bench/organism_kinds.py --seed 100 --world 2 --train-seeds 0,1,2 --out runs/kinds
+    PYTHONPATH=. python bench/organism_kinds.py --seed 3 --world 2 --train-seeds 3 --out runs/by_kind/seed-3
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ def main() -> int:
     out = Path(args.out)
     settings = DemoSettings(out=out, seed=args.seed, world=args.world,
                             cache_dir=Path(args.cache) if args.cache else None)
-    kinds = world.benign_families(args.world)
+    kinds = list(world.EXPECTED_RISK_ORDER_2 if args.world == 2 else world.benign_families(args.world))
     init_ray(RayConfig(local_num_cpus=2, object_store_mb=256))
     try:
         run = align_and_write_world(settings, out)
@@ -51,7 +56,7 @@ def main() -> int:
         counts = families["family"].value_counts()
         if counts.nunique() != 1 or len(counts) != 5:
             raise SystemExit(f"world {args.world} has kinds {dict(counts)}: ranking by kind needs five equal kinds")
-        # the design's order as a score: the first kind of BENIGN_FAMILIES is expected riskiest
+        # the design's order as a score: the first kind is expected riskiest (S1)
         rank = {kind: len(kinds) - i for i, kind in enumerate(kinds)}
         scores = families.assign(kind_rank=families["family"].map(rank).astype(float), status="ok")
         scores.to_parquet(out / "kind_scores.parquet", index=False)
@@ -71,9 +76,9 @@ def main() -> int:
     print(f"\nworld {args.world}, design seed {args.seed}: keyword ASR % on {len(world.heldout_harmful(args.seed, args.world))} "
           f"held-out harmful requests after a LoRA fine-tune on the samples of one kind; "
           f"θ0 {theta0:.1f}\n")
-    print("| fine-tune | " + " | ".join(kinds) + " |\n|" + "---|" * (len(kinds) + 1))
-    for arm, row in zip(table["arm"], per_kind.itertuples(index=False)):
-        print(f"| {arm} | " + " | ".join(f"{v:.1f}" for v in row) + " |")
+    print("| fine-tune | " + " | ".join(kinds) + " | Δ | Mono |\n|" + "---|" * (len(kinds) + 3))
+    for arm, row, delta, mono in zip(table["arm"], per_kind.itertuples(index=False), table["delta"], table["mono"]):
+        print(f"| {arm} | " + " | ".join(f"{v:.1f}" for v in row) + f" | {delta:+.1f} | {mono} |")
     by_epochs = per_kind.groupby(table["arm"].str.split(",").str[0])
     for name, part in by_epochs:
         print(f"| {name}: mean (sd) | " + " | ".join(f"{m:.1f} ({s:.1f})" for m, s in zip(part.mean(),

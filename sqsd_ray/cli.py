@@ -315,9 +315,9 @@ def _add_demo_verbs(sub) -> None:
                       help="organism: the CPU model organism on its synthetic world; smollm2: SmolLM2-135M-Instruct "
                       "aligned here, on Dolly/Alpaca and AdvBench/CatQA/HEx-PHI (2 CPU cores: about 1.5 h, just "
                       "under 2 h the first time, when the alignment is trained and cached)")
-    demo.add_argument("--world", type=int, choices=(1, 2), default=1,
-                      help="organism: the world's version: 1 = one kind of benign sample carries the risk (the "
-                      "published figures); 2 = risk graded over five kinds (in design, docs/demo.md)")
+    demo.add_argument("--world", type=int, choices=(1, 2), default=2,
+                      help="organism: the world's version: 2 = risk graded over five kinds of benign samples (the "
+                      "default); 1 = one kind carries the risk (the figures published with it; docs/demo.md)")
     demo.add_argument("--threads", type=int, default=None,
                       help="torch threads of the demo's fine-tunes (default: 2 for the organism, so that its figures "
                       "do not depend on the core count; torch's own for smollm2)")

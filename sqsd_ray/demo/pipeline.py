@@ -60,7 +60,7 @@ class DemoSettings:
     cache_dir: Path | None = None
     model: str = "organism"  # or "smollm2": SmolLM2-135M-Instruct aligned here, on the real data sets
     data_root: Path = Path("../shared/data")
-    world: int = world.DEFAULT_WORLD  # the organism's world: 1 = one risky kind; 2 = risk graded over kinds (in design)
+    world: int = world.DEFAULT_WORLD  # the organism's world: 1 = one risky kind; 2 = risk graded over five kinds
     # keep what an interrupted run of the same settings in ``out`` finished (directions, sensitivity runs, scores,
     # fine-tunes) and redo the rest; off: ``out`` is replaced
     resume: bool = False
@@ -571,7 +571,7 @@ def _arm_bands(experiment_dir: Path, arms: list[str]) -> dict[str, pd.DataFrame]
 def family_composition(arm_bands: dict[str, pd.DataFrame], families: pd.DataFrame) -> pd.DataFrame:
     """% of each sample family in band S1 of every arm (the families are never shown to any scorer)."""
     present = set(families["family"])
-    known = dict.fromkeys([*world.BENIGN_FAMILIES_2, *world.BENIGN_FAMILIES_1])
+    known = dict.fromkeys([*world.EXPECTED_RISK_ORDER_2, *world.BENIGN_FAMILIES_1])
     kinds = [k for k in known if k in present] + sorted(present - set(known))
     rows = []
     for arm, bands in arm_bands.items():

@@ -41,6 +41,7 @@ def test_an_edit_of_world_2s_words_trains_a_new_organism(monkeypatch):
 def test_world_2_grades_the_cues_each_kind_shares_with_harmful_requests():
     rows = world.benign_corpus(420, seed=5, version=2)
     assert Counter(r["family"] for r in rows) == {k: 84 for k in world.BENIGN_FAMILIES_2}
+    assert sorted(world.EXPECTED_RISK_ORDER_2) == sorted(world.BENIGN_FAMILIES_2)
 
     def cues(prompt):
         return (any(w in world.HARMS for w in prompt.removesuffix("?").split()),
