@@ -83,7 +83,10 @@ def main() -> int:
     for name, part in by_epochs:
         print(f"| {name}: mean (sd) | " + " | ".join(f"{m:.1f} ({s:.1f})" for m, s in zip(part.mean(),
                                                                                      part.std().fillna(0))) + " |")
-    (out / "kinds.json").write_text(json.dumps({"world": args.world, "design_seed": args.seed, "theta0": theta0,
+    from provenance import commit, machine
+
+    (out / "kinds.json").write_text(json.dumps({"world": args.world, "seed": args.seed, "commit": commit(),
+                                                "machine": machine(), "theta0": theta0,
                                                 "kinds": kinds, "arms": list(table["arm"]), "asr": per_kind.to_dict("records")}, indent=1))
     return 0
 
