@@ -148,8 +148,8 @@ class Recipe:
 
     @classmethod
     def organism_graded(cls) -> Recipe:
-        """World 2's full size (docs/demo.md, "The graded-risk organism"): the band fine-tune is calibrated on a
-        design seed so that each kind alone lands at its own level of ASR (at world 1's lr 1e-3 for 5 epochs every
+        """World 2's full size (docs/demo.md, "The graded-risk organism"): the band fine-tune is calibrated on
+        design seeds 100 and 101 so that each kind alone lands at its own level of ASR (at world 1's lr 1e-3 for 5 epochs every
         risky kind removes every refusal), and shortened so that the demo keeps its 10 minutes: 2 epochs, and 20
         restoration steps instead of 50 (the restorations were 3/4 of world 1's mitigate stage)."""
         return replace(cls.organism(quick=False, world_version=1), lr=GRADED_LR, epochs=GRADED_EPOCHS,
