@@ -18,17 +18,15 @@ from pathlib import Path
 import pandas as pd
 
 from sqsd_ray.demo.pipeline import DemoSettings, run_demo
+from sqsd_ray.demo.published import BANDS
 from sqsd_ray.scoring.summary import markdown_table
-
-BANDS = ["S1", "S2", "S3", "S4", "S5"]
-
 
 def compare(first: Path, second: Path) -> dict:
     """Table 1 of two demo runs side by side: per ranking the largest band gap, both Δ and both Mono."""
     a, b = (pd.DataFrame(json.loads((run / "demo.json").read_text())["table"]).set_index("arm") for run in (first, second))
     rows = []
     for arm in a.index:
-        gaps = (a.loc[arm, BANDS] - b.loc[arm, BANDS]).abs()
+        gaps = (a.loc[arm, list(BANDS)] - b.loc[arm, list(BANDS)]).abs()
         rows.append({"ranking": arm, "max band gap": float(gaps.max()), "bands that differ": int((gaps > 0).sum()),
                      "Δ first": float(a.loc[arm, "delta"]), "Δ second": float(b.loc[arm, "delta"]),
                      "Mono": f"{a.loc[arm, 'mono']} / {b.loc[arm, 'mono']}"})

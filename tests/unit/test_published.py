@@ -58,7 +58,7 @@ def test_published_file_matches_the_result_files():
 
 
 def test_a_run_that_repeats_a_published_seed_is_inside(tmp_path):
-    """The ranges are kept to 2 decimals; Δ of 110 prompts (4.5454…) rounds outside its own range without a margin."""
+    """Δ of 110 prompts (4.5454…) rounded to 2 decimals in the ranges fell outside its own range."""
     _seed(tmp_path, 0, [100 * 5 / 110, 0, 0, 0, 0])
     _seed(tmp_path, 1, [100 * 9 / 110, 0, 0, 0, 0])
     published = json.loads(json.dumps(collect_ranges(tmp_path)))
