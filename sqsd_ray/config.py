@@ -67,7 +67,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        not_finite = None
+        not_finite = section_error = None
         for arg in args:
             if arg is type(None):
                 continue
@@ -75,10 +75,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except _NotFinite as err:
                 not_finite = err
-            except ConfigError:
+            except ConfigError as err:
+                # a mapping given for an optional section: its own error (which key, which value) says more
+                if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                    section_error = err
                 continue
         if not_finite is not None:
             raise not_finite
+        if section_error is not None:
+            raise section_error
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value in get_args(tp):

@@ -49,3 +49,18 @@ def save_random_directions(root: Path, model: str, seeds: tuple[int, int] = (1, 
     shapes = lora_module_shapes(load_model(ModelConfig(name_or_path=model)), LoraSettings())
     return {kind: random_direction(shapes, rank=8, seed=seed, kind=kind).save(root / f"{kind}.safetensors")
             for kind, seed in zip(("danger", "safety"), seeds)}
+
+
+def interrupt_scoring_after_parts(monkeypatch, parts: int):
+    """Make in-process scoring stop with Ctrl-C when it starts part ``parts + 1``; returns a function that undoes it."""
+    from sqsd_ray.scoring import blocks
+
+    call = blocks.BlockScorer.__call__
+
+    def interrupt(self, block):
+        if self.calls == parts:
+            raise KeyboardInterrupt
+        return call(self, block)
+
+    monkeypatch.setattr(blocks.BlockScorer, "__call__", interrupt)
+    return lambda: monkeypatch.setattr(blocks.BlockScorer, "__call__", call)

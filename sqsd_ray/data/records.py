@@ -87,6 +87,20 @@ ROLES = ("system", "user", "assistant")
 
 
 @dataclass
+class DataSample:
+    """A seeded random subset of the samples that survive validation and de-duplication (the paper's "random 5k
+    subset", §5.1): each sample's rank is a hash of (seed, sample_id), and the ``n`` lowest are drawn, kept in file
+    order. So the draw depends only on the seed and the ids, not on the library versions or the record order."""
+
+    n: int = help_field(help="how many samples to draw (all of them, with a warning, when fewer survive)")
+    seed: int = help_field(0, help="seed of the draw; another seed draws another subset")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ConfigError(f"data.sample.n must be an integer >= 1, got {self.n!r}")
+
+
+@dataclass
 class DataConfig:
     """Where the fine-tuning data is and how strictly to read it."""
 
@@ -134,7 +148,12 @@ class DataConfig:
         "skip", help="Repeated sample_id. skip: drop identical repeats (counted), treat an id reused for different"
         " content as a bad record; keep_first: drop every repeat (counted), first wins; error: raise."
     )
-    limit: int | None = help_field(None, help="Keep only the first N valid records.")
+    limit: int | None = help_field(None, help="Keep only the first N valid records (see sample for a random subset).")
+    sample: DataSample | None = help_field(
+        None, help="{n, seed}: a seeded random subset of n samples drawn from those that survive validation and "
+        "de-duplication (the paper's random 5k subsets); recorded in the report with the drawn ids' fingerprint. "
+        "Not together with limit."
+    )
     require_response: bool = help_field(
         True, help="If false, records without a response are kept with response '' (responses generated later)."
     )
@@ -154,6 +173,9 @@ class DataConfig:
             raise ConfigError(f"data.max_length must be >= 2 (a prompt and a response token), got {self.max_length}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"data.limit must be >= 1 or null, got {self.limit}")
+        if self.limit is not None and self.sample is not None:
+            raise ConfigError(f"data.limit ({self.limit}: the first N records) and data.sample ({self.sample.n} drawn "
+                              "at random) are both set; give one of them")
         if not isinstance(self.keep_if, dict):
             raise ConfigError(f"data.keep_if must be a mapping of field -> value, got {self.keep_if!r}")
         if self.preset is not None:  # an unknown name fails here, listing the known ones, not at load time
@@ -177,6 +199,8 @@ class DataReport:
     # record_index -> sample_id of each record skipped as an identical repeat of a kept sample: a tool that
     # rewrites the file (curate) gives such a record the fate of its first occurrence
     duplicates: dict[int, str] = field(default_factory=dict)
+    # data.sample: {n, seed, pool (samples it drew from), drawn, ids_fingerprint}; None without it
+    sampled: dict[str, Any] | None = None
 
     max_examples: ClassVar[int] = 3
 
@@ -199,6 +223,9 @@ class DataReport:
             f"  truncated:    {self.truncated}",
             f"  skipped:      {self.n_skipped}",
         ]
+        if self.sampled is not None:
+            lines.insert(3, f"  sampled:      {self.sampled['drawn']} of {self.sampled['pool']} (data.sample seed "
+                            f"{self.sampled['seed']}, ids {self.sampled['ids_fingerprint']})")
         for reason, count in sorted(self.skipped.items(), key=lambda kv: (-kv[1], kv[0])):
             lines.append(f"    {reason}: {count}")
             lines.extend(f"      e.g. {example}" for example in self.examples.get(reason, []))
@@ -215,6 +242,7 @@ class DataReport:
             "n_skipped": self.n_skipped,
             "truncated": self.truncated,
             "examples": {reason: list(msgs) for reason, msgs in self.examples.items()},
+            "sampled": self.sampled,
         }
 
 
@@ -619,7 +647,8 @@ def load_samples(cfg: DataConfig) -> tuple[list[Sample], DataReport]:
     """Read ``cfg.path`` and normalise every record; bad records and duplicates per the config's policies.
 
     JSONL is streamed line by line; other formats are read whole. The schema is detected (when ``auto``) from
-    the first record that is an object. ``limit`` stops reading once that many samples are kept.
+    the first record that is an object. ``limit`` stops reading once that many samples are kept; ``sample`` draws
+    its seeded subset from every sample that survives (:func:`draw_sample`).
     """
     transform = None
     if cfg.preset:
@@ -682,10 +711,37 @@ def load_samples(cfg: DataConfig) -> tuple[list[Sample], DataReport]:
         after = " after the preset's transform" if transform is not None else ""
         raise ConfigError(f"data.keep_if field {never_seen[0]!r} is in no record of {file}, so none was selected; "
                           f"the first record has the fields {keep_if_keys}{after}")
+    if cfg.sample is not None:
+        samples = draw_sample(samples, cfg.sample, report)
     if report.n_skipped:
-        only_unselected = set(report.skipped) == {"not_selected"}
+        only_unselected = set(report.skipped) <= {"not_selected", "not_drawn"}
         logger.log(logging.INFO if only_unselected else logging.WARNING, "%s", report.summary())
     return samples, report
+
+
+def draw_sample(samples: list[Sample], spec: DataSample, report: DataReport) -> list[Sample]:
+    """The ``spec.n`` samples whose hash of (seed, sample_id) is lowest, in their input order; the others are
+    counted as skipped ``not_drawn`` (so ``records_read == kept + skipped`` still holds) and the draw is recorded
+    in ``report.sampled`` with a fingerprint of the drawn ids."""
+    def rank(sample: Sample) -> str:
+        return hashlib.sha256(f"{spec.seed}\0{sample.sample_id}".encode()).hexdigest()
+
+    pool = len(samples)
+    if spec.n >= pool:
+        if spec.n > pool:
+            logger.warning("data.sample.n is %d but only %d samples of %s survive validation: all are kept",
+                           spec.n, pool, report.source)
+        drawn = samples
+    else:
+        chosen = {s.sample_id for s in sorted(samples, key=rank)[:spec.n]}
+        drawn = [s for s in samples if s.sample_id in chosen]
+        report.skipped["not_drawn"] = report.skipped.get("not_drawn", 0) + pool - len(drawn)
+        report.examples.setdefault("not_drawn", []).append(
+            f"{pool - len(drawn)} samples not drawn by data.sample (n {spec.n}, seed {spec.seed})")
+    report.kept = len(drawn)
+    ids = hashlib.sha256("\n".join(sorted(s.sample_id for s in drawn)).encode()).hexdigest()[:16]
+    report.sampled = {"n": spec.n, "seed": spec.seed, "pool": pool, "drawn": len(drawn), "ids_fingerprint": ids}
+    return drawn
 
 
 def _repeat_error(first: Sample, sample: Sample, loc: Location, cfg: DataConfig) -> tuple[DataError, bool, bool]:

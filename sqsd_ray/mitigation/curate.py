@@ -18,7 +18,7 @@ ties by sample_id), and then, with n ranked samples:
 
 Records that have no usable score are kept (weight ``unscored_weight`` in reweight mode) and counted by why:
 no score row, a score that is not ok / not finite, or not read as a sample at all (not selected by a preset or
-``keep_if``, skipped as a bad record, beyond ``data.limit``). An identical repeat of a sample (a duplicate
+``keep_if``, skipped as a bad record, beyond ``data.limit``, outside the ``data.sample`` draw). An identical repeat of a sample (a duplicate
 ``load_samples`` skipped) shares its first occurrence's fate. Score rows without a corpus record are counted.
 
 Outputs in ``output.dir``:
@@ -129,7 +129,8 @@ class CurateConfig:
     )
     threshold: float | None = help_field(None, help="drop_above: scores beyond it are removed")
     unread_records: Literal["keep", "drop"] = help_field(
-        "keep", help="records the data config does not read as samples (beyond data.limit, not selected by a preset "
+        "keep", help="records the data config does not read as samples (beyond data.limit, outside the data.sample "
+        "draw, not selected by a preset "
         "or keep_if, bad records skipped): keep writes them unchanged, drop leaves them out (e.g. to keep only the "
         "scored data.limit subset); counted either way"
     )

@@ -26,7 +26,7 @@ from sqsd_ray.models.directions import random_direction
 from sqsd_ray.models.loading import ModelConfig, load_model
 from sqsd_ray.models.lora import LoraSettings, lora_module_shapes
 from sqsd_ray.scoring import blocks
-from tests.conftest import REPO_ROOT, save_random_directions
+from tests.conftest import REPO_ROOT, interrupt_scoring_after_parts, save_random_directions
 
 N = 12
 SCORE_COLUMNS = ["sqsd", "sqsd_raw", "danger_proj", "safety_proj", "danger_proj_raw", "safety_proj_raw",
@@ -118,21 +118,14 @@ def test_a_failed_overwrite_leaves_the_earlier_run_byte_for_byte(job, earlier_ru
 
 def test_an_interrupted_overwrite_keeps_the_earlier_run_and_resumes(job, earlier_run, tmp_path, capsys, monkeypatch):
     before = _snapshot(earlier_run)
-    call = blocks.BlockScorer.__call__
-
-    def interrupt_on_second_part(self, block):
-        if self.calls == 1:
-            raise KeyboardInterrupt
-        return call(self, block)
-
-    monkeypatch.setattr(blocks.BlockScorer, "__call__", interrupt_on_second_part)
+    undo = interrupt_scoring_after_parts(monkeypatch, 1)
     overwrite = ["--set", "output.overwrite=true", "--set", "data.max_length=200"]  # another job: a real overwrite
     assert _score(job, earlier_run, *overwrite) == 130
     err = capsys.readouterr().err
     staging = next(tmp_path.glob(".run.staging-*"))
     assert f"interrupted: 4 of {N} samples kept in {staging}; rerun the same command to resume" in err
     assert _snapshot(earlier_run) == before
-    monkeypatch.setattr(blocks.BlockScorer, "__call__", call)
+    undo()
     assert _score(job, earlier_run, *overwrite) == 0
     run = json.loads((earlier_run / "run.json").read_text())
     assert run["resume"]["kept"] == 4 and run["samples_scored_this_run"] == N - 4
