@@ -38,13 +38,19 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def help_field(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
-    """A dataclass field with help text; mutable defaults go through ``default_factory``."""
+def help_field(default: Any = dataclasses.MISSING, help: str = "", identity_if_set: bool = False,
+               **kwargs: Any) -> Any:
+    """A dataclass field with help text; mutable defaults go through ``default_factory``.
+
+    ``identity_if_set``: the field joins a run's identity (``identity_dict``) only when it differs from its default.
+    For a field added later whose default keeps the earlier behaviour, so runs made before it still resume.
+    """
+    metadata = {"help": help, "identity_if_set": identity_if_set}
     if isinstance(default, (list, dict, set)):
         value = default
         kwargs["default_factory"] = lambda: type(value)(value)
-        return dataclasses.field(metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+        return dataclasses.field(metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
 def _type_name(tp: Any) -> str:
@@ -168,6 +174,30 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+def identity_dict(obj: Any) -> Any:
+    """``to_dict`` for the identities resume compares: fields marked ``identity_if_set`` are left out while they
+    hold their default."""
+    if dataclasses.is_dataclass(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.metadata.get("identity_if_set") and value == _default(f):
+                continue
+            out[f.name] = identity_dict(value)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [identity_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: identity_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

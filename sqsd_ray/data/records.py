@@ -152,7 +152,7 @@ class DataConfig:
     sample: DataSample | None = help_field(
         None, help="{n, seed}: a seeded random subset of n samples drawn from those that survive validation and "
         "de-duplication (the paper's random 5k subsets); recorded in the report with the drawn ids' fingerprint. "
-        "Not together with limit."
+        "Not together with limit.", identity_if_set=True,
     )
     require_response: bool = help_field(
         True, help="If false, records without a response are kept with response '' (responses generated later)."

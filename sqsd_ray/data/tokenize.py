@@ -11,6 +11,11 @@ and the full conversation as text; the response is the text suffix after the pro
 tokenised separately and concatenated, instead of searching for the boundary in one tokenisation. The
 end-of-turn token is supervised (the model must learn to stop); whitespace the template puts after a final eos
 (ChatML's newline after ``<|im_end|>``) is dropped, as the model never generates it.
+
+Every render passes the tokenizer's extra template variables (``model.chat_template_kwargs``, attached by
+``models.loading.load_tokenizer`` through :func:`set_chat_template_kwargs`) to ``apply_chat_template``, so
+training, scoring and generation see the same text. For Qwen3, ``enable_thinking: false`` moves the empty
+``<think>`` block from the supervised response into the prompt (why: docs/scoring.md, Qwen3's think block).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 
 IGNORE_INDEX = -100  # label value the HF/torch cross-entropy ignores
+CHAT_TEMPLATE_KWARGS_ATTR = "sqsd_chat_template_kwargs"  # tokenizer attribute read by every render here
 
 
 @dataclass
@@ -86,11 +92,23 @@ def _has_chat_template(tokenizer: Any) -> bool:
     return False
 
 
+def set_chat_template_kwargs(tokenizer: Any, kwargs: dict[str, Any]) -> None:
+    """Attach extra chat-template variables (e.g. ``{"enable_thinking": False}``) to ``tokenizer``; every render
+    in this module passes them to ``apply_chat_template``. A plain attribute, so it survives pickling to Ray."""
+    setattr(tokenizer, CHAT_TEMPLATE_KWARGS_ATTR, dict(kwargs))
+
+
+def chat_template_kwargs(tokenizer: Any) -> dict[str, Any]:
+    """The extra chat-template variables attached by :func:`set_chat_template_kwargs` ({} if none)."""
+    return dict(getattr(tokenizer, CHAT_TEMPLATE_KWARGS_ATTR, None) or {})
+
+
 def _render_prompt(sample: Sample, tokenizer: Any) -> str:
     """The prompt turns as text ending with the generation prompt (the prompt half of the training render)."""
     if not _has_chat_template(tokenizer):
         return _render_fallback(sample, tokenizer.eos_token or "")[0]
-    return tokenizer.apply_chat_template(list(sample.messages), add_generation_prompt=True, tokenize=False)
+    return tokenizer.apply_chat_template(list(sample.messages), add_generation_prompt=True, tokenize=False,
+                                         **chat_template_kwargs(tokenizer))
 
 
 def render_prompt_and_response(sample: Sample, tokenizer: Any) -> tuple[str, str]:
@@ -100,13 +118,15 @@ def render_prompt_and_response(sample: Sample, tokenizer: Any) -> tuple[str, str
     as the final assistant turn, so it includes the end-of-turn token (supervised: the model must learn to stop).
     Whitespace the template puts *after* a final eos token (ChatML's newline after ``<|im_end|>``) is dropped:
     the model stops at eos and never generates it, so it would only add a meaningless near-zero-loss token.
-    Without a chat template, the plain format in ``FALLBACK_FORMAT_DOC`` is used (warned once per process).
+    Fixed text a template puts there is supervised too: Qwen3's empty think block, unless ``enable_thinking``
+    is false (then the generation prompt holds it). Without a chat template, the plain format in
+    ``FALLBACK_FORMAT_DOC`` is used (warned once per process).
     """
     eos = tokenizer.eos_token or ""
     if not _has_chat_template(tokenizer):
         return _render_fallback(sample, eos)
     prompt_text = _render_prompt(sample, tokenizer)
-    full_text = tokenizer.apply_chat_template(sample.conversation(), tokenize=False)
+    full_text = tokenizer.apply_chat_template(sample.conversation(), tokenize=False, **chat_template_kwargs(tokenizer))
     if not full_text.startswith(prompt_text):
         at = next((i for i, (a, b) in enumerate(zip(prompt_text, full_text)) if a != b), len(prompt_text))
         raise ChatTemplateError(

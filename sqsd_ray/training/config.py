@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..config import ConfigError, RunOutput, help_field, stable_hash, to_dict
+from ..config import ConfigError, RunOutput, help_field, identity_dict, stable_hash
 from ..data.records import DataConfig
 from ..job_base import ModelDataJob
 from ..runtime import WorkerScaling
@@ -117,7 +117,7 @@ def data_fingerprint(data: DataConfig) -> str:
 def training_identity(cfg: TrainJobConfig) -> str:
     """Hash of what determines the trained weights: model, LoRA, data (config and file content) and the
     optimisation; not where they are written, how many workers share the work, or how it is logged."""
-    sections = {name: to_dict(getattr(cfg, name)) for name in ("model", "lora", "data", "train")}
+    sections = {name: identity_dict(getattr(cfg, name)) for name in ("model", "lora", "data", "train")}
     for section, keys in LAYOUT_KEYS.items():
         for key in keys:
             sections[section].pop(key, None)
