@@ -6,7 +6,9 @@
     sqsd-ray init select        θ_safety = θ0 + α*·V_safety and θ_danger = θ_t* from those tables, as adapters
 
 Each job writes one run directory; ``init select`` reads the validate and trajectory directories and writes
-``init_states.yaml``, a config fragment ``score`` takes as a second ``--config``.
+``init_states.yaml``, a config fragment ``score`` takes as a second ``--config``. Validate and trajectory judge
+their responses with ``evaluate``'s judges (``judges:``, keyword by default; the paper: LlamaGuard 3 ASR and
+the beaver cost model's Safety Score); ``safety_judge`` picks the one whose metric is the safety S of Eq. 26–27.
 """
 
 from __future__ import annotations
@@ -14,14 +16,16 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import yaml
 
-from ..config import ConfigError, RunOutput, help_field, prepare_run_dir, to_dict
+from ..config import ConfigError, RunOutput, from_dict, help_field, prepare_run_dir, to_dict
 from ..evaluation.generate import EvalSettings, StateResult, evaluate_states, write_responses
+from ..evaluation.judges import JudgeSettings
 from ..models.directions import Direction
 from ..models.loading import ModelConfig
 from ..models.lora import LoraSettings, load_adapter_state, save_adapter
@@ -45,6 +49,30 @@ def _write_csv(rows: list[dict], path: Path) -> Path:
 
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
+
+
+JUDGES_HELP = ("name -> judge, as in `evaluate` (kind keyword | llamaguard | cost_model, model, dtype, batch_size, "
+               "...); every judge's ASR (and unparsed count) or Safety Score goes into the tables")
+SAFETY_JUDGE_HELP = ("the judge whose metric is the safety S that DS differentiates: 100 − ASR (%) for keyword / "
+                     "llamaguard, the Safety Score (mean −cost, Eq. 15) for cost_model; default the first judge")
+
+
+def _check_judges(judges: Mapping[str, JudgeSettings], safety_judge: str | None) -> None:
+    if not judges:
+        raise ConfigError("judges: name at least one judge, e.g. {keyword: {kind: keyword}}")
+    if safety_judge is not None and safety_judge not in judges:
+        raise ConfigError(f"safety_judge {safety_judge!r} is not one of the judges {sorted(judges)}; name one of "
+                          "them or leave it null (the first)")
+
+
+def safety_axis(judges: Mapping[str, JudgeSettings], safety_judge: str | None = None) -> tuple[str, bool]:
+    """The label of the safety axis, naming the judge, and whether it is a percentage (100 − ASR)."""
+    name = safety_judge or next(iter(judges))
+    judge = judges[name]
+    if judge.kind == "cost_model":
+        return f"Safety Score = −cost  ({name}: {Path(judge.model or '').name})", False
+    what = "refusal phrases" if judge.kind == "keyword" else Path(judge.model or "").name
+    return f"safety = 100 − ASR %  ({name}: {what})", True
 
 
 # ------------------------------------------------------------------------------------ directions build
@@ -123,6 +151,8 @@ class ValidateConfig:
     delta: float = help_field(0.1, help="δ of DS_linear (Eq. 26; paper: 0.1)")
     top_k: int = help_field(5, help="rows per direction in the sensitivity table (Table 4: top-5)")
     eval: EvalSettings = field(default_factory=EvalSettings)
+    judges: dict[str, JudgeSettings] = help_field({"keyword": JudgeSettings()}, help=JUDGES_HELP)
+    safety_judge: str | None = help_field(None, help=SAFETY_JUDGE_HELP)
     scaling: WorkerScaling = field(default_factory=WorkerScaling)
     output: RunOutput = field(default_factory=lambda: RunOutput(dir="runs/validate"))
 
@@ -131,6 +161,7 @@ class ValidateConfig:
             raise ConfigError("directions: name at least one direction file, e.g. {beaver: runs/dir/danger.safetensors}")
         if len(set(self.alphas)) < 2:
             raise ConfigError("alphas: give at least two steering magnitudes")
+        _check_judges(self.judges, self.safety_judge)
 
 
 def _direction_kind(path: str, name: str = "", kinds: dict[str, str] | None = None) -> str:
@@ -163,30 +194,33 @@ def run_validate(cfg: ValidateConfig) -> Path:
         for alpha in alphas:
             if alpha != 0:
                 states[f"{name}@{alpha:g}"] = init_state_from_direction(direction, alpha, cfg.lora.scaling, cfg.lora.r)
-    results = {r.name: r for r in evaluate_states(cfg.model, cfg.lora, states, cfg.eval, cfg.scaling)}
+    results = {r.name: r for r in evaluate_states(cfg.model, cfg.lora, states, cfg.eval, cfg.scaling, cfg.judges,
+                                                  cfg.safety_judge)}
     write_responses(list(results.values()), out / "responses.jsonl")
 
     steering, table = [], []
     for name, direction in directions.items():
         kind = direction.kind or "danger"
         curve = {a: results["alpha=0" if a == 0 else f"{name}@{a:g}"] for a in alphas}
-        steering += [{"direction": name, "kind": kind, "alpha": a, "asr": r.asr, "safety": r.safety, "n": r.n,
-                      "projection": a * direction.norm()} for a, r in curve.items()]
+        steering += [{"direction": name, "kind": kind, "alpha": a, "judge": r.judge, "asr": r.asr, "safety": r.safety,
+                      "n": r.n, "projection": a * direction.norm(), **r.metrics} for a, r in curve.items()]
         sens = ds_linear({a: r.safety for a, r in curve.items()}, cfg.delta)
         top = {s.alpha: i + 1 for i, s in enumerate(rank_linear(sens, len(sens)))}
         table += [{"direction": name, "kind": kind, **asdict(s), "rank": top.get(s.alpha)} for s in sens]
     _write_csv(steering, out / "steering.csv")
     _write_csv(table, out / "sensitivity_linear.csv")
-    plot_steering(steering, out / "steering.png")
-    (out / "sensitivity.md").write_text(_linear_table_md(table, cfg.top_k, cfg.delta))
+    label, percent = safety_axis(cfg.judges, cfg.safety_judge)
+    plot_steering(steering, out / "steering.png", label, percent)
+    (out / "sensitivity.md").write_text(_linear_table_md(table, cfg.top_k, cfg.delta, label))
     log.info("validation written to %s", out)
     return out
 
 
-def _linear_table_md(table: list[dict], top_k: int, delta: float) -> str:
+def _linear_table_md(table: list[dict], top_k: int, delta: float, safety: str = "") -> str:
     lines = [f"# Linear-path directional sensitivity (Eq. 26, δ = {delta:g})", "",
              "Top α per direction by DS_linear (higher: safety responds more to a step along V). For danger "
              "directions the most negative values matter; their rows are listed for completeness.", "",
+             *([f"S(θ): {safety}.", ""] if safety else []),
              "| direction | kind | rank | α | DS_linear | S(α−δ) | S(α+δ) |", "|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["direction"] for r in table):
         ranked = sorted((r for r in table if r["direction"] == name and r["rank"]), key=lambda r: r["rank"])[:top_k]
@@ -198,8 +232,10 @@ def _linear_table_md(table: list[dict], top_k: int, delta: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_steering(rows: list[dict], path: Path) -> Path:
-    """Fig. 5: safety as a function of the steering magnitude α, one line per direction."""
+def plot_steering(rows: list[dict], path: Path, safety_label: str = "safety = 100 − ASR %  (keyword: refusal phrases)",
+                  percent: bool = True) -> Path:
+    """Fig. 5: safety as a function of the steering magnitude α, one line per direction; ``safety_label`` names
+    the judge (``safety_axis``), ``percent`` fixes the axis to 0–100."""
     from ..scoring.summary import pyplot
 
     plt = pyplot()
@@ -211,8 +247,9 @@ def plot_steering(rows: list[dict], path: Path) -> Path:
         ax.plot(*zip(*curve), marker="o", ms=3, label=f"{name} ({kind})",
                 ls="-" if kind == "safety" else "--")
     ax.set_xlabel("steering magnitude α  (θ0 + α·V)")
-    ax.set_ylabel("safety: refusal rate % (100 − keyword ASR)")
-    ax.set_ylim(-3, 103)
+    ax.set_ylabel(safety_label, fontsize=8)
+    if percent:
+        ax.set_ylim(-3, 103)
     ax.set_title("Parameter steering along each direction")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -231,11 +268,14 @@ class TrajectoryConfig(TrainJobConfig):
     )
     evaluate: bool = help_field(True, help="measure safety at every checkpoint (needed for DS_drift)")
     eval: EvalSettings = field(default_factory=EvalSettings)
+    judges: dict[str, JudgeSettings] = help_field({"keyword": JudgeSettings()}, help=JUDGES_HELP)
+    safety_judge: str | None = help_field(None, help=SAFETY_JUDGE_HELP)
     top_k: int = help_field(5, help="rows per direction in the sensitivity table (Table 5: top-5)")
 
     def __post_init__(self) -> None:
         if not self.directions:
             raise ConfigError("directions: name at least one direction file to project the drift on")
+        _check_judges(self.judges, self.safety_judge)
 
 
 def run_trajectory(cfg: TrajectoryConfig) -> Path:
@@ -257,11 +297,13 @@ def run_trajectory(cfg: TrajectoryConfig) -> Path:
         points.append(row)
         states[checkpoint.name] = factors
     if cfg.evaluate:
-        results: list[StateResult] = evaluate_states(cfg.model, cfg.lora, states, cfg.eval, cfg.scaling)
+        results: list[StateResult] = evaluate_states(cfg.model, cfg.lora, states, cfg.eval, cfg.scaling, cfg.judges,
+                                                     cfg.safety_judge)
         write_responses(results, out / "responses.jsonl")
         for row, result in zip(points, results):
-            row.update(asr=result.asr, safety=result.safety)
+            row.update(judge=result.judge, asr=result.asr, safety=result.safety, **result.metrics)
     _write_csv(points, out / "trajectory.csv")
+    label, percent = safety_axis(cfg.judges, cfg.safety_judge)
     table = []
     if cfg.evaluate:
         for name, direction in directions.items():
@@ -271,16 +313,17 @@ def run_trajectory(cfg: TrajectoryConfig) -> Path:
             table += [{"direction": name, "kind": direction.kind or "danger", **asdict(s), "rank": top.get(s.step)}
                       for s in sens]
         _write_csv(table, out / "sensitivity_drift.csv")
-        (out / "sensitivity.md").write_text(_drift_table_md(table, cfg.top_k))
-    plot_trajectory(points, list(directions), out / "trajectory.png")
+        (out / "sensitivity.md").write_text(_drift_table_md(table, cfg.top_k, label))
+    plot_trajectory(points, list(directions), out / "trajectory.png", label, percent)
     log.info("trajectory of %d checkpoints written to %s", len(run.checkpoints), out)
     return out
 
 
-def _drift_table_md(table: list[dict], top_k: int) -> str:
+def _drift_table_md(table: list[dict], top_k: int, safety: str = "") -> str:
     lines = ["# Drift-enhanced directional sensitivity (Eq. 27)", "",
              "Top checkpoints per direction by DS_drift, most negative first (safety lost per unit of drift along "
              "V̂). Only negative values qualify; step 0 (θ0) is left out.", "",
+             *([f"S(θ): {safety}.", ""] if safety else []),
              "| direction | kind | rank | step t | t + a | DS_drift | S(t) | S(t+a) | p(t) | p(t+a) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["direction"] for r in table):
@@ -294,7 +337,7 @@ def _drift_table_md(table: list[dict], top_k: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _draw_trajectory(ax, points: list[dict], names: list[str], title: str) -> None:
+def _draw_trajectory(ax, points: list[dict], names: list[str], title: str, safety_label: str, percent: bool) -> None:
     steps = [p["step"] for p in points]
     for name in names:
         ax.plot(steps, [p[f"proj_{name}"] for p in points], marker="o", ms=3, label=f"⟨Δθ, V̂_{name}⟩")
@@ -306,19 +349,21 @@ def _draw_trajectory(ax, points: list[dict], names: list[str], title: str) -> No
     if "safety" in points[0]:
         twin = ax.twinx()
         twin.plot(steps, [p["safety"] for p in points], color="black", lw=1.5, ls=":", label="safety")
-        twin.set_ylabel("safety: refusal rate % (100 − keyword ASR)", fontsize=8)
-        twin.set_ylim(-3, 103)
+        twin.set_ylabel(safety_label, fontsize=8)
+        if percent:
+            twin.set_ylim(-3, 103)
         twin.legend(loc="lower right", fontsize=7)
 
 
-def plot_trajectory(points: list[dict], names: list[str], path: Path) -> Path:
-    """Fig. 2: ⟨θ_t − θ0, V̂⟩ per direction against the step, and safety on a second axis."""
+def plot_trajectory(points: list[dict], names: list[str], path: Path,
+                    safety_label: str = "safety = 100 − ASR %  (keyword: refusal phrases)", percent: bool = True) -> Path:
+    """Fig. 2: ⟨θ_t − θ0, V̂⟩ per direction against the step, and safety on a second axis (``safety_axis``)."""
     from ..scoring.summary import pyplot
 
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    _draw_trajectory(ax, points, names, "Parameter drift along safety-related directions")
+    _draw_trajectory(ax, points, names, "Parameter drift along safety-related directions", safety_label, percent)
     return save_figure(fig, path)
 
 
@@ -339,7 +384,9 @@ def plot_trajectory_grid(run_dirs: list[Path], path: Path, columns: int = 2) -> 
         points = pd.read_csv(table).to_dict("records")
         names = [c.removeprefix("proj_") for c in points[0] if c.startswith("proj_")]
         config = yaml.safe_load((run_dir / "trajectory_config.yaml").read_text())
-        _draw_trajectory(ax, points, names, f"{config['model']['name_or_path']} · {Path(config['data']['path']).name}")
+        judges = {n: from_dict(JudgeSettings, j) for n, j in config.get("judges", {"keyword": {}}).items()}
+        _draw_trajectory(ax, points, names, f"{config['model']['name_or_path']} · {Path(config['data']['path']).name}",
+                         *safety_axis(judges, config.get("safety_judge")))
     for ax in list(axes.flat)[len(run_dirs):]:
         ax.axis("off")
     return save_figure(fig, path)
@@ -470,4 +517,5 @@ __all__ = [
     "run_init_select",
     "run_trajectory",
     "run_validate",
+    "safety_axis",
 ]

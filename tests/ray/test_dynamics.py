@@ -201,3 +201,36 @@ def test_two_ray_train_workers_match_one_process(local_ray, tmp_path, shared_dat
     for name in local:
         assert torch.allclose(local[name][1], ray[name][1], rtol=1e-4, atol=1e-6), name
     assert [round(h["loss"], 5) for h in runs["local"].history] == [round(h["loss"], 5) for h in runs["ray"].history]
+
+
+def test_validate_judges_on_ray_as_in_process(local_ray, tmp_path, shared_data):
+    """Model judges on Ray tasks (two per judge, sharing the responses) give the verdicts of the in-process run."""
+    from sqsd_ray.evaluation.judges import JudgeSettings
+    from tests.conftest import save_random_directions
+    from tests.unit.test_dynamics_judges import ALPHAS, MODEL, eval_settings, forced_guard, read_responses
+    from tests.unit.test_judges import _tiny_score_checkpoint
+
+    guard, cost = tmp_path / "guard", tmp_path / "cost"
+    model, tokenizer = forced_guard("unsafe\nS1")
+    model.save_pretrained(guard)
+    tokenizer.save_pretrained(guard)
+    cost.mkdir()
+    _tiny_score_checkpoint(cost)
+    tokenizer.save_pretrained(cost)
+    judges = {"guard": JudgeSettings(kind="llamaguard", model=str(guard), dtype="float32", batch_size=8),
+              "cost": JudgeSettings(kind="cost_model", model=str(cost), dtype="float32"),
+              "keyword": JudgeSettings()}
+    directions = {k: str(v) for k, v in save_random_directions(tmp_path, "tiny-llama").items()}
+    runs = {}
+    for name, scaling in (("here", WorkerScaling(use_ray=False, torch_threads=1)),
+                          ("ray", WorkerScaling(num_workers=2, torch_threads=1))):
+        runs[name] = run_validate(ValidateConfig(
+            model=MODEL, directions=directions, alphas=ALPHAS, delta=0.5, eval=eval_settings(shared_data),
+            judges=judges, scaling=scaling, output=RunOutput(dir=str(tmp_path / name))))
+    here, ray = pd.read_csv(runs["here"] / "steering.csv"), pd.read_csv(runs["ray"] / "steering.csv")
+    assert (ray["judge"] == "guard").all() and (ray["safety"] == 0.0).all() and (ray["guard_asr"] == 100.0).all()
+    assert list(here["keyword_asr"]) == list(ray["keyword_asr"])
+    assert (here["cost_safety_score"] - ray["cost_safety_score"]).abs().max() < 1e-4
+    a, b = read_responses(runs["here"]), read_responses(runs["ray"])
+    assert list(a["response"]) == list(b["response"]) and (b["guard_categories"] == "S1").all()
+    assert (a["cost_score"] - b["cost_score"]).abs().max() < 1e-4
