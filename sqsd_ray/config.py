@@ -92,6 +92,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise section_error
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in get_args(tp):
+            return "on" if value else "off"  # YAML 1.1 reads a bare on / off as a bool
         if value in get_args(tp):
             return value
         raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}")

@@ -388,7 +388,9 @@ def _score_corpus(run: DemoRun, init_fragment: dict) -> dict[str, Path]:
     from ..scoring.ray_pool import TOKENIZE_CPUS
 
     recipe, files = run.recipe, run.files
+    # a fixed layout and the eager reduction: the demo's figures must not depend on a timing or a compiler
     score_base = {"model": run.model, "lora": LORA, "data": {"path": str(files["corpus"]), **run.data},
+                  "batching": {"layout": "fixed"}, "scoring": {"compile": "off"},
                   "ray": {"enabled": True, "local_num_cpus": 2, "rows_per_call": 64,
                           # the pool leaves the tokenise tasks their share (a full CPU per actor stalls them)
                           "num_actors": recipe.actors,

@@ -13,6 +13,7 @@ import logging
 import resource
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from ..models.lora import (
     lora_module_shapes,
     set_lora_factors,
 )
+from .compiled import CompiledReduction, decide_compile
 from .job_config import DIRECTION_NAMES, InitStateConfig, ScoreJobConfig
 from .scorer import InitState, SqsdScorer, plan_passes
 from .store import STATUS_SKIPPED
@@ -74,8 +76,75 @@ def build_init_state(
                      stable_hash(["random", cfg.seed, cfg.std, lora.r]))
 
 
+CALIBRATION_SAMPLES = 16
+CALIBRATION_ROUNDS = 2
+
+
+@dataclass(frozen=True)
+class LayoutCandidate:
+    """A batch layout: at most ``max_batch_size`` samples and ``max_tokens`` padded tokens per batch."""
+
+    max_batch_size: int
+    max_tokens: int
+
+    @property
+    def label(self) -> str:
+        tokens = "" if self.max_tokens >= 1 << 30 else f", tokens ≤ {self.max_tokens}"
+        return f"bs ≤ {self.max_batch_size}{tokens}"
+
+
+def candidate_layouts(device, max_length: int) -> list[LayoutCandidate]:
+    """The layouts ``batching.layout: auto`` times (bench/kernel.py (d)): on CPU batch sizes 1, 4, 8 and a budget
+    of 2 × max_length padded tokens; on CUDA larger batches under the 8192-token default budget."""
+    if device.type == "cuda":
+        return [LayoutCandidate(bs, 8192) for bs in (4, 8, 16, 32)]
+    return [LayoutCandidate(1, 1 << 30), LayoutCandidate(4, 1 << 30), LayoutCandidate(8, 1 << 30),
+            LayoutCandidate(CALIBRATION_SAMPLES, 2 * max_length)]
+
+
+def calibrate_layout(score, samples, device, max_length: int):
+    """Time every candidate layout on the same samples and return (the fastest, its outputs, a report).
+
+    ``score(samples, indices)`` scores one batch. The samples timed are the ``CALIBRATION_SAMPLES`` nearest the
+    median length of ``samples``, so a candidate pads them about as much as it pads the length-sorted batches of a
+    whole block. Untimed warm-up batches come first (first calls allocate, and compile with ``scoring.compile``);
+    candidates that batch these samples alike are timed once.
+    """
+    by_length = sorted(range(len(samples)), key=lambda i: (len(samples[i].input_ids), i))
+    middle = max(0, len(samples) // 2 - CALIBRATION_SAMPLES // 2)
+    chosen = [samples[i] for i in by_length[middle:middle + CALIBRATION_SAMPLES]]
+    # untimed warm-up: a batch of one and one of two, as a compiled reduction has a graph for each
+    for warm in ([0], [0, 1])[:len(chosen)]:
+        score(chosen, warm)
+    candidates = candidate_layouts(device, max_length)
+    batchings: dict[str, list[list[int]]] = {}
+    for candidate in candidates:
+        batches = length_sorted_batches(chosen, candidate.max_batch_size, candidate.max_tokens)
+        if not any(b == batches for b in batchings.values()):  # e.g. bs 8 and a budget that batch these alike
+            batchings[candidate.label] = batches
+    # CALIBRATION_ROUNDS rounds in rotated order, each candidate's fastest round: a one-off stall on a shared
+    # machine (seen: 15x on one round) must not decide the layout
+    names = list(batchings)
+    timings: dict[str, float] = {}
+    outputs: dict[str, list] = {}
+    for r in range(CALIBRATION_ROUNDS):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            started = time.perf_counter()
+            scored = [score(chosen, indices) for indices in batchings[name]]
+            timings[name] = min(timings.get(name, float("inf")), time.perf_counter() - started)
+            outputs.setdefault(name, scored)
+    best = min(timings, key=timings.get)
+    lengths = [len(s.input_ids) for s in chosen]
+    report = {"chosen": best, "seconds": {k: round(v, 4) for k, v in timings.items()}, "samples": len(chosen),
+              "tokens": [min(lengths), max(lengths)], "device": str(device)}
+    log.info("batching.layout auto: %s (%s on %d samples of %d-%d tokens)", best,
+             ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()), len(chosen), min(lengths), max(lengths))
+    return next(c for c in candidates if c.label == best), outputs[best], report
+
+
 def build_scorer(base_model, cfg: ScoreJobConfig, directions: dict[str, Direction], per_module: bool = False):
-    """Peft model with one adapter per init state, directions checked against the model, and the scorer."""
+    """Peft model with one adapter per init state, directions checked against the model, and the scorer (its
+    reduction compiled or not per ``cfg.scoring.compile``)."""
     shapes = lora_module_shapes(base_model, cfg.lora)
     for name, direction in directions.items():
         direction.check_matches(shapes)
@@ -96,7 +165,10 @@ def build_scorer(base_model, cfg: ScoreJobConfig, directions: dict[str, Directio
             add_adapter(peft_model, settings, adapter_name=p.state.name)
         set_lora_factors(peft_model, p.state.factors, adapter_name=p.state.name)
     peft_model.eval()
-    return SqsdScorer(peft_model, passes, per_module=per_module), states
+    decision = decide_compile(cfg.scoring.compile, next(base_model.parameters()).device)
+    reduction = CompiledReduction(decision) if decision.compiled else None
+    scorer = SqsdScorer(peft_model, passes, per_module=per_module, reduction=reduction, compile_decision=decision)
+    return scorer, states
 
 
 def scoring_identity(cfg: ScoreJobConfig, directions: dict[str, Direction]) -> dict:
@@ -163,7 +235,11 @@ class BlockScorer:
 
     def __init__(self, cfg: ScoreJobConfig):
         self.cfg = cfg
-        self.device, self.batch_size, self.max_tokens = cfg.batching.resolve()
+        self.device, batch_size, max_tokens = cfg.batching.resolve()
+        # the layout: fixed (set sizes, or the device's defaults), or chosen by timing on the first block (None
+        # until then)
+        self.fixed_layout = LayoutCandidate(batch_size, max_tokens)
+        self.layout = None if cfg.batching.calibrates else self.fixed_layout
         if cfg.method == "reward_model":  # scores text with its own model: the policy is only a tokenizer here
             from ..baselines.job import build_baseline_scorer
             from ..models.loading import load_tokenizer
@@ -190,6 +266,24 @@ class BlockScorer:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.calls = 0
 
+    def _score(self, samples, indices: list[int], texts: dict):
+        """One padded batch of ``samples[indices]`` through the scorer: a frame of per-sample scalars."""
+        import pandas as pd
+
+        batch = collate([samples[i] for i in indices], self.pad_id, padding_side=self.cfg.batching.padding_side)
+        if texts:
+            batch["texts"] = [texts[sid] for sid in batch["sample_ids"]]
+        scored = pd.DataFrame(self.scorer.score_batch(batch))
+        scored["padded_length"] = int(batch["input_ids"].shape[1])
+        return scored
+
+    def kernel_label(self) -> str:
+        """'compiled (why)' or 'eager (why)': the reduction the last batch ran (a failed compile falls back)."""
+        reduction = self.scorer.reduction
+        decision = reduction.decision if reduction is not None else self.scorer.compile_decision
+        compiled = reduction is not None and reduction.active
+        return f"{'compiled' if compiled else 'eager'} ({decision.reason})"
+
     def __call__(self, block):
         import pandas as pd
 
@@ -199,7 +293,7 @@ class BlockScorer:
         self.calls += 1
         kept = block[block["skip_reason"] == ""]
         skipped = block[block["skip_reason"] != ""]
-        samples = [
+        samples = samples_all = [
             TokenizedSample(sid, [int(i) for i in ids], [int(v) for v in labels], int(n_prompt),
                             sum(1 for v in labels if v != -100), bool(trunc))
             for sid, ids, labels, n_prompt, trunc in zip(
@@ -208,17 +302,20 @@ class BlockScorer:
         ]
         texts = dict(zip(kept["sample_id"], zip(kept["prompt_text"], kept["response_text"]))) \
             if "prompt_text" in kept else {}
-        frames = []
-        for indices in length_sorted_batches(samples, max_batch_size=self.batch_size, max_tokens=self.max_tokens):
-            batch = collate([samples[i] for i in indices], self.pad_id, padding_side=self.cfg.batching.padding_side)
-            if texts:
-                batch["texts"] = [texts[sid] for sid in batch["sample_ids"]]
-            scored = pd.DataFrame(self.scorer.score_batch(batch))
-            scored["padded_length"] = int(batch["input_ids"].shape[1])
-            frames.append(scored)
+        frames, calibration = [], None
+        if self.layout is None and samples:  # batching.layout: auto, on the first block with samples
+            self.layout, frames, calibration = calibrate_layout(
+                lambda chosen, indices: self._score(chosen, indices, texts), samples, self.device,
+                self.cfg.data.max_length)
+            done = {sid for frame in frames for sid in frame["sample_id"]}
+            samples = [s for s in samples if s.sample_id not in done]
+        layout = self.layout or self.fixed_layout
+        for indices in length_sorted_batches(samples, max_batch_size=layout.max_batch_size,
+                                             max_tokens=layout.max_tokens):
+            frames.append(self._score(samples, indices, texts))
         out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         if len(out):
-            by_id = {s.sample_id: s for s in samples}
+            by_id = {s.sample_id: s for s in samples_all}
             out["n_prompt_tokens"] = [by_id[s].n_prompt_tokens for s in out["sample_id"]]
             out["truncated"] = [by_id[s].truncated for s in out["sample_id"]]
             out["skip_reason"] = ""
@@ -228,6 +325,11 @@ class BlockScorer:
             # keep every column one Arrow type: skipped rows have no scores (NaN) and were not truncated
             out["truncated"] = out["truncated"].fillna(False).astype(bool) if "truncated" in out else False
         out["model_weights"] = self.weights_fingerprint
+        out["batch_layout"] = (self.layout or self.fixed_layout).label
+        if calibration is not None:
+            out["layout_calibration"] = json.dumps(calibration)
+        if isinstance(self.scorer, SqsdScorer):  # which reduction ran: run.json counts the rows per kernel
+            out["kernel"] = self.kernel_label()
         out["worker_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         elapsed = time.perf_counter() - started
         n_tokens = int(out["n_tokens"].sum()) if "n_tokens" in out else 0

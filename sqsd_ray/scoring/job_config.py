@@ -64,14 +64,24 @@ class InitStatesConfig:
 class BatchingConfig:
     """How samples are grouped into padded micro-batches.
 
-    CPU default bs 1: for SmolLM2 it was the fastest layout measured and within ~9 % of the best on a
-    length-sorted corpus, and it never pays for padding (docs/benchmarks.md). On a GPU batching pays.
+    ``layout: auto`` (the default) times the candidate layouts of ``bench/kernel.py`` (d) on the same samples of
+    the first block and keeps the fastest (``scoring.layout``): which one wins depends on the model's width and
+    the device (bs 1 for SmolLM2 on CPU, bs 8 for a narrow model, large batches on a GPU). A batch size or token
+    budget set here fixes the layout instead, as does ``layout: fixed`` (then the device's defaults: bs 1 on CPU,
+    16 samples / 8192 tokens on CUDA).
     """
 
-    max_batch_size: int | None = help_field(None, help="samples per batch; default 1 on CPU, 16 on CUDA.")
+    layout: Literal["auto", "fixed"] = help_field(
+        "auto", help="auto: calibrate on the first block (each candidate layout timed on the same samples; "
+        "run.json records the timings and the choice) unless max_batch_size or max_tokens is set; fixed: "
+        "max_batch_size / max_tokens, or the device's defaults."
+    )
+    max_batch_size: int | None = help_field(None, help="samples per batch (fixes the layout); default 1 on CPU, "
+                                            "16 on CUDA.")
     max_tokens: int | None = help_field(
-        None, help="padded tokens per batch (n × longest); default 8192 on CUDA: an 8B model in bf16 keeps "
-        "~4.5 MB of activations per token for the backward, so 8192 tokens ≈ 36 GB next to 16 GB of weights."
+        None, help="padded tokens per batch (n × longest; fixes the layout); default 8192 on CUDA: an 8B model in "
+        "bf16 keeps ~4.5 MB of activations per token for the backward, so 8192 tokens ≈ 36 GB next to 16 GB of "
+        "weights."
     )
     padding_side: Literal["right", "left"] = help_field("right", help="scores do not depend on it (tested).")
     device: Literal["auto", "cpu", "cuda"] = help_field("auto", help="auto = cuda when available.")
@@ -82,6 +92,11 @@ class BatchingConfig:
             if value is not None and value < 1:
                 raise ConfigError(f"batching.{name} must be >= 1 (or null for the device's default), got {value}")
 
+    @property
+    def calibrates(self) -> bool:
+        """Whether the layout is chosen by timing (auto, and neither size fixed)."""
+        return self.layout == "auto" and self.max_batch_size is None and self.max_tokens is None
+
     def resolve(self) -> tuple[torch.device, int, int]:
         device = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available() else
                               ("cpu" if self.device == "auto" else self.device))
@@ -89,6 +104,17 @@ class BatchingConfig:
         batch_size = self.max_batch_size or (16 if on_gpu else 1)
         max_tokens = self.max_tokens or (8192 if on_gpu else 1 << 30)
         return device, batch_size, max_tokens
+
+
+@dataclass
+class KernelConfig:
+    """How the per-module reduction of the backward hooks runs (``scoring.compiled``)."""
+
+    compile: Literal["auto", "on", "off"] = help_field(
+        "auto", help="torch.compile the per-module reduction (Eq. 9-12). auto: on CUDA; on CPU for narrow models "
+        "scoring a large corpus (the rule in sqsd_ray/scoring/compiled.py, from bench/kernel.py); falls back to "
+        "eager with one logged line when compiling fails. on: compile or fail. off: eager. run.json records what ran."
+    )
 
 
 @dataclass
@@ -137,6 +163,7 @@ class ScoreJobConfig(ModelDataJob):
     directions: DirectionsConfig = field(default_factory=DirectionsConfig)
     init_states: InitStatesConfig = field(default_factory=InitStatesConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    scoring: KernelConfig = field(default_factory=KernelConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     ray: RayConfig = field(default_factory=RayConfig)

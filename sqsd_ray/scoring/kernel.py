@@ -127,6 +127,26 @@ def project_module(
     return ModuleProjections(inner=inner, d_norm_sq=update_norm_sq(g_A, g_B, A0, B0))
 
 
+def project_module_stacked(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    gu: torch.Tensor,
+    A0: torch.Tensor,
+    B0: torch.Tensor,
+    right_A: torch.Tensor,
+    right_B: torch.Tensor,
+    token_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``project_module`` on plain tensors, the K targets stacked (right_A (K, r, d_in), right_B (K, d_out, r)):
+    ⟨D, V_k⟩ as (n, K) and ‖D‖² as (n,). The same functions, so the same algebra; tensors only and no Python
+    containers out, which is what ``torch.compile`` traces into one graph (``scoring.compiled``)."""
+    g_A, g_B = per_sample_lora_grads(x, a, gu, B0, token_mask)
+    inner = torch.einsum("nri,kri->nk", g_A, right_A.to(g_A.dtype)) + torch.einsum(
+        "nor,kor->nk", g_B, right_B.to(g_B.dtype)
+    )
+    return inner, update_norm_sq(g_A, g_B, A0, B0)
+
+
 def normalised_projection(inner: torch.Tensor, d_norm_sq: torch.Tensor, v_norm: float) -> torch.Tensor:
     """⟨ΔW/‖ΔW‖, V̂⟩ = -⟨D,V⟩/(‖D‖‖V‖); 0 where ‖D‖ = 0 (counted by the caller as a zero-norm update)."""
     d_norm = d_norm_sq.sqrt()

@@ -27,6 +27,7 @@ from torch import nn
 if TYPE_CHECKING:
     from ..models.directions import Direction
 from ..models.lora import lora_layers
+from .compiled import CompileDecision, CompiledReduction
 from .hooks import LoraGradCapture
 from .kernel import (
     ModuleProjections,
@@ -93,10 +94,15 @@ class SqsdScorer:
     build one with ``build_scorer``. Scoring mutates nothing: adapters are only activated in turn.
     """
 
-    def __init__(self, model: nn.Module, passes: list[ScoringPass], per_module: bool = False):
+    def __init__(self, model: nn.Module, passes: list[ScoringPass], per_module: bool = False,
+                 reduction: CompiledReduction | None = None, compile_decision: CompileDecision | None = None):
         self.model = model
         self.passes = passes
         self.per_module = per_module
+        self.reduction = reduction  # None: kernel.project_module, eagerly
+        # why the reduction is compiled or not (scoring.compile), as run.json reports it
+        self.compile_decision = compile_decision or (reduction.decision if reduction is not None else
+                                                     CompileDecision("off", False, "scoring.compile: off"))
         self.device = next(model.parameters()).device
         self.model_dtype = next(model.parameters()).dtype
         self.acc_dtype = accumulation_dtype(self.model_dtype)
@@ -127,6 +133,12 @@ class SqsdScorer:
                 }
                 for m in self.modules
             }
+        # the compiled reduction takes each module's targets stacked: (names, right_A (K,r,d_in), right_B (K,d_out,r))
+        self._stacked = {
+            state: {m: (list(by_name), torch.stack([t.right_A for t in by_name.values()]),
+                        torch.stack([t.right_B for t in by_name.values()])) for m, by_name in targets.items()}
+            for state, targets in self._targets.items()
+        } if reduction is not None else {}
 
     @property
     def direction_names(self) -> list[str]:
@@ -149,9 +161,20 @@ class SqsdScorer:
         token_mask = attention_mask.bool() if bool((attention_mask == 0).any()) else None
         results: dict[str, ModuleProjections] = {}
 
+        compiled = self.reduction is not None and targets is self._targets.get(state)  # the directions, not fidelity's
+        if compiled:
+            stacked = self._stacked[state]
+            # always a mask: one graph whether or not the batch is padded (an all-True mask costs a fused select)
+            mask = token_mask if token_mask is not None else torch.ones_like(attention_mask, dtype=torch.bool)
+
         def on_grad(module: str, x: torch.Tensor, a: torch.Tensor, gu: torch.Tensor) -> None:
             A0, B0 = factors[module]
-            results[module] = project_module(x, a, gu, A0, B0, targets[module], token_mask)
+            if compiled:
+                names, right_A, right_B = stacked[module]
+                inner, d_norm_sq = self.reduction(x, a, gu, A0, B0, right_A, right_B, mask)
+                results[module] = ModuleProjections(inner=dict(zip(names, inner.unbind(1))), d_norm_sq=d_norm_sq)
+            else:
+                results[module] = project_module(x, a, gu, A0, B0, targets[module], token_mask)
 
         if self.model.active_adapter != state:
             self.model.set_adapter(state)

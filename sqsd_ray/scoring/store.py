@@ -48,7 +48,8 @@ STATUS_SKIPPED = "skipped"  # a row that tokenisation skipped (reason in `skip_r
 INT_COLUMNS = ("n_response_tokens", "n_tokens", "n_prompt_tokens", "zero_norm_modules", "padded_length")
 RECORD_FP = "record_fp"  # the content fingerprint a row was scored from (parts only)
 SCORED_ON = "ray_node_id"  # the Ray node whose actor scored a row (parts only; absent for in-process parts)
-INTERNAL_COLUMNS = ("skip_reason", "padded_length", "model_weights", "worker_peak_rss_mb", RECORD_FP, SCORED_ON)
+INTERNAL_COLUMNS = ("skip_reason", "padded_length", "model_weights", "worker_peak_rss_mb", "kernel", "batch_layout",
+                    "layout_calibration", RECORD_FP, SCORED_ON)
 
 
 class ResumeMismatchError(ValueError):
@@ -371,6 +372,12 @@ class ScoreStore:
             facts["padding_fraction"] = float(1.0 - df["n_tokens"].sum() / df["padded_length"].sum())
         if "worker_peak_rss_mb" in df:
             facts["worker_peak_rss_mb"] = float(df["worker_peak_rss_mb"].max())
+        if "kernel" in df:  # scored rows per reduction (compiled or eager, and why); kept rows as they were scored
+            facts["kernel"] = {k: int(v) for k, v in df["kernel"].dropna().value_counts().items()}
+        if "batch_layout" in df:  # rows per batch layout, and each worker's calibration (batching.layout: auto)
+            facts["batch_layout"] = {k: int(v) for k, v in df["batch_layout"].dropna().value_counts().items()}
+        if "layout_calibration" in df:
+            facts["layout_calibration"] = [json.loads(c) for c in df["layout_calibration"].dropna().unique()]
         if SCORED_ON in df:  # counted over the rows kept, so the counts add up to scores.parquet's rows
             facts["rows_per_node"] = {str(k): int(v) for k, v in
                                       df[SCORED_ON].fillna("in_process").value_counts().sort_index().items()}

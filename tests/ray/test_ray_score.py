@@ -54,6 +54,12 @@ def test_ray_pipeline_equals_in_process(job, local_ray):
         assert str(pq.read_schema(part).field("truncated").type) == "bool"
     assert 0.0 <= run["padding_fraction"] < 0.5
     assert run["fingerprints"]["model_weights"] == json.loads((job / "inproc" / "run.json").read_text())["fingerprints"]["model_weights"]
+    # each actor picks its layout on its first block (batching.layout: auto); the reduction is eager on CPU
+    calibrations = run["layout_calibration"]
+    assert 1 <= len(calibrations) <= 2 and all(c["chosen"] in c["seconds"] for c in calibrations)
+    assert sum(run["batch_layout"].values()) == N_RECORDS and set(run["batch_layout"]) <= {c["chosen"] for c in
+                                                                                             calibrations}
+    assert run["kernel"] == {"eager (auto: eager on cpu (compiling does not pay there, docs/benchmarks.md))": N_RECORDS}
 
 
 class KillOnceActor(ScoringActor):

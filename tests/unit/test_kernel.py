@@ -73,7 +73,7 @@ def _tokenized(tokenizer, conversations=CONVERSATIONS):
     ]
 
 
-def _scorer(base, states, directions, dtype=torch.float32):
+def _scorer(base, states, directions, dtype=torch.float32, reduction=None):
     """Peft model with one adapter per init state; danger projected at states['danger'], safety at states['safety']."""
     model = copy.deepcopy(base).to(dtype)
     peft_model = None
@@ -88,7 +88,7 @@ def _scorer(base, states, directions, dtype=torch.float32):
         _set_factors(peft_model, factors, adapter)
         passes.append(ScoringPass(InitState(adapter, factors, SCALING), {d_name: directions[d_name]}))
     peft_model.eval()
-    return SqsdScorer(peft_model, passes)
+    return SqsdScorer(peft_model, passes, reduction=reduction)
 
 
 def _oracle_projections(base, factors, direction, ids, labels, eta=1e-7):
