@@ -16,7 +16,12 @@ hits all paths alike. Per model (``--models``) it prints:
     The variant that ran is printed: vmap with the 2D padding mask, vmap with a precomputed 4D additive mask
     (HF mask creation has data-dependent branches), or a per-sample ``grad`` loop as the last resort.
 (d) batching on this device: the kernel with bs 1, length-sorted batches of 4 and 8, a token budget, and the
-    default ``BatchingConfig().resolve()`` layout; samples/s, tokens/s and padding fraction for each.
+    default ``BatchingConfig().resolve()`` layout; samples/s, tokens/s and padding fraction for each; and the layout
+    ``batching.layout: auto`` picks (``scoring.blocks.calibrate_layout`` on the same samples), against the fastest
+    layout and the loop of (b).
+(e) the compiled reduction (``scoring.compile: on``) at the default layout: (a) eager vs compiled, scoring time
+    compiled vs eager, the first calls' time (compiling), and the aten operators dispatched per sample (torch
+    profiler): plain fwd+bwd, eager scoring, compiled scoring, and what the scoring adds per LoRA module and pass.
 
 Correctness is checked inline, untimed: the kernel's summed danger/safety projections must equal an exact
 oracle, the same batch-1 SGD loop with the adapter's LoRA weights in float64 and η = 1e-7, to 1e-4 (fp32);
@@ -59,12 +64,14 @@ from sqsd_ray.data.tokenize import TokenizedSample, collate, length_sorted_batch
 from sqsd_ray.models.directions import Direction, random_direction
 from sqsd_ray.models.loading import ModelConfig, load_model_and_tokenizer
 from sqsd_ray.models.lora import LoraSettings, lora_layers, lora_module_shapes
-from sqsd_ray.scoring.blocks import build_scorer
+from sqsd_ray.scoring.blocks import build_scorer, calibrate_layout
+from sqsd_ray.scoring.compiled import CompileDecision, CompiledReduction
 from sqsd_ray.scoring.job_config import (
     BatchingConfig,
     DirectionsConfig,
     InitStateConfig,
     InitStatesConfig,
+    KernelConfig,
     ScoreJobConfig,
 )
 from sqsd_ray.scoring.kernel import (
@@ -79,6 +86,9 @@ from sqsd_ray.scoring.scorer import SqsdScorer, per_sample_mean_nll
 DEFAULT_DATA = "/work/shared/data/benign/dolly_387.jsonl"
 PEFT_PREFIX = "base_model.model."
 GOAL_OVERHEAD = 1.25  # (a) scoring / plain fwd+bwd per init state
+GOAL_COMPILED_OVERHEAD = {"tiny": 1.25, "real": 1.05}  # (e) (a) with the compiled reduction
+GOAL_OPS_CUT = 3.0  # (e) operators the scoring adds per module and pass, eager / compiled
+GOAL_AUTO_LAYOUT = 1.10  # (d) the auto layout's time / the fastest layout's
 GOAL_FUNC_SPEEDUP = 2.0  # (c)
 GOAL_LOOP_SPEEDUP = {"cpu": 1.0, "cuda": 10.0}  # (b)
 ORACLE_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}  # max |kernel − batch-1 SGD loop| on summed projections
@@ -493,7 +503,18 @@ def loss_numerics_check(scorer: SqsdScorer, batch: dict) -> dict:
             "flat_cross_entropy_abs_err": abs(float(flat) - float(exact))}
 
 
+def count_operators(run: Callable[[], object]) -> int:
+    """aten operators dispatched by one call of ``run`` (torch profiler; nested calls counted too, as the
+    dispatcher sees them; a compiled graph's fused kernels are not operators, its library calls are)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+
+
 def bench_model(model_name: str, args, device: torch.device, log) -> dict:
+    torch._dynamo.reset()  # each model's compile time is its own, not a graph cached from the previous model
     dtype_name = args.dtype
     model_cfg = ModelConfig(name_or_path=model_name, dtype=dtype_name)
     n_samples = args.n_samples_tiny if model_cfg.is_tiny else args.n_samples_small
@@ -512,7 +533,7 @@ def bench_model(model_name: str, args, device: torch.device, log) -> dict:
         "safety": random_direction(shapes, rank=lora.r, seed=12, scale=0.05, kind="safety"),
     }
     cfg = ScoreJobConfig(
-        model=model_cfg, lora=lora,
+        model=model_cfg, lora=lora, scoring=KernelConfig(compile="off"),  # the eager kernel; (e) compiles its own
         directions=DirectionsConfig(danger="<random seed 11>", safety="<random seed 12>"),
         init_states=InitStatesConfig(
             danger=InitStateConfig(kind="random", seed=1, std=0.02),  # stand-in for a pilot checkpoint θ_t*
@@ -551,6 +572,23 @@ def bench_model(model_name: str, args, device: torch.device, log) -> dict:
     warm_batch = [collate([tokenized[i] for i in shortest], pad_id)]
     warm_single = [collate([tokenized[shortest[0]]], pad_id)]
 
+    # batching.layout: auto on these samples (the eager kernel), as a layout of its own where it is new
+    def score_indices(chosen, indices):
+        return scorer.score_batch(collate([chosen[i] for i in indices], pad_id))
+
+    auto_choice, _, auto_report = calibrate_layout(score_indices, tokenized, device, args.max_length)
+    auto_batches = length_sorted_batches(tokenized, auto_choice.max_batch_size, auto_choice.max_tokens)
+    auto_name = next((lay.name for lay in layouts.values() if lay.batches == auto_batches), None)
+    if auto_name is None:
+        auto_name = "auto"
+        layouts[auto_name] = Layout(auto_name, auto_batches, [collate([tokenized[i] for i in b], pad_id)
+                                                              for b in auto_batches], auto_choice.max_batch_size,
+                                    auto_choice.max_tokens)
+    log(f"  batching.layout auto: {auto_report['chosen']} -> layout {auto_name} ({auto_report['seconds']})")
+    # the product's default is layout: auto, so (a), (b) and (e) are measured at the layout it picked; the fixed
+    # device default (layout: fixed, bs 1 on CPU) stays a row of (d)
+    fixed_default_name, default_name = default_name, auto_name
+
     targets = build_targets(scorer, directions, states)
     dense_v = dense_directions(directions, device, torch.float32 if lora_dtype == torch.float32 else lora_dtype)
     variant, func_errors, func_unbatched = pick_func_variant(scorer, layouts[func_name].collated, targets, log)
@@ -568,6 +606,24 @@ def bench_model(model_name: str, args, device: torch.device, log) -> dict:
     func_lay = layouts[func_name]
     paths.append(TimedPath(f"func@{func_name}", func_path(scorer, func_lay.collated, targets, variant),
                        func_path(scorer, warm_batch, targets, variant)))
+    compiled_scorer, compile_first_s = None, None
+    if args.compile:
+        compiled_scorer = SqsdScorer(model, scorer.passes, reduction=CompiledReduction(CompileDecision("on", True,
+                                                                                                       "bench")))
+        sync(device)
+        t0 = time.perf_counter()
+        compiled_scorer.score_batch(warm_batch[0])  # compiles the graph (a batch of one is a second graph)
+        compiled_scorer.score_batch(warm_single[0])
+        sync(device)
+        compile_first_s = time.perf_counter() - t0
+        from torch._dynamo.utils import counters
+
+        graphs = counters["stats"]["unique_graphs"]
+        log(f"  compiled reduction: first calls (compiling) {compile_first_s:.1f} s, {graphs} graph(s), "
+            f"{compiled_scorer.reduction.calls} compiled calls, active {compiled_scorer.reduction.active}")
+        for name in dict.fromkeys([default_name, fixed_default_name]):  # the auto layout, and bs 1 on CPU
+            paths.append(TimedPath(f"compiled@{name}", kernel_path(compiled_scorer, layouts[name].collated),
+                                   kernel_path(compiled_scorer, warm_batch)))
     repeats = args.repeats_tiny if model_cfg.is_tiny else args.repeats
     time_paths(paths, repeats, device, log)
     by_key = {p.key: p for p in paths}
@@ -593,8 +649,36 @@ def bench_model(model_name: str, args, device: torch.device, log) -> dict:
         "kernel_default_vs_func_layout": max_abs_diff(kern_default, kern_func, proj_keys[:2]),
         "peer_loop_vs_oracle": max_abs_diff(loop, oracle, proj_keys[:2]),
     }
+    compiled = None
+    if compiled_scorer is not None:
+        kern_compiled = reorder(by_key[f"compiled@{default_name}"].result, order(layouts[default_name]), n)
+        check["compiled_vs_eager"] = max_abs_diff(kern_compiled, kern_default, proj_keys[:2] + ["sqsd"])
+        check["compiled_vs_oracle"] = max_abs_diff(kern_compiled, oracle, proj_keys[:2])
+        single = singles[int(np.argsort(lengths)[n // 2])]  # a median-length sample, batch of one
+        ops_plain = count_operators(plain_path(scorer, [single]))
+        ops_eager = count_operators(kernel_path(scorer, [single]))
+        ops_compiled = count_operators(kernel_path(compiled_scorer, [single]))
+        per = len(scorer.modules) * n_passes
+        compiled = {
+            "first_calls_compile_s": compile_first_s,
+            "a_overhead_eager": by_key[f"kernel@{default_name}"].median / by_key[f"plain@{default_name}"].median,
+            "a_overhead_compiled": by_key[f"compiled@{default_name}"].median / by_key[f"plain@{default_name}"].median,
+            "speedup_vs_eager": by_key[f"kernel@{default_name}"].median / by_key[f"compiled@{default_name}"].median,
+            "operators_per_sample": {"plain": ops_plain, "eager": ops_eager, "compiled": ops_compiled},
+            "operators_added_per_module_and_pass": {"eager": (ops_eager - ops_plain) / per,
+                                                    "compiled": (ops_compiled - ops_plain) / per},
+            "goal_overhead": GOAL_COMPILED_OVERHEAD["tiny" if model_cfg.is_tiny else "real"],
+            "speedup_vs_eager_by_layout": {
+                name: by_key[f"kernel@{name}"].median / by_key[f"compiled@{name}"].median
+                for name in dict.fromkeys([default_name, fixed_default_name])},
+        }
+        added = compiled["operators_added_per_module_and_pass"]
+        compiled["operators_cut"] = added["eager"] / max(added["compiled"], 1e-9)
     check["passed"] = all(max(check[k].values()) <= tol
                           for k in ("kernel_vs_oracle", "kernel_vs_func", "kernel_default_vs_func_layout"))
+    if compiled is not None:
+        check["passed"] = check["passed"] and max(check["compiled_vs_eager"].values()) <= 1e-6 \
+            and max(check["compiled_vs_oracle"].values()) <= tol
 
     # --- numbers
     tok_total = int(lengths.sum())
@@ -635,7 +719,8 @@ def bench_model(model_name: str, args, device: torch.device, log) -> dict:
         "tokens_per_sample": {"min": int(lengths.min()), "median": float(np.median(lengths)),
                               "mean": float(lengths.mean()), "max": int(lengths.max()), "total": tok_total,
                               "response_mean": float(resp.mean()), "truncated": int(sum(t.truncated for t in tokenized))},
-        "default_layout": default_name, "default_batching": {"max_batch_size": default_bs, "max_tokens": default_tokens},
+        "default_layout": default_name, "fixed_default_layout": fixed_default_name,
+        "default_batching": {"max_batch_size": default_bs, "max_tokens": default_tokens},
         "func_layout": func_name, "func_variant": variant, "func_failed_variants": func_errors,
         "func_unbatched_ops": func_unbatched,
         "oracle_lr": args.oracle_lr, "repeats": repeats, "timings": timings,
@@ -648,8 +733,12 @@ def bench_model(model_name: str, args, device: torch.device, log) -> dict:
         "c_func_speedup": func_speedup, "d_batching": batching, "d_corpus": corpus,
         "check": check, "loss_numerics": loss_numerics,
         "memory": mem,
+        "e_compiled": compiled,
+        "auto_layout": {**auto_report, "layout": auto_name,
+                        "vs_fastest": by_key[f"kernel@{auto_name}"].median / by_key[f"kernel@{best_layout}"].median,
+                        "loop_speedup": by_key["sgd-loop@bs1"].median / by_key[f"kernel@{auto_name}"].median},
     }
-    del scorer, model, dense_v, paths, by_key
+    del scorer, compiled_scorer, model, dense_v, paths, by_key
     gc.collect()
     return result
 
@@ -721,14 +810,15 @@ def render(r: dict) -> str:
         lines.append(f"    vmap has no batching rule for {', '.join(r['func_unbatched_ops'])}: it loops over samples there")
     db = r["default_batching"]
     max_tok = "∞" if db["max_tokens"] >= 1 << 30 else str(db["max_tokens"])
-    lines.append(f"(d) batching (kernel, both init states): BatchingConfig default on {dev} = "
-                 f"bs ≤ {db['max_batch_size']}, ≤ {max_tok} padded tokens -> layout {r['default_layout']}; "
-                 f"fastest here: {r['best_layout']}")
+    lines.append(f"(d) batching (kernel, both init states): layout auto (the default) -> {r['default_layout']}; "
+                 f"layout fixed on {dev} = bs ≤ {db['max_batch_size']}, ≤ {max_tok} padded tokens -> "
+                 f"{r['fixed_default_layout']}; fastest here: {r['best_layout']}")
     lines.append(f"    {'layout':<12}{'batches':>8}{'max bs':>7}{'padding':>9}{'median':>10}{'min':>10}{'samples/s':>11}"
                  f"{'tokens/s':>10}{'padded tok/s':>14}{'vs default':>12}")
     default_t = r["d_batching"][r["default_layout"]]["median_s"]
     for name, b in r["d_batching"].items():
-        tag = "  <- default" if name == r["default_layout"] else ""
+        tag = ("  <- default (auto)" if name == r["default_layout"] else "") + (
+            "  <- layout fixed" if name == r["fixed_default_layout"] else "")
         lines.append(f"    {name:<12}{b['n_batches']:>8}{b['max_bs']:>7}{b['padding_fraction']:>8.1%}"
                      f"{fmt_s(b['median_s']):>10}{fmt_s(b['min_s']):>10}{b['samples_per_s']:>11.2f}"
                      f"{b['tokens_per_s']:>10.0f}{b['padded_tokens'] / b['median_s']:>14.0f}"
@@ -738,7 +828,29 @@ def render(r: dict) -> str:
                  + ", ".join(
                      f"{name} pads {v['padding_fraction']:.1%} → {v['speedup_vs_default_est']:.2f}x"
                      for name, v in corpus["layouts"].items()))
+    auto = r["auto_layout"]
+    lines.append(f"    batching.layout auto picked {auto['chosen']} (calibration on {auto['samples']} samples: "
+                 + ", ".join(f"{k} {v:.2f} s" for k, v in auto["seconds"].items())
+                 + f") = layout {auto['layout']}: {auto['vs_fastest']:.2f} × the fastest layout's time "
+                 f"(goal ≤ {GOAL_AUTO_LAYOUT:.2f}: {mark(auto['vs_fastest'] <= GOAL_AUTO_LAYOUT)}); "
+                 f"{auto['loop_speedup']:.2f}x the batch-1 SGD loop (goal ≥ 1: {mark(auto['loop_speedup'] >= 1)})")
+    e = r.get("e_compiled")
+    if e is not None:
+        added, ops = e["operators_added_per_module_and_pass"], e["operators_per_sample"]
+        lines.append(f"(e) compiled reduction (scoring.compile: on) @{r['default_layout']}: (a) eager "
+                     f"{e['a_overhead_eager']:.2f} -> compiled {e['a_overhead_compiled']:.2f} (goal ≤ "
+                     f"{e['goal_overhead']}: {mark(e['a_overhead_compiled'] <= e['goal_overhead'])}); scoring "
+                     f"{e['speedup_vs_eager']:.2f}x eager; first calls (compiling) {e['first_calls_compile_s']:.1f} s; "
+                     "compiled / eager speed by layout: " + ", ".join(
+                         f"{k} {v:.2f}x" for k, v in e["speedup_vs_eager_by_layout"].items()))
+        lines.append(f"    operators per sample (one median sample, both passes): plain fwd+bwd {ops['plain']}, eager "
+                     f"{ops['eager']}, compiled {ops['compiled']}; added per module and pass: eager "
+                     f"{added['eager']:.1f}, compiled {added['compiled']:.1f} = cut {e['operators_cut']:.1f}x "
+                     f"(goal ≥ {GOAL_OPS_CUT:g}x: {mark(e['operators_cut'] >= GOAL_OPS_CUT)})")
     c = r["check"]
+    if "compiled_vs_eager" in c:
+        lines.append(f"check compiled vs eager: max|Δ| {max(c['compiled_vs_eager'].values()):.1e} (tol 1e-6); "
+                     f"compiled vs exact oracle {max(c['compiled_vs_oracle'].values()):.1e}")
     lines.append(
         f"check vs exact oracle (batch-1 real SGD step, LoRA weights in float64, lr 1e-7): max|Δ| danger "
         f"{c['kernel_vs_oracle']['danger_proj']:.1e}, safety {c['kernel_vs_oracle']['safety_proj']:.1e} "
@@ -777,6 +889,10 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=-1,
                     help="torch threads; 0 = torch's default; -1 (auto) = torch's default, or 1 when other processes "
                          "already load the machine (1-min load average > 0.5): a shared OpenMP team gives 10-50x outliers")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="(e): also time the kernel with the compiled reduction, count operators, compile time")
+    ap.add_argument("--keep-compile-cache", action="store_true",
+                    help="(e): use torch inductor's on-disk cache (default: a fresh one, so compiling is timed cold)")
     ap.add_argument("--out", default=None, help="write every number to this JSON file")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.repeats_tiny < 1:
@@ -786,6 +902,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not args.keep_compile_cache:  # (e)'s first-call time is a cold compile, not a hit in an earlier run's cache
+        import tempfile
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="sqsd-bench-inductor-")
     logging.basicConfig(level=logging.WARNING)
     load_before = os.getloadavg()[0]
     cores = os.cpu_count() or 1
