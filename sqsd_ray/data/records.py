@@ -739,7 +739,10 @@ def draw_sample(samples: list[Sample], spec: DataSample, report: DataReport) -> 
         report.examples.setdefault("not_drawn", []).append(
             f"{pool - len(drawn)} samples not drawn by data.sample (n {spec.n}, seed {spec.seed})")
     report.kept = len(drawn)
-    ids = hashlib.sha256("\n".join(sorted(s.sample_id for s in drawn)).encode()).hexdigest()[:16]
+    drawn_ids = {s.sample_id for s in drawn}
+    # an identical repeat shares its first occurrence's fate (curate): not drawn, it is not read as a sample either
+    report.duplicates = {i: sid for i, sid in report.duplicates.items() if sid in drawn_ids}
+    ids = hashlib.sha256("\n".join(sorted(drawn_ids)).encode()).hexdigest()[:16]
     report.sampled = {"n": spec.n, "seed": spec.seed, "pool": pool, "drawn": len(drawn), "ids_fingerprint": ids}
     return drawn
 

@@ -95,9 +95,10 @@ class LayoutCandidate:
 
 def candidate_layouts(device, max_length: int) -> list[LayoutCandidate]:
     """The layouts ``batching.layout: auto`` times (bench/kernel.py (d)): on CPU batch sizes 1, 4, 8 and a budget
-    of 2 × max_length padded tokens; on CUDA larger batches under the 8192-token default budget."""
+    of 2 × max_length padded tokens; on CUDA 4, 8 and 16 (the fixed default) under the 8192-token budget. None is
+    larger than ``CALIBRATION_SAMPLES``, which a larger one would batch like the largest below it."""
     if device.type == "cuda":
-        return [LayoutCandidate(bs, 8192) for bs in (4, 8, 16, 32)]
+        return [LayoutCandidate(bs, 8192) for bs in (4, 8, 16)]
     return [LayoutCandidate(1, 1 << 30), LayoutCandidate(4, 1 << 30), LayoutCandidate(8, 1 << 30),
             LayoutCandidate(CALIBRATION_SAMPLES, 2 * max_length)]
 
@@ -228,8 +229,8 @@ class BlockScorer:
     """Scores a block of token rows: the unit of work of the in-process loop and of each Ray Data actor.
 
     Loads the model once, attaches both init-state adapters, checks the directions against it and keeps the
-    kernel ready. A call sorts its rows by length into micro-batches under the device's batching budget and
-    returns one row of scalars per sample (never gradients), plus a row with status ``skipped`` for samples
+    kernel ready. A call sorts its rows by length into micro-batches of the batch layout (``batching.layout``:
+    fixed, or chosen by timing on the first block large enough) and returns one row of scalars per sample (never gradients), plus a row with status ``skipped`` for samples
     tokenisation dropped.
     """
 
@@ -250,6 +251,7 @@ class BlockScorer:
             self.scorer = build_baseline_scorer(None, self.tokenizer, cfg, self.device)
             self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
             self.calls = 0
+            self.layout = self.fixed_layout  # it batches the texts itself (judge.batch_size): nothing to calibrate
             return
         model, self.tokenizer = load_model_and_tokenizer(cfg.model)
         model.to(self.device)
@@ -303,7 +305,9 @@ class BlockScorer:
         texts = dict(zip(kept["sample_id"], zip(kept["prompt_text"], kept["response_text"]))) \
             if "prompt_text" in kept else {}
         frames, calibration = [], None
-        if self.layout is None and samples:  # batching.layout: auto, on the first block with samples
+        # batching.layout: auto, on the first block with enough samples to tell the candidates apart (a smaller
+        # one, e.g. the rest of a resumed run, is scored with the fixed layout and the choice waits)
+        if self.layout is None and len(samples) >= CALIBRATION_SAMPLES:
             self.layout, frames, calibration = calibrate_layout(
                 lambda chosen, indices: self._score(chosen, indices, texts), samples, self.device,
                 self.cfg.data.max_length)
@@ -326,8 +330,8 @@ class BlockScorer:
             out["truncated"] = out["truncated"].fillna(False).astype(bool) if "truncated" in out else False
         out["model_weights"] = self.weights_fingerprint
         out["batch_layout"] = (self.layout or self.fixed_layout).label
-        if calibration is not None:
-            out["layout_calibration"] = json.dumps(calibration)
+        # in every block (empty where none), so every block has one schema whichever block calibrated
+        out["layout_calibration"] = json.dumps(calibration) if calibration is not None else ""
         if isinstance(self.scorer, SqsdScorer):  # which reduction ran: run.json counts the rows per kernel
             out["kernel"] = self.kernel_label()
         out["worker_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -92,9 +92,13 @@ class CompiledReduction:
 
     def __init__(self, decision: CompileDecision):
         self.decision = decision
-        self._compiled = torch.compile(project_module_stacked, dynamic=True)
         self.calls = 0
         self.first_call_s: float | None = None
+        self._compiled = None
+        try:  # e.g. a Python version the installed torch's compiler does not support
+            self._compiled = torch.compile(project_module_stacked, dynamic=True)
+        except Exception as err:  # noqa: BLE001 - any reason not to compile means: run eagerly (auto)
+            self._fall_back(err)
 
     @property
     def active(self) -> bool:
@@ -105,6 +109,8 @@ class CompiledReduction:
             started = time.perf_counter()
             try:
                 out = self._compiled(x, a, gu, A0, B0, right_A, right_B, token_mask)
+            except torch.OutOfMemoryError:
+                raise  # the batch's, not the compiler's: eager would not fit either
             except Exception as err:  # noqa: BLE001 - any compiler failure means: run eagerly
                 self._fall_back(err)
             else:

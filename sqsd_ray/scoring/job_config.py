@@ -65,8 +65,10 @@ class BatchingConfig:
     """How samples are grouped into padded micro-batches.
 
     ``layout: auto`` (the default) times the candidate layouts of ``bench/kernel.py`` (d) on the same samples of
-    the first block and keeps the fastest (``scoring.layout``): which one wins depends on the model's width and
-    the device (bs 1 for SmolLM2 on CPU, bs 8 for a narrow model, large batches on a GPU). A batch size or token
+    the first block and keeps the fastest (run.json: ``batch_layout``, ``layout_calibration``): which one wins
+    depends on the model's width and the device (bs 1 for SmolLM2 on CPU, bs 4 for a narrow model). Layouts
+    change scores only by rounding (≤ 1e-6), but a timed choice may differ between runs and workers, so scores
+    are then not bit-reproducible; ``fixed`` is. A batch size or token
     budget set here fixes the layout instead, as does ``layout: fixed`` (then the device's defaults: bs 1 on CPU,
     16 samples / 8192 tokens on CUDA).
     """
@@ -108,12 +110,12 @@ class BatchingConfig:
 
 @dataclass
 class KernelConfig:
-    """How the per-module reduction of the backward hooks runs (``scoring.compiled``)."""
+    """How the per-module reduction of the backward hooks runs (``sqsd_ray.scoring.compiled``)."""
 
     compile: Literal["auto", "on", "off"] = help_field(
-        "auto", help="torch.compile the per-module reduction (Eq. 9-12). auto: on CUDA; on CPU for narrow models "
-        "scoring a large corpus (the rule in sqsd_ray/scoring/compiled.py, from bench/kernel.py); falls back to "
-        "eager with one logged line when compiling fails. on: compile or fail. off: eager. run.json records what ran."
+        "auto", help="torch.compile the per-module reduction (Eq. 9-12). auto: on CUDA, eager on CPU, where it does "
+        "not pay (bench/kernel.py, docs/benchmarks.md); falls back to eager with one logged line when compiling "
+        "fails. on: compile or fail. off: eager. run.json records what ran."
     )
 
 

@@ -377,7 +377,9 @@ class ScoreStore:
         if "batch_layout" in df:  # rows per batch layout, and each worker's calibration (batching.layout: auto)
             facts["batch_layout"] = {k: int(v) for k, v in df["batch_layout"].dropna().value_counts().items()}
         if "layout_calibration" in df:
-            facts["layout_calibration"] = [json.loads(c) for c in df["layout_calibration"].dropna().unique()]
+            calibrations = [json.loads(c) for c in df["layout_calibration"].dropna().unique() if c]
+            if calibrations:
+                facts["layout_calibration"] = calibrations
         if SCORED_ON in df:  # counted over the rows kept, so the counts add up to scores.parquet's rows
             facts["rows_per_node"] = {str(k): int(v) for k, v in
                                       df[SCORED_ON].fillna("in_process").value_counts().sort_index().items()}

@@ -54,12 +54,24 @@ def test_ray_pipeline_equals_in_process(job, local_ray):
         assert str(pq.read_schema(part).field("truncated").type) == "bool"
     assert 0.0 <= run["padding_fraction"] < 0.5
     assert run["fingerprints"]["model_weights"] == json.loads((job / "inproc" / "run.json").read_text())["fingerprints"]["model_weights"]
-    # each actor picks its layout on its first block (batching.layout: auto); the reduction is eager on CPU
-    calibrations = run["layout_calibration"]
-    assert 1 <= len(calibrations) <= 2 and all(c["chosen"] in c["seconds"] for c in calibrations)
-    assert sum(run["batch_layout"].values()) == N_RECORDS and set(run["batch_layout"]) <= {c["chosen"] for c in
-                                                                                             calibrations}
+    # the job fixes the layout (a batch size and a token budget); the reduction is eager on CPU
+    assert run["batch_layout"] == {"bs ≤ 4, tokens ≤ 2048": N_RECORDS} and "layout_calibration" not in run
     assert run["kernel"] == {"eager (auto: eager on cpu (compiling does not pay there, docs/benchmarks.md))": N_RECORDS}
+
+
+def test_each_actor_times_the_layouts_on_its_first_block(local_ray, tmp_path):
+    n = 70  # blocks of 16 rows (rows_per_call), enough for 4 calls per actor
+    root = write_score_job(tmp_path, word_records(n, seed=3), direction_seeds=(11, 12),
+                           ray={"rows_per_call": 16, "num_cpus_per_actor": 1.0})
+    assert main(["score", "--config", str(root / "score.yaml"), "--set", f"output.dir={tmp_path / 'ray'}",
+                 "--set", "batching.max_batch_size=null", "--set", "batching.max_tokens=null"]) == 0  # layout: auto
+    run = json.loads((tmp_path / "ray" / "run.json").read_text())
+    calibrations = run["layout_calibration"]  # one per actor, on its first block
+    assert 1 <= len(calibrations) <= 2 and all(c["chosen"] in c["seconds"] and c["samples"] == 16
+                                               for c in calibrations)
+    assert sum(run["batch_layout"].values()) == n
+    ray_df, ref = _scores(tmp_path / "ray"), _scores(root / "inproc")
+    np.testing.assert_allclose(ray_df.loc[ref.index, "sqsd"], ref["sqsd"], atol=1e-6)
 
 
 class KillOnceActor(ScoringActor):

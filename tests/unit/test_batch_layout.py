@@ -82,3 +82,9 @@ def test_a_batch_size_fixes_the_layout(job, tmp_path):
     assert _score(job, tmp_path / "run", "batching.max_batch_size=3") == 0
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["batch_layout"] == {"bs ≤ 3": N} and "layout_calibration" not in run
+
+
+def test_a_block_too_small_to_tell_the_layouts_apart_is_scored_with_the_fixed_layout(job, tmp_path):
+    assert _score(job, tmp_path / "run", f"data.limit={blocks.CALIBRATION_SAMPLES - 1}") == 0
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["batch_layout"] == {"bs ≤ 1": blocks.CALIBRATION_SAMPLES - 1} and "layout_calibration" not in run

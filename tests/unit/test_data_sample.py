@@ -148,3 +148,12 @@ def test_settings_added_later_leave_earlier_identities_unchanged():
                                          "data": {"path": "x.jsonl", "sample": {"n": 3}}})
     assert training_identity(sampled) != training_identity(plain)
     assert identity_dict(ModelConfig("tiny-llama", chat_template_kwargs={"enable_thinking": False})) != before["model"]
+
+
+def test_a_repeat_of_a_sample_left_out_of_the_draw_is_left_out_too(tmp_path):
+    """curate gives an identical repeat its first occurrence's fate: one not drawn must not come back through it."""
+    records = _records(60)
+    records += [dict(r) for r in records]  # every record twice
+    samples, report = load_samples(DataConfig(path=str(_write(tmp_path / "c.jsonl", records)), sample=DataSample(10, 1)))
+    drawn = {s.sample_id for s in samples}
+    assert len(drawn) == 10 and set(report.duplicates.values()) == drawn
