@@ -25,6 +25,7 @@ import yaml
 
 from ..config import ConfigError, RunOutput, from_dict, help_field, prepare_run_dir, to_dict
 from ..evaluation.generate import EvalSettings, StateResult, evaluate_states, write_responses
+from ..evaluation.job import judge_states
 from ..evaluation.judges import JudgeSettings
 from ..models.directions import Direction
 from ..models.loading import ModelConfig
@@ -194,8 +195,8 @@ def run_validate(cfg: ValidateConfig) -> Path:
         for alpha in alphas:
             if alpha != 0:
                 states[f"{name}@{alpha:g}"] = init_state_from_direction(direction, alpha, cfg.lora.scaling, cfg.lora.r)
-    results = {r.name: r for r in evaluate_states(cfg.model, cfg.lora, states, cfg.eval, cfg.scaling, cfg.judges,
-                                                  cfg.safety_judge)}
+    generated = evaluate_states(cfg.model, cfg.lora, states, cfg.eval, cfg.scaling)
+    results = {r.name: r for r in judge_states(generated, cfg.judges, cfg.safety_judge, cfg.scaling, cfg.eval.label)}
     write_responses(list(results.values()), out / "responses.jsonl")
 
     steering, table = [], []
@@ -297,8 +298,9 @@ def run_trajectory(cfg: TrajectoryConfig) -> Path:
         points.append(row)
         states[checkpoint.name] = factors
     if cfg.evaluate:
-        results: list[StateResult] = evaluate_states(cfg.model, cfg.lora, states, cfg.eval, cfg.scaling, cfg.judges,
-                                                     cfg.safety_judge)
+        generated = evaluate_states(cfg.model, cfg.lora, states, cfg.eval, cfg.scaling)
+        results: list[StateResult] = judge_states(generated, cfg.judges, cfg.safety_judge, cfg.scaling,
+                                                  cfg.eval.label)
         write_responses(results, out / "responses.jsonl")
         for row, result in zip(points, results):
             row.update(judge=result.judge, asr=result.asr, safety=result.safety, **result.metrics)

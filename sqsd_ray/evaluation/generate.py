@@ -4,16 +4,15 @@
     generate_responses(model, ...)    greedy decoding, left-padded, length-sorted batches
     keyword_refusal(text)             the offline judge: does the response refuse?
     evaluate_states(...)              many LoRA states of one base model (steering grid, checkpoints),
-                                      in this process or spread over Ray tasks, then judged (judge_states)
-    judge_states(...)                 every response through ``evaluate``'s judges (``job.JudgeActor``), and
-                                      each state's ``asr`` / ``safety`` from one of them
+                                      in this process or spread over Ray tasks (judged with ``evaluate``'s
+                                      judges by ``evaluation.job.judge_states``)
 
 Offline metric (no judge model needed): keyword ASR — the share of responses that contain none of the refusal
 phrases (Zou et al. 2023's prefix test, as used by llm-landscape) — and ``safety = 100 − ASR``, the refusal
 rate in percent. A blank response counts as a refusal: it complies with nothing. Keyword matching
 over-counts compliance for models that refuse in their own words, which is why the paper's numbers use a
-judge (LlamaGuard 3 ASR) and a cost model (beaver-7b-unified-cost Safety Score). ``judge_states`` takes the
-same judge settings as ``evaluate`` (``judges.JudgeSettings``): the safety that the directional-sensitivity
+judge (LlamaGuard 3 ASR) and a cost model (beaver-7b-unified-cost Safety Score). ``evaluation.job.judge_states`` takes
+the same judge settings as ``evaluate`` (``judges.JudgeSettings``): the safety that the directional-sensitivity
 formulas (Eq. 26–27) differentiate is ``100 − ASR`` of an ASR judge (keyword, LlamaGuard), or the Safety
 Score (mean −cost, Eq. 15) of a cost model.
 """
@@ -31,10 +30,9 @@ from typing import Any, Literal
 
 import torch
 
-from ..config import ConfigError, help_field, to_dict
+from ..config import ConfigError, help_field
 from ..data.records import Sample
 from ..data.tokenize import encode_prompt, pad_sequences
-from .judges import JudgeSettings
 
 log = logging.getLogger(__name__)
 
@@ -276,18 +274,10 @@ def _evaluate_loaded(model_cfg: Any, lora: Any, states: Mapping[str, FactorDict 
 
 def evaluate_states(
     model_cfg: Any, lora: Any, states: Mapping[str, FactorDict | None], eval_cfg: EvalSettings, scaling: Any,
-    judges: Mapping[str, JudgeSettings] | None = None, safety_judge: str | None = None,
 ) -> list[StateResult]:
-    """Evaluate named LoRA states of one base model; with ``scaling.use_ray`` the states are split over
-    ``scaling.num_workers`` Ray tasks (each loads the model once). The responses are then judged by ``judges``
-    (default: the keyword judge), ``safety_judge`` (default: the first) giving ``asr`` / ``safety``; see
-    ``judge_states``. Results keep the order of ``states``."""
-    generated = _generate_states(model_cfg, lora, states, eval_cfg, scaling)
-    return judge_states(generated, judges or {"keyword": JudgeSettings()}, safety_judge, scaling, eval_cfg.label)
-
-
-def _generate_states(model_cfg: Any, lora: Any, states: Mapping[str, FactorDict | None], eval_cfg: EvalSettings,
-                     scaling: Any) -> list[StateResult]:
+    """Generate for named LoRA states of one base model, scored by the keyword judge; with ``scaling.use_ray`` the
+    states are split over ``scaling.num_workers`` Ray tasks (each loads the model once). Results keep the order of
+    ``states``. ``evaluation.job.judge_states`` judges them with ``evaluate``'s judges."""
     prompts = load_eval_prompts(eval_cfg)
     names = list(states)
     workers = min(scaling.num_workers, len(names)) if scaling.use_ray else 1
@@ -309,101 +299,6 @@ def _generate_states(model_cfg: Any, lora: Any, states: Mapping[str, FactorDict 
     return [by_name[n] for n in names]
 
 
-# ------------------------------------------------------------------------------------------------ judging
-
-
-def state_safety(metrics: Mapping[str, float], name: str, judge: JudgeSettings) -> tuple[float, float]:
-    """(ASR, safety) of one state by judge ``name`` from its ``metrics_table`` row: an ASR judge gives
-    safety = 100 − ASR (%), a cost model its Safety Score (mean −cost, Eq. 15) and no ASR (NaN)."""
-    if judge.kind == "cost_model":
-        return float("nan"), float(metrics[f"{name}_safety_score"])
-    asr = float(metrics[f"{name}_asr"])  # NaN when no verdict could be parsed
-    return asr, 100.0 - asr
-
-
-def judge_responses_here(frame: Any, name: str, settings: dict[str, Any], torch_threads: int | None = None) -> Any:
-    """``frame`` (prompt, response columns) with judge ``name``'s verdict columns, by ``evaluate``'s
-    ``JudgeActor`` in this process (it builds the judge, loading its model, once)."""
-    from .job import JudgeActor
-
-    previous_threads = torch.get_num_threads()
-    try:
-        return JudgeActor(name, settings, torch_threads)(frame)
-    finally:
-        torch.set_num_threads(previous_threads)
-
-
-def judge_states(
-    results: Sequence[StateResult], judges: Mapping[str, JudgeSettings], safety_judge: str | None = None,
-    scaling: Any = None, benchmark: str = "eval",
-) -> list[StateResult]:
-    """Judge every response of ``results`` with each of ``judges`` and summarise per state, through the code of
-    ``evaluate`` (``job.JudgeActor`` -> ``judges.build_judge``; ``job.metrics_table``).
-
-    Each state gets ``metrics`` (every judge's ``<name>_asr`` and ``<name>_unparsed``, or
-    ``<name>_safety_score``), ``asr`` / ``safety`` from ``safety_judge`` (default: the first judge, see
-    ``state_safety``), and each response its verdicts (``<name>_status``, ``<name>_categories``,
-    ``<name>_score``). A judge model loads once per job in this process, or, with ``scaling.use_ray``, once in
-    each of up to ``scaling.num_workers`` Ray tasks that share the responses (one GPU each with
-    ``scaling.use_gpu``). The keyword judge is string matching: it always runs here.
-    """
-    import pandas as pd
-
-    from .job import metrics_table
-
-    if not judges:
-        raise ConfigError("judges: name at least one judge (e.g. keyword: {kind: keyword})")
-    safety_judge = safety_judge or next(iter(judges))
-    if safety_judge not in judges:
-        raise ConfigError(f"safety_judge {safety_judge!r} is not one of the judges {list(judges)}")
-    rows = [row for result in results for row in result.responses]
-    frame = pd.DataFrame({"state": [r["state"] for r in rows], "benchmark": benchmark,
-                          "prompt": [r["prompt"] for r in rows], "response": [r["response"] for r in rows]})
-    on_ray = {n: j for n, j in judges.items() if scaling is not None and scaling.use_ray and j.kind != "keyword"}
-    pending = _judge_on_ray(frame[["prompt", "response"]], on_ray, scaling) if on_ray else {}
-    threads = scaling.torch_threads if scaling is not None else None
-    for name, judge in judges.items():
-        judged = pending[name]() if name in on_ray else judge_responses_here(frame, name, to_dict(judge), threads)
-        frame = frame.assign(**{c: judged[c].to_numpy() for c in judged.columns if c not in frame.columns})
-    by_state = {row["state"]: row for row in metrics_table(frame, dict(judges)).to_dict("records")}
-    verdict_columns = [c for c in frame.columns if c not in ("state", "benchmark", "prompt", "response")]
-    verdicts = frame[verdict_columns].astype(object).where(frame[verdict_columns].notna(), None).to_dict("records")
-    out, start = [], 0
-    for result in results:
-        summary = by_state[result.name]
-        metrics = {k: v for k, v in summary.items() if k not in ("state", "benchmark", "n")}
-        asr, safety = state_safety(metrics, safety_judge, judges[safety_judge])
-        if judges[safety_judge].kind == "keyword":  # score_responses' own figures: the same to the last bit
-            asr, safety = result.asr, result.safety
-        responses = [{**row, **verdict} for row, verdict in
-                     zip(result.responses, verdicts[start:start + len(result.responses)])]
-        start += len(result.responses)
-        log.info("state %s: %s %s %.2f (%d prompts)", result.name, safety_judge,
-                 "Safety Score" if judges[safety_judge].kind == "cost_model" else "ASR %",
-                 safety if judges[safety_judge].kind == "cost_model" else asr, result.n)
-        out.append(StateResult(result.name, asr, safety, result.n, responses, safety_judge, metrics))
-    return out
-
-
-def _judge_on_ray(frame: Any, judges: Mapping[str, JudgeSettings], scaling: Any) -> dict[str, Any]:
-    """Start every judge's Ray tasks at once; name -> a call that waits for that judge's verdict frame."""
-    import numpy as np
-    import pandas as pd
-
-    from ..runtime import init_ray
-
-    ray = init_ray(scaling)
-    task = ray.remote(judge_responses_here).options(
-        num_cpus=scaling.cpus_per_worker, num_gpus=1 if scaling.use_gpu else 0, max_retries=2,
-    )
-    threads = scaling.torch_threads or max(1, int(scaling.cpus_per_worker))
-    chunks = np.array_split(np.arange(len(frame)), max(1, min(scaling.num_workers, len(frame))))
-    parts = [ray.put(frame.iloc[rows]) for rows in chunks]  # each part is shared by every judge
-    refs = {name: [task.remote(part, name, to_dict(judge), threads) for part in parts]
-            for name, judge in judges.items()}
-    return {name: (lambda r=r: pd.concat(ray.get(r))) for name, r in refs.items()}
-
-
 def write_responses(results: Sequence[StateResult], path: Path) -> Path:
     """Every response of every state as JSONL (state, prompt_id, category, prompt, response, refused: a keyword
     refusal phrase, and each judge's verdict: <name>_status, <name>_categories, <name>_score)."""
@@ -423,11 +318,8 @@ __all__ = [
     "evaluate_states",
     "evaluate_states_here",
     "generate_responses",
-    "judge_responses_here",
-    "judge_states",
     "keyword_refusal",
     "load_eval_prompts",
     "score_responses",
-    "state_safety",
     "write_responses",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import pandas as pd
 from ..config import ConfigError, from_dict, help_field, to_dict
 from ..models.loading import ModelConfig, with_absolute_paths
 from ..models.lora import LoraSettings
-from .generate import EvalSettings, generate_responses, load_eval_prompts
+from .generate import EvalSettings, StateResult, generate_responses, load_eval_prompts
 from .judges import JudgeSettings, Verdict, build_judge
 
 log = logging.getLogger(__name__)
@@ -246,6 +247,99 @@ def metrics_table(frame: pd.DataFrame, judges: dict[str, JudgeSettings]) -> pd.D
                 row[f"{name}_unparsed"] = int((status == "unparsed").sum())
         out.append(row)
     return pd.DataFrame(out)
+
+
+# ------------------------------------------------------------------------------------------------ judging
+
+
+def state_safety(metrics: Mapping[str, float], name: str, judge: JudgeSettings) -> tuple[float, float]:
+    """(ASR, safety) of one state by judge ``name`` from its ``metrics_table`` row: an ASR judge gives
+    safety = 100 − ASR (%), a cost model its Safety Score (mean −cost, Eq. 15) and no ASR (NaN)."""
+    if judge.kind == "cost_model":
+        return float("nan"), float(metrics[f"{name}_safety_score"])
+    asr = float(metrics[f"{name}_asr"])  # NaN when no verdict could be parsed
+    return asr, 100.0 - asr
+
+
+def judge_responses_here(frame: Any, name: str, settings: dict[str, Any], torch_threads: int | None = None) -> Any:
+    """``frame`` (prompt, response columns) with judge ``name``'s verdict columns, by ``evaluate``'s
+    ``JudgeActor`` in this process (it builds the judge, loading its model, once)."""
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    try:
+        return JudgeActor(name, settings, torch_threads)(frame)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def judge_states(
+    results: Sequence[StateResult], judges: Mapping[str, JudgeSettings], safety_judge: str | None = None,
+    scaling: Any = None, benchmark: str = "eval",
+) -> list[StateResult]:
+    """Judge every response of ``results`` with each of ``judges`` and summarise per state, through the code of
+    ``evaluate`` (``job.JudgeActor`` -> ``judges.build_judge``; ``job.metrics_table``).
+
+    Each state gets ``metrics`` (every judge's ``<name>_asr`` and ``<name>_unparsed``, or
+    ``<name>_safety_score``), ``asr`` / ``safety`` from ``safety_judge`` (default: the first judge, see
+    ``state_safety``), and each response its verdicts (``<name>_status``, ``<name>_categories``,
+    ``<name>_score``). A judge model loads once per job in this process, or, with ``scaling.use_ray``, once in
+    each of up to ``scaling.num_workers`` Ray tasks that share the responses (one GPU each with
+    ``scaling.use_gpu``). The keyword judge is string matching: it always runs here.
+    """
+    import pandas as pd
+
+    if not judges:
+        raise ConfigError("judges: name at least one judge (e.g. keyword: {kind: keyword})")
+    safety_judge = safety_judge or next(iter(judges))
+    if safety_judge not in judges:
+        raise ConfigError(f"safety_judge {safety_judge!r} is not one of the judges {list(judges)}")
+    rows = [row for result in results for row in result.responses]
+    frame = pd.DataFrame({"state": [r["state"] for r in rows], "benchmark": benchmark,
+                          "prompt": [r["prompt"] for r in rows], "response": [r["response"] for r in rows]})
+    on_ray = {n: j for n, j in judges.items() if scaling is not None and scaling.use_ray and j.kind != "keyword"}
+    pending = _judge_on_ray(frame[["prompt", "response"]], on_ray, scaling) if on_ray else {}
+    threads = scaling.torch_threads if scaling is not None else None
+    for name, judge in judges.items():
+        judged = pending[name]() if name in on_ray else judge_responses_here(frame, name, to_dict(judge), threads)
+        frame = frame.assign(**{c: judged[c].to_numpy() for c in judged.columns if c not in frame.columns})
+    by_state = {row["state"]: row for row in metrics_table(frame, dict(judges)).to_dict("records")}
+    verdict_columns = [c for c in frame.columns if c not in ("state", "benchmark", "prompt", "response")]
+    verdicts = frame[verdict_columns].astype(object).where(frame[verdict_columns].notna(), None).to_dict("records")
+    out, start = [], 0
+    for result in results:
+        summary = by_state[result.name]
+        metrics = {k: v for k, v in summary.items() if k not in ("state", "benchmark", "n")}
+        asr, safety = state_safety(metrics, safety_judge, judges[safety_judge])
+        if judges[safety_judge].kind == "keyword":  # score_responses' own figures: the same to the last bit
+            asr, safety = result.asr, result.safety
+        responses = [{**row, **verdict} for row, verdict in
+                     zip(result.responses, verdicts[start:start + len(result.responses)])]
+        start += len(result.responses)
+        log.info("state %s: %s %s %.2f (%d prompts)", result.name, safety_judge,
+                 "Safety Score" if judges[safety_judge].kind == "cost_model" else "ASR %",
+                 safety if judges[safety_judge].kind == "cost_model" else asr, result.n)
+        out.append(StateResult(result.name, asr, safety, result.n, responses, safety_judge, metrics))
+    return out
+
+
+def _judge_on_ray(frame: Any, judges: Mapping[str, JudgeSettings], scaling: Any) -> dict[str, Any]:
+    """Start every judge's Ray tasks at once; name -> a call that waits for that judge's verdict frame."""
+    import numpy as np
+    import pandas as pd
+
+    from ..runtime import init_ray
+
+    ray = init_ray(scaling)
+    task = ray.remote(judge_responses_here).options(
+        num_cpus=scaling.cpus_per_worker, num_gpus=1 if scaling.use_gpu else 0, max_retries=2,
+    )
+    threads = scaling.torch_threads or max(1, int(scaling.cpus_per_worker))
+    chunks = np.array_split(np.arange(len(frame)), max(1, min(scaling.num_workers, len(frame))))
+    parts = [ray.put(frame.iloc[rows]) for rows in chunks]  # each part is shared by every judge
+    refs = {name: [task.remote(part, name, to_dict(judge), threads) for part in parts]
+            for name, judge in judges.items()}
+    return {name: (lambda r=r: pd.concat(ray.get(r))) for name, r in refs.items()}
 
 
 def run_evaluate(cfg: EvalJobConfig) -> Path:
