@@ -282,9 +282,8 @@ class BlockScorer:
     def kernel_label(self) -> str:
         """'compiled (why)' or 'eager (why)': the reduction the last batch ran (a failed compile falls back)."""
         reduction = self.scorer.reduction
-        decision = reduction.decision if reduction is not None else self.scorer.compile_decision
         compiled = reduction is not None and reduction.active
-        return f"{'compiled' if compiled else 'eager'} ({decision.reason})"
+        return f"{'compiled' if compiled else 'eager'} ({self.scorer.compile_decision.reason})"
 
     def __call__(self, block):
         import pandas as pd

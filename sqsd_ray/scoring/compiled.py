@@ -17,8 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -49,9 +48,6 @@ class CompileDecision:
     setting: str
     compiled: bool
     reason: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _cpu_compiler_missing() -> str | None:
@@ -85,15 +81,11 @@ def _unavailable(setting: str, reason: str) -> CompileDecision:
 
 
 class CompiledReduction:
-    """``project_module_stacked`` through ``torch.compile``, falling back to eager (one logged line) if it fails.
-
-    ``first_call_s`` is the wall time of the first call, which includes compiling the first graph.
-    """
+    """``project_module_stacked`` through ``torch.compile``, falling back to eager (one logged line) if it fails."""
 
     def __init__(self, decision: CompileDecision):
         self.decision = decision
-        self.calls = 0
-        self.first_call_s: float | None = None
+        self.calls = 0  # compiled calls made
         self._compiled = None
         try:  # e.g. a Python version the installed torch's compiler does not support
             self._compiled = torch.compile(project_module_stacked, dynamic=True)
@@ -106,7 +98,6 @@ class CompiledReduction:
 
     def __call__(self, x, a, gu, A0, B0, right_A, right_B, token_mask):
         if self._compiled is not None:
-            started = time.perf_counter()
             try:
                 out = self._compiled(x, a, gu, A0, B0, right_A, right_B, token_mask)
             except torch.OutOfMemoryError:
@@ -114,8 +105,6 @@ class CompiledReduction:
             except Exception as err:  # noqa: BLE001 - any compiler failure means: run eagerly
                 self._fall_back(err)
             else:
-                if self.first_call_s is None:
-                    self.first_call_s = time.perf_counter() - started
                 self.calls += 1
                 return out
         return project_module_stacked(x, a, gu, A0, B0, right_A, right_B, token_mask)
@@ -127,7 +116,3 @@ class CompiledReduction:
         log.warning("scoring.compile: %s; the reduction runs eagerly from here on", reason)
         self._compiled = None
         self.decision = CompileDecision(self.decision.setting, False, reason)
-
-    def report(self) -> dict:
-        return {**self.decision.to_dict(), "compiled_calls": self.calls,
-                "first_call_s": None if self.first_call_s is None else round(self.first_call_s, 3)}

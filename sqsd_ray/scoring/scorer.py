@@ -100,9 +100,7 @@ class SqsdScorer:
         self.passes = passes
         self.per_module = per_module
         self.reduction = reduction  # None: kernel.project_module, eagerly
-        # why the reduction is compiled or not (scoring.compile), as run.json reports it
-        self.compile_decision = compile_decision or (reduction.decision if reduction is not None else
-                                                     CompileDecision("off", False, "scoring.compile: off"))
+        self._eager_decision = compile_decision or CompileDecision("off", False, "scoring.compile: off")
         self.device = next(model.parameters()).device
         self.model_dtype = next(model.parameters()).dtype
         self.acc_dtype = accumulation_dtype(self.model_dtype)
@@ -139,6 +137,12 @@ class SqsdScorer:
                         torch.stack([t.right_B for t in by_name.values()])) for m, by_name in targets.items()}
             for state, targets in self._targets.items()
         } if reduction is not None else {}
+
+    @property
+    def compile_decision(self) -> CompileDecision:
+        """Why the reduction is compiled or not (scoring.compile), as run.json reports it; after a failed compile,
+        the failure."""
+        return self.reduction.decision if self.reduction is not None else self._eager_decision
 
     @property
     def direction_names(self) -> list[str]:
