@@ -9,6 +9,8 @@ Refusals are judged by keywords (``evaluation.generate.keyword_refusal``). Outpu
     larf_layer.png    the change per layer, the chosen one marked
     larf_layer.json   the choice, the base rate, the prompt set, the settings
     larf_layer.yaml   a config fragment ``score`` takes as a second --config (``baseline.larf_layer``)
+    trials.jsonl      each trial's rate as it is measured: a search stopped part-way resumes from it when run
+                      again into the same directory with the same settings (without output.overwrite)
 
 The built-in prompt set (``OVER_REFUSAL_PROMPTS``) was written for this project in the style of XSTest's safe
 prompts (homonyms, figurative language, safe targets, safe contexts, definitions, history); any JSONL file with
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import ConfigError, RunOutput, help_field, prepare_run_dir
+from ..config import ConfigError, RunOutput, help_field, prepare_run_dir, stable_hash, to_dict
 from ..evaluation.generate import EvalPrompt, EvalSettings, generate_responses, keyword_refusal, load_eval_prompts
 from ..models.loading import ModelConfig, load_model_and_tokenizer
 from ..scoring.summary import markdown_table, save_figure
@@ -117,13 +119,45 @@ def load_over_refusal_prompts(cfg: OverRefusalPrompts) -> list[EvalPrompt]:
     return [EvalPrompt(f"over_refusal-{i:04d}", t, "over_refusal") for i, t in enumerate(texts)]
 
 
+def _search_settings(cfg: LarfLayerConfig, prompts: list[EvalPrompt]) -> dict:
+    """What a trial's rate depends on: a resumed search reuses rates only when all of it is unchanged."""
+    settings = {"model": to_dict(cfg.model), "prompts": stable_hash([p.prompt for p in prompts]),
+                "max_new_tokens": cfg.prompts.max_new_tokens, "batch_size": cfg.prompts.batch_size,
+                "system_prompt": cfg.prompts.system_prompt}
+    return json.loads(json.dumps(settings, default=str))  # as it reads back from trials.jsonl
+
+
+def _resume_trials(out: Path, settings: dict) -> dict[tuple[int | None, float], float] | None:
+    """Rates of an unfinished search in ``out`` made with ``settings``; None where there is none to resume."""
+    log_path = out / "trials.jsonl"
+    if not log_path.is_file() or (out / "larf_layer.json").is_file():
+        return None
+    lines = log_path.read_text().splitlines()
+    if not lines or json.loads(lines[0]).get("settings") != settings:
+        raise FileExistsError(f"{out} holds an unfinished layer search made with other settings (model, prompts, "
+                              "decoding); set output.overwrite: true or another output.dir")
+    known = {}
+    for line in lines[1:]:
+        try:
+            trial = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short when the search was stopped
+            continue
+        known[(trial["layer"], float(trial["alpha"]))] = float(trial["refusal"])
+    return known
+
+
 def run_larf_layer(cfg: LarfLayerConfig) -> Path:
     import pandas as pd
 
     from .methods import decoder_layers, find_safety_layer
 
-    out = prepare_run_dir(cfg.output.dir, cfg.output.overwrite)
     prompts = load_over_refusal_prompts(cfg.prompts)
+    settings = _search_settings(cfg, prompts)
+    out = Path(cfg.output.dir)
+    known = None if cfg.output.overwrite else _resume_trials(out, settings)
+    if known is None:
+        out = prepare_run_dir(cfg.output.dir, cfg.output.overwrite)
+        (out / "trials.jsonl").write_text(json.dumps({"settings": settings}) + "\n")
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     model.eval()
     n_blocks = len(decoder_layers(model))
@@ -132,7 +166,9 @@ def run_larf_layer(cfg: LarfLayerConfig) -> Path:
     if bad:
         raise ConfigError(f"layers {bad} out of range: the model has {n_blocks} decoder blocks (0-based)")
     trials = 1 + len(layers) * len(cfg.alphas)
-    done = 0
+    done = len(known or {})
+    if known:
+        log.info("larf layer search: resuming with %d of %d trials measured in %s", done, trials, out)
 
     def refusal_rate(m) -> float:
         nonlocal done
@@ -143,7 +179,12 @@ def run_larf_layer(cfg: LarfLayerConfig) -> Path:
         log.info("larf layer search: trial %d/%d, refusal %.1f%%", done, trials, rate)
         return rate
 
-    best, change, rates = find_safety_layer(model, refusal_rate, layers, cfg.alphas)
+    def record(layer: int | None, alpha: float, rate: float) -> None:
+        with open(out / "trials.jsonl", "a") as f:
+            f.write(json.dumps({"layer": layer, "alpha": alpha, "refusal": rate}) + "\n")
+
+    best, change, rates = find_safety_layer(model, refusal_rate, layers, cfg.alphas, known=known,
+                                            on_trial=record)
     base = rates[layers[0]][1.0]
     table = pd.DataFrame([{"layer": layer, "mean_abs_change": change[layer],
                            **{f"refusal_at_{a:g}": rates[layer][float(a)] for a in cfg.alphas}} for layer in layers])

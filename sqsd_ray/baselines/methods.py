@@ -235,15 +235,28 @@ def last_token_hidden(model: nn.Module, batch: Mapping, layer: int) -> torch.Ten
 
 def find_safety_layer(model: nn.Module, refusal_rate, layers: Sequence[int],
                       alphas: Sequence[float] = (0.8, 0.9, 1.1, 1.2),
+                      known: Mapping[tuple[int | None, float], float] | None = None, on_trial=None,
                       ) -> tuple[int, dict[int, float], dict[int, dict[float, float]]]:
     """LARF's layer search: scale each candidate block's weights by α, measure the refusal rate with
     ``refusal_rate(model) -> float`` (e.g. keyword refusals on an over-refusal prompt set), and pick the layer
     whose scaling moves it most (mean |Δ| over α). The weights are restored after each trial.
 
+    ``known`` holds rates measured earlier, keyed (layer, α) with (None, 1.0) for the unscaled model: those trials
+    are not run again (a resumed search). ``on_trial(layer, alpha, rate)`` is called after each trial that is run.
+
     Returns (best layer, {layer: mean |Δ|}, {layer: {α: rate}}); the unscaled rate is under α = 1.0.
     """
+    known = dict(known or {})
+
+    def measure(layer: int | None, alpha: float) -> float:
+        if (layer, alpha) not in known:
+            known[(layer, alpha)] = refusal_rate(model)
+            if on_trial is not None:
+                on_trial(layer, alpha, known[(layer, alpha)])
+        return known[(layer, alpha)]
+
     blocks = decoder_layers(model)
-    base = refusal_rate(model)
+    base = measure(None, 1.0)
     change: dict[int, float] = {}
     rates: dict[int, dict[float, float]] = {}
     for layer in layers:
@@ -252,10 +265,11 @@ def find_safety_layer(model: nn.Module, refusal_rate, layers: Sequence[int],
         rates[layer] = {1.0: base}
         try:
             for alpha in alphas:
-                with torch.no_grad():
-                    for p, s in zip(params, saved):
-                        p.copy_(s * alpha)
-                rates[layer][float(alpha)] = refusal_rate(model)
+                if (layer, float(alpha)) not in known:
+                    with torch.no_grad():
+                        for p, s in zip(params, saved):
+                            p.copy_(s * alpha)
+                rates[layer][float(alpha)] = measure(layer, float(alpha))
         finally:
             with torch.no_grad():
                 for p, s in zip(params, saved):

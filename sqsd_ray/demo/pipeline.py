@@ -415,7 +415,7 @@ def _score_corpus(run: DemoRun, init_fragment: dict) -> dict[str, Path]:
                 "model": run.model, "prompts": {"path": str(files["over_refusal"]),
                                                 "max_new_tokens": recipe.larf_max_new_tokens or recipe.max_new_tokens,
                                                 "batch_size": recipe.larf_batch_size},
-                "output": {"dir": str(run.out / "larf_layer"), "overwrite": True}}))
+                "output": {"dir": str(run.out / "larf_layer"), "overwrite": fresh}}))  # resuming: its trials go on
         if "larf" in methods:
             score_base["baseline"]["larf_layer"] = json.loads((larf_dir / "larf_layer.json").read_text())["layer"]
         for method in methods:

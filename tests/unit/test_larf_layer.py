@@ -49,3 +49,43 @@ def test_bad_layers_prompts_and_alphas_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"prompts.jsonl:2: field 'prompt'"):
         run_larf_layer(_cfg(tmp_path, f"prompts.path={bad}", "output.overwrite=true"))
     assert len(OVER_REFUSAL_PROMPTS) == len(set(OVER_REFUSAL_PROMPTS)) >= 40
+
+
+def test_a_stopped_search_resumes_at_its_next_trial_with_the_same_result(tmp_path, monkeypatch):
+    import sqsd_ray.baselines.larf_layer as larf_layer
+
+    whole = run_larf_layer(_cfg(tmp_path, "output.dir=" + str(tmp_path / "whole")))
+    real = larf_layer.generate_responses
+    calls = []
+
+    def stopping_after_three(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(larf_layer, "generate_responses", stopping_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        run_larf_layer(_cfg(tmp_path))
+    lines = (tmp_path / "larf" / "trials.jsonl").read_text().splitlines()
+    assert len(lines) == 1 + 3  # the settings, then the base rate and two scaled trials
+    monkeypatch.setattr(larf_layer, "generate_responses", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls.clear()
+    out = run_larf_layer(_cfg(tmp_path))
+    assert len(calls) == 5 - 3  # 1 + 2 layers × 2 scales, three of them measured before the stop
+    pd.testing.assert_frame_equal(pd.read_csv(out / "larf_layer.csv"), pd.read_csv(whole / "larf_layer.csv"))
+    assert json.loads((out / "larf_layer.json").read_text())["layer"] == \
+        json.loads((whole / "larf_layer.json").read_text())["layer"]
+
+
+def test_an_unfinished_search_with_other_settings_is_not_resumed(tmp_path, monkeypatch):
+    import sqsd_ray.baselines.larf_layer as larf_layer
+
+    monkeypatch.setattr(larf_layer, "generate_responses", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        run_larf_layer(_cfg(tmp_path))
+    monkeypatch.undo()
+    with pytest.raises(FileExistsError, match="unfinished layer search made with other settings"):
+        run_larf_layer(_cfg(tmp_path, "prompts.max_new_tokens=4"))
+    out = run_larf_layer(_cfg(tmp_path, "prompts.max_new_tokens=4", "output.overwrite=true"))
+    assert (out / "larf_layer.json").is_file()
