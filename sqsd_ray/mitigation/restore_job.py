@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from .. import __version__
-from ..config import ConfigError, RunOutput, from_dict, help_field, prepare_run_dir, stable_hash, to_dict
+from ..config import ConfigError, from_dict, help_field, prepare_run_dir, stable_hash, to_dict
 from ..data.records import DataConfig, DataReport, load_samples
 from ..data.tokenize import collate, length_sorted_batches, tokenize_samples
 from ..models.loading import ModelConfig, load_model, load_tokenizer
@@ -45,6 +45,7 @@ from ..models.lora import (
 )
 from ..runtime import WorkerScaling
 from ..scoring.summary import markdown_table, save_figure
+from ..training.config import RayTrainOutput
 from .restore import BaseLosses, RestoreResult, RestoreSettings, per_example_losses, restore
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,9 @@ class RestoreConfig:
         "cluster's driver need not have one; the output dir must then be on storage the worker shares); false = "
         "in this process. The line search is sequential: num_workers stays 1"
     )
-    output: RunOutput = help_field(help="run directory", default_factory=lambda: RunOutput(dir="runs/restore"))
+    output: RayTrainOutput = help_field(
+        help="run directory; with scaling.use_ray the worker writes the results into it (shared storage) and Ray "
+        "Train its run record into storage_path", default_factory=lambda: RayTrainOutput(dir="runs/restore"))
 
     def __post_init__(self) -> None:
         if self.scaling.num_workers != 1:
@@ -270,6 +273,7 @@ def _restore_with_ray_train(cfg: RestoreConfig, out: Path) -> None:
 
     from ..runtime import fit_on_ray_train, init_ray, train_failure_config
 
+    cfg.output.ray_storage(out)  # a storage_path pyarrow cannot open is named before Ray Train starts
     init_ray(cfg.scaling)
     trainer = TorchTrainer(
         _restore_worker,
@@ -278,7 +282,7 @@ def _restore_with_ray_train(cfg: RestoreConfig, out: Path) -> None:
         scaling_config=ScalingConfig(
             num_workers=1, use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
-        run_config=RunConfig(name="ray_train", storage_path=str(out.resolve()),
+        run_config=RunConfig(name="ray_train", storage_path=cfg.output.ray_storage_path(out),
                              failure_config=train_failure_config(cfg.scaling)),
     )
     result = fit_on_ray_train(trainer, cfg.scaling,

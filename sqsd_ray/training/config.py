@@ -7,13 +7,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from ..config import ConfigError, RunOutput, help_field, identity_dict, stable_hash
 from ..data.records import DataConfig
 from ..job_base import ModelDataJob
 from ..runtime import WorkerScaling
 from .spf import SpfSettings
+
+if TYPE_CHECKING:
+    import pyarrow.fs
 
 
 @dataclass
@@ -86,7 +89,39 @@ class TrainSettings:
 
 
 @dataclass
-class TrainOutput(RunOutput):
+class RayTrainOutput(RunOutput):
+    """A run directory plus where Ray Train persists the run (its checkpoints and run state)."""
+
+    storage_path: str | None = help_field(
+        None, help="where Ray Train writes (scaling.use_ray): a pyarrow.fs URI (s3://bucket/prefix, gs://bucket/prefix, "
+        "file:///abs/path) or a path every node sees; null = the run directory dir itself, which must then be shared "
+        "storage on a multi-node cluster. A fine-tune's checkpoints are copied into <dir>/train when it ends"
+    )
+
+    def __post_init__(self) -> None:
+        if self.storage_path is not None and not self.storage_path.strip():
+            raise ConfigError("output.storage_path must be a URI or a path, or null for output.dir; got an empty string")
+
+    def ray_storage_path(self, run_dir: Path) -> str:
+        """``RunConfig.storage_path``: the URI as given (Ray Train opens it with pyarrow.fs), or an absolute path,
+        since Ray Train's processes run in other working directories."""
+        if self.storage_path is not None and "://" in self.storage_path:
+            return self.storage_path
+        return str(Path(self.storage_path or run_dir).expanduser().resolve())
+
+    def ray_storage(self, run_dir: Path) -> tuple[pyarrow.fs.FileSystem, str]:
+        """The file system and path of ``ray_storage_path``, for reading what Ray Train wrote there."""
+        import pyarrow.fs
+
+        where = self.ray_storage_path(run_dir)
+        try:
+            return pyarrow.fs.FileSystem.from_uri(where)
+        except (OSError, ValueError) as err:  # pyarrow.ArrowInvalid is a ValueError
+            raise ConfigError(f"output.storage_path {where!r}: pyarrow.fs cannot open it: {err}") from err
+
+
+@dataclass
+class TrainOutput(RayTrainOutput):
     # dir again for its own default: --help-config shows a section's class defaults, not a default_factory's
     dir: str = help_field("runs/train", help="run directory (checkpoints in <dir>/train/step-XXXXXX)")
     resume: bool = help_field(True, help="continue from the newest checkpoint of the same job in dir")

@@ -335,6 +335,8 @@ def run_training(cfg: TrainJobConfig) -> TrainRun:
     if cfg.scaling.use_ray:
         _fit_with_ray_train(cfg, config, out)
     else:
+        if cfg.output.storage_path is not None:
+            log.warning("output.storage_path applies to Ray Train runs (scaling.use_ray); this run writes to %s", out)
         train_worker({**config, "ray": False})
     run = load_run(out)
     run.seconds = time.perf_counter() - start
@@ -349,6 +351,7 @@ def _fit_with_ray_train(cfg: TrainJobConfig, config: dict[str, Any], out: Path) 
     from ..runtime import fit_on_ray_train, init_ray, train_failure_config
 
     init_ray(cfg.scaling)
+    storage = _separate_storage(cfg, out, config["identity"])
     scaling = ScalingConfig(
         num_workers=cfg.scaling.num_workers,
         use_gpu=cfg.scaling.use_gpu,
@@ -361,14 +364,78 @@ def _fit_with_ray_train(cfg: TrainJobConfig, config: dict[str, Any], out: Path) 
         scaling_config=scaling,
         run_config=RunConfig(
             name=CHECKPOINT_DIR,
-            storage_path=str(out),
+            storage_path=cfg.output.ray_storage_path(out),
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # every checkpoint is a trajectory point
             failure_config=train_failure_config(cfg.scaling),
         ),
     )
-    result = fit_on_ray_train(trainer, cfg.scaling, lambda: _what_was_kept(out))
+
+    def kept() -> str:
+        if storage is not None:
+            _copy_checkpoints_home(storage, out)
+        return _what_was_kept(out)
+
+    result = fit_on_ray_train(trainer, cfg.scaling, kept)
+    if storage is not None:
+        _copy_checkpoints_home(storage, out)
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
+
+
+def _separate_storage(cfg: TrainJobConfig, out: Path, identity: str) -> tuple[Any, str] | None:
+    """(file system, checkpoint folder) of ``output.storage_path`` when Ray Train writes somewhere other than ``out``;
+    makes it ready for this run as ``_prepare_output`` does the run directory."""
+    import pyarrow.fs
+
+    filesystem, root = cfg.output.ray_storage(out)
+    if isinstance(filesystem, pyarrow.fs.LocalFileSystem) and Path(root).resolve() == out.resolve():
+        return None
+    storage = (filesystem, f"{root.rstrip('/')}/{CHECKPOINT_DIR}")
+    if cfg.output.overwrite:  # Ray Train would otherwise restore the replaced run from its snapshot there
+        if filesystem.get_file_info(storage[1]).type != pyarrow.fs.FileType.NotFound:
+            filesystem.delete_dir(storage[1])
+        return storage
+    stored = _stored_checkpoints(storage)
+    if stored:
+        with filesystem.open_input_stream(f"{storage[1]}/{stored[-1]}/{STATE_FILE}") as f:
+            theirs = json.loads(f.read())["identity"]
+        if not cfg.output.resume or theirs != identity:
+            why = "output.resume is false" if not cfg.output.resume else "they belong to a different job"
+            raise FileExistsError(f"output.storage_path {cfg.output.storage_path} already holds checkpoints "
+                                  f"({CHECKPOINT_DIR}/{stored[-1]}) and {why}; set output.overwrite: true or choose "
+                                  "another output.storage_path")
+    return storage
+
+
+def _stored_checkpoints(storage: tuple[Any, str]) -> list[str]:
+    """Names of the complete checkpoints (``step-*`` with a trainer state) under Ray Train's storage, oldest first."""
+    import pyarrow.fs
+
+    filesystem, folder = storage
+    found = filesystem.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
+    names = [info.base_name for info in found
+             if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("step-")]
+    names = [n for n in names if filesystem.get_file_info(f"{folder}/{n}/{STATE_FILE}").type == pyarrow.fs.FileType.File]
+    return sorted(names, key=lambda n: int(n.split("-")[1]))
+
+
+def _copy_checkpoints_home(storage: tuple[Any, str], out: Path) -> None:
+    """Copy the checkpoints the run directory lacks from Ray Train's storage into ``out/train``, each whole or not
+    at all, so everything that reads a run directory works as when Ray Train writes into it."""
+    import pyarrow.fs
+
+    filesystem, folder = storage
+    here = {p.name for p in list_checkpoints(out)}
+    for name in _stored_checkpoints(storage):
+        if name in here:
+            continue
+        target = out / CHECKPOINT_DIR / name
+        partial = target.with_name(name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        pyarrow.fs.copy_files(f"{folder}/{name}", str(partial), source_filesystem=filesystem,
+                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(partial, target)
 
 
 def _what_was_kept(out: Path) -> str:
