@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
 
 from .config import ConfigError, describe, load_config
+from .data.reference import DATA_DIR_ENV, DEFAULT_DATA_ROOT
 from .runtime import WorkersLost
 
 # Failures with a message written for the user (a config key, a file, a record): one line, no traceback.
@@ -53,6 +55,13 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set data.max_length=512 (repeatable)")
     parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    _add_data_root_arg(parser, "the reference data that ref: names and the defaults read (eval/, benign/, anchors/)")
+
+
+def _add_data_root_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--data-root", default=None, help=f"folder holding {what}; sets ${DATA_DIR_ENV} for this "
+                        f"run and its workers (default: ${DATA_DIR_ENV}, else {DEFAULT_DATA_ROOT}; a data set missing "
+                        "there is loaded from the Hugging Face hub where it has one; docs/data.md)")
 
 
 def _run_job(args: argparse.Namespace, config_cls: type, run, show: str | None = None) -> int:
@@ -189,7 +198,7 @@ def cmd_agreement(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from .demo.quickstart import run_quickstart
 
-    path = run_quickstart(Path(args.out), Path(args.data_root), overrides=args.overrides)
+    path = run_quickstart(Path(args.out), _data_root(args), overrides=args.overrides)
     print(f"wrote {path}")
     print((path.parent / "summary.md").read_text())
     return 0
@@ -200,10 +209,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     report = run_demo(DemoSettings(out=Path(args.out), seed=args.seed, quick=args.quick, model=args.model,
                                    world=args.world, resume=args.resume, threads=args.threads,
-                                   data_root=Path(args.data_root), cache_dir=Path(args.cache) if args.cache else None))
+                                   data_root=_data_root(args), cache_dir=Path(args.cache) if args.cache else None))
     print(report.read_text())
     print(f"wrote {report.parent}")
     return 0
+
+
+def _data_root(args: argparse.Namespace) -> Path | None:
+    return Path(args.data_root).expanduser() if args.data_root else None
 
 
 def _job(sub, name: str, help: str, func) -> argparse.ArgumentParser:
@@ -321,14 +334,14 @@ def _add_demo_verbs(sub) -> None:
     demo.add_argument("--threads", type=int, default=None,
                       help="torch threads of the demo's fine-tunes (default: 2 for the organism, so that its figures "
                       "do not depend on the core count; torch's own for smollm2)")
-    demo.add_argument("--data-root", default="../shared/data", help="smollm2: folder holding benign/, eval/, anchors/")
+    _add_data_root_arg(demo, "smollm2's reference data (benign/, eval/, anchors/)")
     demo.add_argument("--cache", default=None, help="where the organism is cached (default $SQSD_CACHE or "
                       "~/.cache/sqsd-ray)")
     demo.set_defaults(func=cmd_demo)
 
     quick = sub.add_parser("quickstart", help="embedded default: build directions on a tiny model, score Dolly")
     quick.add_argument("--out", default="runs/quickstart", help="run directory")
-    quick.add_argument("--data-root", default="../shared/data", help="folder holding benign/ and eval/")
+    _add_data_root_arg(quick, "the reference data it reads (eval/ AdvBench, benign/ Dolly)")
     quick.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a score config key")
     quick.set_defaults(func=cmd_quickstart)
@@ -338,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "data_root", None):
+        # through the environment, so that Ray workers started from here resolve ref: names alike; absolute,
+        # since their working directory may differ
+        os.environ[DATA_DIR_ENV] = str(_data_root(args).resolve())
     try:
         return args.func(args)
     except ANTICIPATED as err:

@@ -18,7 +18,8 @@ from ..data.tokenize import collate, tokenize_samples
 
 METHOD_COLUMNS = {"self_inf_n": "self_inf_n", "bianchor_grad": "bianchor_grad", "bianchor_reps": "bianchor_reps",
                   "reward_model": "reward_model", "larf": "larf"}
-ANCHORS = "../shared/data/anchors"
+# The anchor sets of He et al. 2024 by reference name (sqsd_ray.data.reference: the data mirror's anchors/ folder)
+ANCHORS = "ref:"
 
 
 @dataclass
@@ -26,12 +27,12 @@ class BaselineSettings:
     """What the baselines need besides the model (paper App. D)."""
 
     harmful_anchors: str = help_field(
-        f"{ANCHORS}/pure_bad_10.jsonl", help="bianchor_reps: the harmful anchor set (messages JSONL)"
+        f"{ANCHORS}pure_bad_10", help="bianchor_reps: the harmful anchor set (messages JSONL, or a ref: name)"
     )
     grad_anchors: dict[str, str] = help_field(
-        {"harmful": f"{ANCHORS}/illegal_activities_10.jsonl", "safe1": f"{ANCHORS}/illegal_activities_10_anchor1.jsonl",
-         "safe2": f"{ANCHORS}/illegal_activities_10_anchor2.jsonl"},
-        help="bianchor_grad: harmful, safe1, safe2 anchor sets (messages JSONL), weights 1, -1, -1",
+        {"harmful": f"{ANCHORS}illegal_activities_10", "safe1": f"{ANCHORS}illegal_activities_10_anchor1",
+         "safe2": f"{ANCHORS}illegal_activities_10_anchor2"},
+        help="bianchor_grad: harmful, safe1, safe2 anchor sets (messages JSONL, or ref: names), weights 1, -1, -1",
     )
     gradient: Literal["lora", "full"] = help_field(
         "lora", help="self_inf_n / bianchor_grad: the LoRA gradient (g_A, g_B) or the full gradient of the adapted "
@@ -54,9 +55,9 @@ class BaselineSettings:
         None, help="larf: the safety-sensitive decoder block (0-based; the paper found 21 for Qwen3-8B, 13 for "
         "Llama-3.1-8B-Instruct, 11 for Llama-2-7B-Chat; baselines.find_safety_layer searches it)"
     )
-    larf_unsafe: list[str] = help_field([f"{ANCHORS}/pure_bad_10.jsonl"], help="larf: unsafe reference sets")
+    larf_unsafe: list[str] = help_field([f"{ANCHORS}pure_bad_10"], help="larf: unsafe reference sets")
     larf_safe: list[str] = help_field(
-        [f"{ANCHORS}/illegal_activities_10_anchor1.jsonl", f"{ANCHORS}/illegal_activities_10_anchor2.jsonl"],
+        [f"{ANCHORS}illegal_activities_10_anchor1", f"{ANCHORS}illegal_activities_10_anchor2"],
         help="larf: safe reference sets",
     )
 

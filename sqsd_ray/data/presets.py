@@ -1,8 +1,9 @@
 """The safety data sets the paper builds its directions from, as data presets (``data.preset``).
 
-A preset supplies what a config would otherwise spell out: the Hugging Face dataset and split (when
-``data.path`` is empty), the schema, and a per-record transform that selects rows and maps fields. With a path
-it reads a local file with the same fields, which is how the mappings are tested offline.
+A preset supplies what a config would otherwise spell out: the Hugging Face dataset and split, or for the AdvBench
+presets the reference file ``ref:advbench`` (when ``data.path`` is empty), the schema, and a per-record transform
+that selects rows and maps fields. With a path it reads a local file with the same fields, which is how the
+mappings are tested offline.
 
 ======================  ==========================================  =====================  =========================
 preset                  source (split)                              rows kept              record built
@@ -16,9 +17,9 @@ aegis2_unsafe           HF nvidia/Aegis-AI-Content-Safety-          response_lab
 pku_saferlhf_pairs      HF PKU-Alignment/PKU-SafeRLHF-10K (train)   the two responses      preference: prompt,
                                                                     differ                 chosen = the safer,
                                                                                            rejected = the other
-advbench_harmful        local AdvBench CSV (goal, target)           all                    prompt = goal,
+advbench_harmful        AdvBench CSV (goal, target), ref:advbench   all                    prompt = goal,
                                                                                            response = target
-advbench_refusal_pairs  local AdvBench CSV (goal, target)           all                    preference: prompt = goal,
+advbench_refusal_pairs  AdvBench CSV (goal, target), ref:advbench   all                    preference: prompt = goal,
                                                                                            chosen = a refusal,
                                                                                            rejected = target
 ======================  ==========================================  =====================  =========================
@@ -65,7 +66,8 @@ Transform = Callable[[dict[str, Any], Location], "dict[str, Any] | None"]
 
 @dataclass(frozen=True)
 class Preset:
-    """A data set's source, schema and row transform; ``hf_path`` None means it reads a local file only."""
+    """A data set's source, schema and row transform; ``hf_path`` None means it reads a file: ``reference`` (a
+    ``ref:`` name of :mod:`sqsd_ray.data.reference`) unless ``data.path`` names another."""
 
     name: str
     schema: str
@@ -73,6 +75,7 @@ class Preset:
     hf_path: str | None = None
     hf_split: str = "train"
     about: str = ""
+    reference: str | None = None
 
 
 def _text(record: dict[str, Any], name: str, loc: Location) -> str:
@@ -186,9 +189,9 @@ PRESETS = {p.name: p for p in (
     Preset("pku_saferlhf_pairs", "preference", pku_saferlhf_pairs, "PKU-Alignment/PKU-SafeRLHF-10K", "train",
            "PKU-SafeRLHF-10K with the safer response preferred (V_safety by DPO)"),
     Preset("advbench_harmful", "prompt_response", advbench_harmful, None, "",
-           "AdvBench goal -> affirmative target: an offline harmful SFT set"),
+           "AdvBench goal -> affirmative target: an offline harmful SFT set", "ref:advbench"),
     Preset("advbench_refusal_pairs", "preference", advbench_refusal_pairs, None, "",
-           "AdvBench goal with a refusal preferred over the target: offline DPO pairs"),
+           "AdvBench goal with a refusal preferred over the target: offline DPO pairs", "ref:advbench"),
 )}
 
 
@@ -203,8 +206,8 @@ def resolve(cfg: DataConfig) -> DataConfig:
     """``cfg`` with its preset's source and schema filled in; what the user set wins.
 
     With ``path`` empty: the preset's HF dataset, ``format: hf`` and its split (unless ``hf_split`` was changed
-    from the default ``train``); a local-file preset then is a ConfigError. ``schema: auto`` becomes the
-    preset's schema. Without a preset, ``cfg`` is returned as is.
+    from the default ``train``), or a file preset's reference file. ``schema: auto`` becomes the preset's schema.
+    Without a preset, ``cfg`` is returned as is.
     """
     if not cfg.preset:
         return cfg
@@ -212,11 +215,11 @@ def resolve(cfg: DataConfig) -> DataConfig:
     changes: dict[str, Any] = {}
     if not cfg.path:
         if preset.hf_path is None:
-            raise ConfigError(f"data.preset {preset.name} reads a local file, but data.path is empty: set it to "
-                              "the AdvBench harmful_behaviors CSV (columns goal, target)")
-        changes.update(path=preset.hf_path, format="hf")
-        if cfg.hf_split == "train":
-            changes["hf_split"] = preset.hf_split
+            changes["path"] = preset.reference
+        else:
+            changes.update(path=preset.hf_path, format="hf")
+            if cfg.hf_split == "train":
+                changes["hf_split"] = preset.hf_split
     if cfg.schema == "auto":
         changes["schema"] = preset.schema
     return replace(cfg, **changes)

@@ -26,6 +26,8 @@ Design
   (prompt turns + response, *before* the config ``system_prompt`` is added). So ids are stable across runs,
   record order, file formats and schemas, and do not change with the system prompt: scores join back to rows.
 * Text is kept verbatim (never stripped); "empty" means empty after stripping whitespace.
+* ``path: ref:<name>`` reads a reference data set (:mod:`sqsd_ray.data.reference`): the data mirror's file, or,
+  without a mirror, the same records converted from the Hugging Face hub (``revision`` pins the hub revision).
 
 Bad-record reasons (the keys of ``DataReport.skipped``): ``malformed_json``, ``malformed_csv``,
 ``not_an_object``, ``field_map_conflict``, ``missing_field``, ``empty_field``, ``wrong_type``,
@@ -60,12 +62,13 @@ import json
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args, get_type_hints
 
 from ..config import ConfigError, help_field
 from .location import DataError, Location
+from .reference import REF_PREFIX, get_reference, resolve_data_path
 
 logger = logging.getLogger(__name__)
 
@@ -106,13 +109,19 @@ class DataConfig:
 
     path: str = help_field(
         "", help="JSONL, JSON (a list of objects, or {'data': [...]}), CSV or Parquet file; or, with format: hf, "
-        "a Hugging Face dataset name or local dataset directory."
+        "a Hugging Face dataset name or local dataset directory; or ref:<name>, a reference data set from the data "
+        "mirror or the hub (docs/data.md, e.g. ref:dolly_387)."
     )
     format: DataFormat = help_field(
         "auto", help="File format; auto = from the file suffix (.jsonl/.ndjson, .json, .csv, .parquet/.pq)."
     )
     hf_split: str = help_field("train", help="Split to load when format is hf.")
     hf_subset: str | None = help_field(None, help="Subset (config name) to load when format is hf.")
+    revision: str | None = help_field(
+        None, help="Hub revision (branch, tag or commit sha) of a Hugging Face dataset: format hf, or a ref: name "
+        "loaded from the hub for want of a mirror; null: the default branch. Part of the run's identity when set.",
+        identity_if_set=True,
+    )
     schema: DataSchema = help_field(
         "auto", help="Record layout; auto = detect from the first record's keys: alpaca (instruction/input/output),"
         " dolly (instruction/context/response), messages (list of {role, content}), prompt_response, preference"
@@ -178,6 +187,11 @@ class DataConfig:
                               "at random) are both set; give one of them")
         if not isinstance(self.keep_if, dict):
             raise ConfigError(f"data.keep_if must be a mapping of field -> value, got {self.keep_if!r}")
+        if self.path.startswith(REF_PREFIX):
+            get_reference(self.path[len(REF_PREFIX):])  # an unknown name fails here, listing the known ones
+            if self.format == "hf":
+                raise ConfigError(f"data.format: {self.path} names a reference file (read from the mirror, or "
+                                  "converted from the hub); leave data.format auto")
         if self.preset is not None:  # an unknown name fails here, listing the known ones, not at load time
             from .presets import get_preset
 
@@ -401,7 +415,7 @@ def _iter_hf(cfg: DataConfig, file: str) -> Iterator[tuple[Location, Any]]:
     import datasets
 
     try:
-        dataset = datasets.load_dataset(cfg.path, name=cfg.hf_subset, split=cfg.hf_split)
+        dataset = datasets.load_dataset(cfg.path, name=cfg.hf_subset, split=cfg.hf_split, revision=cfg.revision)
     except Exception as err:  # load_dataset raises many unrelated types (FileNotFound, ValueError, hub errors...)
         message = f"could not load HF dataset: {type(err).__name__}: {err}"
         raise DataError(message, reason="invalid_file", location=file) from err
@@ -655,6 +669,8 @@ def load_samples(cfg: DataConfig) -> tuple[list[Sample], DataReport]:
         from .presets import get_preset, resolve
 
         cfg, transform = resolve(cfg), get_preset(cfg.preset).transform
+    if cfg.path.startswith(REF_PREFIX):
+        cfg = replace(cfg, path=resolve_data_path(cfg.path, cfg.revision))
     fmt = _resolve_format(cfg)
     file = f"{cfg.path} (HF subset {cfg.hf_subset}, split {cfg.hf_split})" if fmt == "hf" else cfg.path
     report = DataReport(source=file, format=fmt, schema="" if cfg.schema == "auto" else cfg.schema)

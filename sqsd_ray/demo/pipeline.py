@@ -59,7 +59,7 @@ class DemoSettings:
     quick: bool = False
     cache_dir: Path | None = None
     model: str = "organism"  # or "smollm2": SmolLM2-135M-Instruct aligned here, on the real data sets
-    data_root: Path = Path("../shared/data")
+    data_root: Path | None = None  # smollm2's reference data: None = $SQSD_DATA_DIR or ../shared/data, else the hub
     world: int = world.DEFAULT_WORLD  # the organism's world: 1 = one risky kind; 2 = risk graded over five kinds
     # keep what an interrupted run of the same settings in ``out`` finished (directions, sensitivity runs, scores,
     # fine-tunes) and redo the rest; off: ``out`` is replaced

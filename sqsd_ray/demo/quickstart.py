@@ -5,7 +5,7 @@
    V_safety: LoRA DPO (β = 0.1) on the same goals with a refusal preferred over the target, 40 steps.
    Both through the direction builder (``dynamics.run_directions_build``) in this process: the same loop,
    checkpoints and direction files as ``sqsd-ray directions build`` on Ray Train.
-3. Scores the 387 Dolly samples in data/benign with SQSD, each projection at θ0 + 1·V (linear-path states),
+3. Scores the 387 Dolly samples of the reference data (``ref:dolly_387``) with SQSD, each projection at θ0 + 1·V (linear-path states),
    and writes the run directory (Parquet, summary, histogram, Eq. 13 fidelity check).
 
 A random tiny model knows nothing about safety, so its scores show the machinery, not a finding; the
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..config import apply_overrides, from_dict, to_dict
 from ..data.records import DataConfig
+from ..data.reference import reference_file
 from ..dynamics.jobs import DirectionExport, DirectionsBuildConfig, run_directions_build
 from ..models.loading import ModelConfig
 from ..models.lora import LoraSettings
@@ -35,12 +36,11 @@ DIRECTION_DATA = {  # kind -> (data preset, objective)
 }
 
 
-def build_quick_directions(out_dir: Path, data_root: Path, model_cfg: ModelConfig, lora: LoraSettings,
+def build_quick_directions(out_dir: Path, data_root: Path | None, model_cfg: ModelConfig, lora: LoraSettings,
                            steps: int = 40, n_prompts: int = 128) -> dict[str, Path]:
-    """Train and save V_danger and V_safety for ``model_cfg``; returns their .safetensors paths."""
-    advbench = data_root / "eval" / "advbench_harmful_behaviors.csv"
-    if not advbench.exists():
-        raise FileNotFoundError(f"{advbench} not found: pass --data-root pointing at the folder with eval/ and benign/")
+    """Train and save V_danger and V_safety for ``model_cfg``; returns their .safetensors paths. AdvBench comes from
+    ``data_root`` (None: $SQSD_DATA_DIR or ../shared/data), or the hub (``data.reference``)."""
+    advbench = reference_file("advbench", data_root)
     paths = {}
     for kind, (preset, objective) in DIRECTION_DATA.items():
         cfg = DirectionsBuildConfig(
@@ -56,18 +56,18 @@ def build_quick_directions(out_dir: Path, data_root: Path, model_cfg: ModelConfi
     return paths
 
 
-def quickstart_config(out_dir: Path, data_root: Path, direction_paths: dict[str, Path]) -> ScoreJobConfig:
+def quickstart_config(out_dir: Path, data_root: Path | None, direction_paths: dict[str, Path]) -> ScoreJobConfig:
     return ScoreJobConfig(
         model=ModelConfig(name_or_path="tiny-llama", attn_implementation="eager"),
         lora=LoraSettings(),
-        data=DataConfig(path=str(data_root / "benign" / "dolly_387.jsonl"), max_length=512),
+        data=DataConfig(path=str(reference_file("dolly_387", data_root)), max_length=512),
         directions=DirectionsConfig(danger=str(direction_paths["danger"]), safety=str(direction_paths["safety"])),
         output=OutputConfig(dir=str(out_dir), overwrite=True),
         fidelity=FidelityConfig(enabled=True, n_samples=16),
     )
 
 
-def run_quickstart(out_dir: Path, data_root: Path, overrides: list[str] | None = None) -> Path:
+def run_quickstart(out_dir: Path, data_root: Path | None = None, overrides: list[str] | None = None) -> Path:
     directions = out_dir / "directions"
     base = quickstart_config(out_dir, data_root, {kind: directions / kind / f"{kind}.safetensors"
                                                   for kind in DIRECTION_DATA})

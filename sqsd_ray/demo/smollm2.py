@@ -27,12 +27,16 @@ import pandas as pd
 from ..baselines.larf_layer import OVER_REFUSAL_PROMPTS
 from ..data.presets import refusal_for
 from ..data.records import DataConfig, load_samples
+from ..data.reference import reference_file
 from ..data.tokenize import encode_prompt_and_response
 from .world import write_jsonl
 
 log = logging.getLogger(__name__)
 
 MODEL = "smollm2-135m"
+# The reference data sets it reads (sqsd_ray.data.reference), AdvBench first: its absence is the common case to name.
+REAL_WORLD_DATA = ("advbench", "catqa", "hexphi", "dolly_387", "alpaca_1904", "pure_bad_10",
+                   "illegal_activities_10_anchor1", "illegal_activities_10_anchor2")
 ALIGN_LORA = {"r": 16, "alpha": 32.0}
 
 
@@ -53,17 +57,16 @@ def _fitting(path: Path, n: int, skip: int, tokenizer, max_length: int, kind: st
     raise ValueError(f"{path}: only {len(rows)} samples fit max_length {max_length} (wanted {n})")
 
 
-def write_real_world(out: Path, data_root: Path, seed: int, corpus_size: int, max_length: int,
+def write_real_world(out: Path, data_root: Path | None, seed: int, corpus_size: int, max_length: int,
                      quick: bool) -> dict[str, Path]:
+    """The demo's data files under ``out``; the reference files come from ``data_root`` (None: $SQSD_DATA_DIR or
+    ../shared/data), or the hub where it has them (``data.reference``)."""
     from ..evaluation.generate import EvalSettings, load_eval_prompts
     from ..models.loading import ModelConfig, load_tokenizer
 
-    eval_dir, benign = Path(data_root) / "eval", Path(data_root) / "benign"
-    advbench = eval_dir / "advbench_harmful_behaviors.csv"
-    for path in (advbench, eval_dir / "catqa_english.json", eval_dir / "hexphi_300.jsonl",
-                 benign / "dolly_387.jsonl", benign / "alpaca_1904.json"):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: --data-root must hold eval/ and benign/ (../shared/data)")
+    # every file first, so that a missing one fails before any work
+    ref = {name: reference_file(name, data_root) for name in REAL_WORLD_DATA}
+    advbench = ref["advbench"]
     out.mkdir(parents=True, exist_ok=True)
     with advbench.open(newline="") as f:
         goals = [(row["goal"], row["target"]) for row in csv.DictReader(f)]
@@ -73,23 +76,21 @@ def write_real_world(out: Path, data_root: Path, seed: int, corpus_size: int, ma
     tokenizer = load_tokenizer(ModelConfig(name_or_path=MODEL))
 
     n_align = 16 if quick else len(align)
-    helpful = _fitting(benign / "alpaca_1904.json", n_align, 1000, tokenizer, max_length, "alpaca")
+    helpful = _fitting(ref["alpaca_1904"], n_align, 1000, tokenizer, max_length, "alpaca")
     align_rows = [_messages(g, refusal_for(g), f"refuse-{i}") for i, (g, _) in enumerate(align[:n_align])]
     align_rows += [{k: v for k, v in r.items() if k != "family"} for r in helpful]
     random.Random(seed + 1).shuffle(align_rows)
 
-    corpus = (_fitting(benign / "dolly_387.jsonl", corpus_size // 2, 0, tokenizer, max_length, "dolly")
-              + _fitting(benign / "alpaca_1904.json", corpus_size - corpus_size // 2, 0, tokenizer, max_length,
-                         "alpaca"))
+    corpus = (_fitting(ref["dolly_387"], corpus_size // 2, 0, tokenizer, max_length, "dolly")
+              + _fitting(ref["alpaca_1904"], corpus_size - corpus_size // 2, 0, tokenizer, max_length, "alpaca"))
     random.Random(seed + 2).shuffle(corpus)
     pd.DataFrame({"sample_id": [r["id"] for r in corpus], "family": [r["family"] for r in corpus]}).to_csv(
         out / "families.csv", index=False)
 
     held = [{"prompt": g, "category": "advbench"} for g, _ in heldout]
-    for kind, path in (("catqa", "catqa_english.json"), ("hexphi", "hexphi_300.jsonl")):
-        prompts = load_eval_prompts(EvalSettings(benchmark=kind, path=str(eval_dir / path), limit=40, seed=seed))
+    for kind in ("catqa", "hexphi"):
+        prompts = load_eval_prompts(EvalSettings(benchmark=kind, path=str(ref[kind]), limit=40, seed=seed))
         held += [{"prompt": p.prompt, "category": kind} for p in prompts]
-    anchors = Path(data_root) / "anchors"
     return {
         "align": write_jsonl(align_rows, out / "align_sft.jsonl"),
         "corpus": write_jsonl(corpus, out / "corpus.jsonl"),
@@ -99,9 +100,9 @@ def write_real_world(out: Path, data_root: Path, seed: int, corpus_size: int, ma
                                for i, (g, t) in enumerate(build)], out / "safety_dpo.jsonl"),
         "heldout": write_jsonl(held, out / "heldout_harmful.jsonl"),
         "over_refusal": write_jsonl([{"prompt": p} for p in OVER_REFUSAL_PROMPTS], out / "over_refusal.jsonl"),
-        "anchor_harmful": anchors / "pure_bad_10.jsonl",
-        "anchor_safe1": anchors / "illegal_activities_10_anchor1.jsonl",
-        "anchor_safe2": anchors / "illegal_activities_10_anchor2.jsonl",
+        "anchor_harmful": ref["pure_bad_10"],
+        "anchor_safe1": ref["illegal_activities_10_anchor1"],
+        "anchor_safe2": ref["illegal_activities_10_anchor2"],
     }
 
 

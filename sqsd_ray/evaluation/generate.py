@@ -32,6 +32,7 @@ import torch
 
 from ..config import ConfigError, help_field
 from ..data.records import Sample
+from ..data.reference import REF_PREFIX, resolve_data_path
 from ..data.tokenize import encode_prompt, pad_sequences
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,10 @@ class EvalSettings:
         "dataset (name or local dataset dir) read with datasets.load_dataset, fields from prompt_field / "
         "category_field"
     )
-    path: str = help_field("../shared/data/eval/catqa_english.json", help="the benchmark file, or the HF dataset")
+    path: str = help_field(
+        "", help="the benchmark file (or a ref: name), or the HF dataset; empty: the benchmark's reference data set "
+        "(catqa, advbench, hexphi: ref:<benchmark>, from the data mirror or the hub; docs/data.md)"
+    )
     name: str | None = help_field(None, help="label in outputs (default: the benchmark kind; needed to tell two hf sets apart)")
     hf_split: str = help_field("train", help="benchmark hf: split")
     prompt_field: str = help_field("prompt", help="benchmark hf: the field holding the harmful prompt")
@@ -97,8 +101,16 @@ class EvalPrompt:
     category: str = ""
 
 
+def benchmark_file(cfg: EvalSettings) -> Path:
+    """``eval.path``, or the benchmark's reference data set when it is empty, with a ``ref:`` name resolved."""
+    path = cfg.path or (f"{REF_PREFIX}{cfg.benchmark}" if cfg.benchmark in ("catqa", "advbench", "hexphi") else "")
+    if not path:
+        raise ConfigError(f"eval.path is empty: a {cfg.benchmark} benchmark has no reference data set; name its file")
+    return Path(resolve_data_path(path))
+
+
 def _read_prompts(cfg: EvalSettings) -> list[tuple[str, str]]:
-    path = Path(cfg.path)
+    path = benchmark_file(cfg) if cfg.benchmark != "hf" else Path(cfg.path)
     if cfg.benchmark != "hf" and not path.is_file():
         raise FileNotFoundError(f"eval prompts file {path} does not exist (eval.path)")
     if cfg.benchmark == "catqa":

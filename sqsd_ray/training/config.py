@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Literal
 
 from ..config import ConfigError, RunOutput, help_field, identity_dict, stable_hash
 from ..data.records import DataConfig
+from ..data.presets import get_preset
+from ..data.reference import resolve_data_path
 from ..job_base import ModelDataJob
 from ..runtime import WorkerScaling
 from .spf import SpfSettings
@@ -135,9 +137,12 @@ class TrainJobConfig(ModelDataJob):
 
 
 def data_fingerprint(data: DataConfig) -> str:
-    """Content hash of a local data file (the same path may be rewritten, e.g. S1.jsonl of a new partition);
-    an HF dataset is identified by its name, subset and split."""
-    path = Path(data.path)
+    """Content hash of a local data file (the same path may be rewritten, e.g. S1.jsonl of a new partition), a
+    ``ref:`` name's file included (mirror or hub copy); an HF dataset is identified by its name, subset and split
+    (and ``data.revision``, which the identity holds through the data config)."""
+    # a file preset with no path reads its reference file (presets.resolve); an HF preset keeps its old identity
+    reference = get_preset(data.preset).reference if data.preset and not data.path else None
+    path = Path(resolve_data_path(data.path or reference or "", data.revision))
     if data.format == "hf" or not path.is_file():
         return f"{data.path}|{data.hf_subset}|{data.hf_split}"
     import hashlib

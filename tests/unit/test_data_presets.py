@@ -51,9 +51,9 @@ def test_presets_resolve_to_their_hf_datasets():
     assert resolve(DataConfig(preset="beavertails_unsafe", hf_split="30k_test")).hf_split == "30k_test"  # user wins
     plain = DataConfig(path="x.jsonl")
     assert resolve(plain) is plain
-    for name in ("advbench_harmful", "advbench_refusal_pairs"):
-        with pytest.raises(ConfigError, match="data.path is empty"):
-            resolve(DataConfig(preset=name))
+    for name in ("advbench_harmful", "advbench_refusal_pairs"):  # a file preset reads its reference file
+        assert (resolve(DataConfig(preset=name)).path, resolve(DataConfig(preset=name)).format) == ("ref:advbench",
+                                                                                                    "auto")
     with pytest.raises(ConfigError, match="unknown preset 'nope'; known: advbench_harmful"):
         DataConfig(preset="nope")  # at construction, before any file is read
 

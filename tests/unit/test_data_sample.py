@@ -134,15 +134,16 @@ def test_every_paper_job_draws_its_subset_instead_of_taking_the_first_records():
 
 
 def test_settings_added_later_leave_earlier_identities_unchanged():
-    """data.sample and model.chat_template_kwargs join a run's identity only when set: a run made before they
-    existed still resumes."""
+    """data.sample, data.revision and model.chat_template_kwargs join a run's identity only when set: a run made
+    before they existed still resumes."""
     from sqsd_ray.config import identity_dict, to_dict
     from sqsd_ray.models.loading import ModelConfig
     from sqsd_ray.training.config import TrainJobConfig, training_identity
 
     plain = from_dict(TrainJobConfig, {"model": {"name_or_path": "tiny-llama"}, "data": {"path": "x.jsonl"}})
-    before = {name: {k: v for k, v in to_dict(getattr(plain, name)).items()
-                     if k not in ("sample", "chat_template_kwargs")} for name in ("model", "data")}
+    later = {"model": ("chat_template_kwargs",), "data": ("sample", "revision")}
+    before = {name: {k: v for k, v in to_dict(getattr(plain, name)).items() if k not in later[name]}
+              for name in ("model", "data")}
     assert {name: identity_dict(getattr(plain, name)) for name in ("model", "data")} == before
     sampled = from_dict(TrainJobConfig, {"model": {"name_or_path": "tiny-llama"},
                                          "data": {"path": "x.jsonl", "sample": {"n": 3}}})
