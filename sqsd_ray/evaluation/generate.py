@@ -213,7 +213,7 @@ class GenerationSettings:
     temperature: float = help_field(0.0, help="0 = greedy decoding (the paper); > 0 samples at this temperature")
     top_p: float = help_field(1.0, help="nucleus sampling mass when temperature > 0 (top-k is off in both engines)")
     seed: int = help_field(0, help="sampling seed when temperature > 0")
-    vllm: VllmSettings = field(default_factory=VllmSettings)
+    vllm: VllmSettings = help_field(default_factory=VllmSettings, help="the vLLM engines of engine: vllm")
 
     @property
     def greedy(self) -> bool:
