@@ -6,6 +6,8 @@
 # 1. tests/gpu (scoring and training on CUDA, against the CPU results)
 # 2. bench/kernel.py --device cuda on tiny-llama and SmolLM2: eager vs compiled (e), layouts and auto (d)
 # 3. bench/ray_pipeline.py --device cuda on SmolLM2: Ray Data scoring throughput
+# 4. where vLLM is installed (pip install 'sqsd-ray[vllm]'): tests/unit/test_vllm_gpu.py, greedy answers of the HF
+#    and vLLM engines on SmolLM2 (>= 95 % identical); up to 5 minutes more (an engine start is about a minute)
 # and prints the figures docs/benchmarks.md takes. Each step has its own time limit, so one that hangs leaves the
 # others their time; the exit status is that of the first step that failed.
 set -uo pipefail
@@ -32,4 +34,9 @@ step kernel 240 "$PY" bench/kernel.py --device cuda --dtype bfloat16 --models ti
     --n-samples-small 16 --repeats 3 --out "$OUT/kernel.json"
 step ray_pipeline 100 "$PY" bench/ray_pipeline.py --device cuda --dtype bfloat16 --model smollm2-135m \
     --n-samples 2000 --skip-in-process --out "$OUT/ray_pipeline.json"
+if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"; then
+    step vllm_generation 300 "$PY" -m pytest tests/unit/test_vllm_gpu.py -q -x -s
+else
+    echo "=== vllm_generation: skipped, vLLM is not installed (pip install 'sqsd-ray[vllm]')"
+fi
 exit $status

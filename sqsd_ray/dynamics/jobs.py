@@ -24,7 +24,8 @@ from typing import Literal
 import yaml
 
 from ..config import ConfigError, RunOutput, from_dict, help_field, prepare_run_dir, to_dict
-from ..evaluation.generate import EvalSettings, StateResult, evaluate_states, write_responses
+from ..evaluation.generate import (EvalSettings, GenerationSettings, StateResult, check_generation, evaluate_states,
+                                   write_responses)
 from ..evaluation.job import judge_states
 from ..evaluation.judges import JudgeSettings
 from ..models.directions import Direction
@@ -155,6 +156,10 @@ class ValidateConfig:
     judges: dict[str, JudgeSettings] = help_field({"keyword": JudgeSettings()}, help=JUDGES_HELP)
     safety_judge: str | None = help_field(None, help=SAFETY_JUDGE_HELP)
     scaling: WorkerScaling = field(default_factory=WorkerScaling)
+    generation: GenerationSettings = help_field(
+        default_factory=GenerationSettings, help="engine (hf | vllm: the steered states as vLLM LoRA adapters, written "
+        "under output.dir while they are answered) and sampling of the responses", identity_if_set=True,
+    )
     output: RunOutput = field(default_factory=lambda: RunOutput(dir="runs/validate"))
 
     def __post_init__(self) -> None:
@@ -163,6 +168,7 @@ class ValidateConfig:
         if len(set(self.alphas)) < 2:
             raise ConfigError("alphas: give at least two steering magnitudes")
         _check_judges(self.judges, self.safety_judge)
+        check_generation(self.generation, self.model, self.scaling.use_ray, "scaling")
 
 
 def _direction_kind(path: str, name: str = "", kinds: dict[str, str] | None = None) -> str:
@@ -195,7 +201,7 @@ def run_validate(cfg: ValidateConfig) -> Path:
         for alpha in alphas:
             if alpha != 0:
                 states[f"{name}@{alpha:g}"] = init_state_from_direction(direction, alpha, cfg.lora.scaling, cfg.lora.r)
-    generated = evaluate_states(cfg.model, cfg.lora, states, cfg.eval, cfg.scaling)
+    generated = evaluate_states(cfg.model, cfg.lora, states, cfg.eval, cfg.scaling, cfg.generation, out)
     results = {r.name: r for r in judge_states(generated, cfg.judges, cfg.safety_judge, cfg.scaling, cfg.eval.label)}
     write_responses(list(results.values()), out / "responses.jsonl")
 

@@ -1,7 +1,9 @@
 """Safety evaluation of model states: greedy generation on harmful prompts, then a safety metric.
 
     load_eval_prompts(cfg)            CatQA / AdvBench / HEx-PHI / any prompt file -> list[EvalPrompt]
-    generate_responses(model, ...)    greedy decoding, left-padded, length-sorted batches
+    generate_responses(model, ...)    greedy (or sampled) decoding, left-padded, length-sorted batches
+    GenerationSettings                which engine decodes (hf generate, or vLLM through ray.data.llm:
+                                      ``evaluation.vllm_engine``) and how it samples
     keyword_refusal(text)             the offline judge: does the response refuse?
     evaluate_states(...)              many LoRA states of one base model (steering grid, checkpoints),
                                       in this process or spread over Ray tasks (judged with ``evaluate``'s
@@ -168,6 +170,89 @@ def load_eval_prompts(cfg: EvalSettings) -> list[EvalPrompt]:
 
 # ------------------------------------------------------------------------------------------ generation
 
+Engine = Literal["hf", "vllm"]
+VLLM_INSTALL = "pip install 'sqsd-ray[vllm]'"
+
+
+@dataclass
+class VllmSettings:
+    """The vLLM engines of ``generation.engine: vllm`` (``ray.data.llm.vLLMEngineProcessorConfig``)."""
+
+    batch_size: int = help_field(64, help="rows per call to an engine (vLLM batches the requests it holds itself)")
+    concurrency: int = help_field(1, help="engine replicas, each on tensor_parallel_size GPUs")
+    accelerator_type: str | None = help_field(None, help="Ray accelerator type of the engines' GPUs, e.g. H100")
+    tensor_parallel_size: int = help_field(1, help="GPUs per engine")
+    gpu_memory_utilization: float = help_field(0.9, help="share of each GPU's memory vLLM takes (weights + KV cache)")
+    max_model_len: int | None = help_field(
+        None, help="context length the engine reserves; default the longest prompt + max_new_tokens of its rows"
+    )
+    max_loras: int = help_field(4, help="LoRA adapters an engine batch may mix (states evaluated side by side)")
+    max_lora_rank: int | None = help_field(
+        None, help="largest LoRA rank the engine accepts; default the largest adapter's, rounded up to vLLM's sizes"
+    )
+    engine_kwargs: dict[str, Any] = help_field(
+        {}, help="further vLLM engine arguments (e.g. {enforce_eager: true}); they win over those set from this config"
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "concurrency", "tensor_parallel_size", "max_loras"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"generation.vllm.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"generation.vllm.gpu_memory_utilization must be in (0, 1], got "
+                              f"{self.gpu_memory_utilization}")
+        for name in ("max_model_len", "max_lora_rank"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"generation.vllm.{name} must be >= 1 or null, got {getattr(self, name)}")
+
+
+def vllm_installed() -> bool:
+    """Whether vLLM can be imported here, found without importing it (that takes seconds and touches CUDA)."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+@dataclass
+class GenerationSettings:
+    """Which engine answers the prompts and how it samples; the prompts, stop tokens and output columns are the
+    same for both engines."""
+
+    engine: Engine = help_field(
+        "hf", help="hf: transformers generate in Ray Data actors (CPU or GPU); vllm: vLLM engines through "
+        f"ray.data.llm (GPU; {VLLM_INSTALL}), LoRA states as vLLM LoRA adapters"
+    )
+    temperature: float = help_field(0.0, help="0 = greedy decoding (the paper); > 0 samples at this temperature")
+    top_p: float = help_field(1.0, help="nucleus sampling mass when temperature > 0 (top-k is off in both engines)")
+    seed: int = help_field(0, help="sampling seed when temperature > 0")
+    vllm: VllmSettings = help_field(default_factory=VllmSettings, help="the vLLM engines of engine: vllm")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"generation.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"generation.top_p must be in (0, 1], got {self.top_p}")
+        if self.engine == "vllm" and not vllm_installed():
+            raise ConfigError(f"generation.engine=vllm needs vLLM, which is not installed here: {VLLM_INSTALL}")
+
+
+def check_generation(generation: GenerationSettings, model: Any, use_ray: bool, workers_key: str) -> None:
+    """Fail before any work when ``generation.engine`` cannot run ``model`` with these workers (names only: no file
+    is read, nothing loads)."""
+    if generation.engine != "vllm":
+        return
+    if not use_ray:
+        raise ConfigError(f"generation.engine=vllm runs vLLM engines through ray.data.llm: set {workers_key}.use_ray: "
+                          "true, or generation.engine: hf")
+    from .vllm_engine import check_vllm_model
+
+    check_vllm_model(model)
+
+
 
 def _prompt_sample(prompt: EvalPrompt, system_prompt: str | None) -> Sample:
     messages = ({"role": "system", "content": system_prompt},) if system_prompt else ()
@@ -175,27 +260,44 @@ def _prompt_sample(prompt: EvalPrompt, system_prompt: str | None) -> Sample:
     return Sample(sample_id=prompt.prompt_id, messages=messages, response="", source="eval")
 
 
-def _stop_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+def stop_token_ids(generation_config: Any, tokenizer: Any) -> list[int]:
     """The model's own stop tokens (a generation config may list several, e.g. end-of-turn and end-of-text) plus
     the tokenizer's eos: replacing them by one would let generation run past the end of the turn."""
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = getattr(generation_config, "eos_token_id", None)
     ids = configured if isinstance(configured, list) else [configured] if configured is not None else []
     if tokenizer.eos_token_id is not None:
         ids = [*ids, tokenizer.eos_token_id]
     return sorted(set(int(i) for i in ids))
 
 
+def hf_sampling_kwargs(generation: GenerationSettings | None) -> dict[str, Any]:
+    """``generate``'s sampling arguments: greedy, or temperature / top-p with top-k off (a generation config's
+    top_k would otherwise apply here and not in vLLM)."""
+    if generation is None or generation.greedy:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": generation.temperature, "top_p": generation.top_p, "top_k": 0}
+
+
+def encode_eval_prompt(prompt: EvalPrompt, tokenizer: Any, system_prompt: str | None = None) -> list[int]:
+    """The token ids a model is given for ``prompt``: chat template (with ``system_prompt``) and generation prompt."""
+    return encode_prompt(_prompt_sample(prompt, system_prompt), tokenizer)
+
+
 @torch.no_grad()
 def generate_responses(
     model: torch.nn.Module, tokenizer: Any, prompts: Sequence[EvalPrompt], max_new_tokens: int = 128,
-    batch_size: int = 16, system_prompt: str | None = None,
+    batch_size: int = 16, system_prompt: str | None = None, generation: GenerationSettings | None = None,
 ) -> list[str]:
-    """Greedy responses to ``prompts`` (chat template applied), in the input order."""
-    encoded = [encode_prompt(_prompt_sample(p, system_prompt), tokenizer) for p in prompts]
+    """Responses to ``prompts`` (chat template applied), in the input order: greedy, or sampled as ``generation``
+    says."""
+    encoded = [encode_eval_prompt(p, tokenizer, system_prompt) for p in prompts]
+    sampling = hf_sampling_kwargs(generation)
+    if sampling["do_sample"]:
+        torch.manual_seed(generation.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    stop_ids = _stop_token_ids(model, tokenizer)
+    stop_ids = stop_token_ids(getattr(model, "generation_config", None), tokenizer)
     responses: list[str] = [""] * len(encoded)
     was_training = model.training
     model.eval()
@@ -205,7 +307,7 @@ def generate_responses(
         width = input_ids.shape[1]
         out = model.generate(
             input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=pad, eos_token_id=stop_ids,
+            pad_token_id=pad, eos_token_id=stop_ids, **sampling,
         )
         for r, i in enumerate(rows):
             responses[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True)
@@ -242,7 +344,7 @@ def score_responses(name: str, prompts: Sequence[EvalPrompt], responses: Sequenc
 
 def evaluate_states_here(
     model_cfg: Any, lora: Any, states: Mapping[str, FactorDict | None], eval_cfg: EvalSettings,
-    prompts: Sequence[EvalPrompt], torch_threads: int | None = None,
+    prompts: Sequence[EvalPrompt], torch_threads: int | None = None, generation: GenerationSettings | None = None,
 ) -> list[StateResult]:
     """Evaluate each named state in this process: one model load, the LoRA factors swapped per state.
 
@@ -252,13 +354,13 @@ def evaluate_states_here(
     if torch_threads:
         torch.set_num_threads(torch_threads)
     try:
-        return _evaluate_loaded(model_cfg, lora, states, eval_cfg, prompts)
+        return _evaluate_loaded(model_cfg, lora, states, eval_cfg, prompts, generation)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _evaluate_loaded(model_cfg: Any, lora: Any, states: Mapping[str, FactorDict | None], eval_cfg: EvalSettings,
-                     prompts: Sequence[EvalPrompt]) -> list[StateResult]:
+                     prompts: Sequence[EvalPrompt], generation: GenerationSettings | None = None) -> list[StateResult]:
     from tqdm.auto import tqdm
 
     from ..models.loading import load_model_and_tokenizer
@@ -273,11 +375,11 @@ def _evaluate_loaded(model_cfg: Any, lora: Any, states: Mapping[str, FactorDict 
         if factors is None:
             with model.disable_adapter():
                 responses = generate_responses(model, tokenizer, prompts, eval_cfg.max_new_tokens,
-                                               eval_cfg.batch_size, eval_cfg.system_prompt)
+                                               eval_cfg.batch_size, eval_cfg.system_prompt, generation)
         else:
             set_lora_factors(model, factors)
             responses = generate_responses(model, tokenizer, prompts, eval_cfg.max_new_tokens, eval_cfg.batch_size,
-                                           eval_cfg.system_prompt)
+                                           eval_cfg.system_prompt, generation)
         result = score_responses(name, prompts, responses)
         log.info("state %s: %d responses (keyword ASR %.1f %%)", name, result.n, result.asr)
         results.append(result)
@@ -286,15 +388,24 @@ def _evaluate_loaded(model_cfg: Any, lora: Any, states: Mapping[str, FactorDict 
 
 def evaluate_states(
     model_cfg: Any, lora: Any, states: Mapping[str, FactorDict | None], eval_cfg: EvalSettings, scaling: Any,
+    generation: GenerationSettings | None = None, adapter_root: str | Path | None = None,
 ) -> list[StateResult]:
     """Generate for named LoRA states of one base model, scored by the keyword judge; with ``scaling.use_ray`` the
     states are split over ``scaling.num_workers`` Ray tasks (each loads the model once). Results keep the order of
-    ``states``. ``evaluation.job.judge_states`` judges them with ``evaluate``'s judges."""
+    ``states``. ``evaluation.job.judge_states`` judges them with ``evaluate``'s judges.
+
+    With ``generation.engine: vllm`` the states become peft adapter dirs under ``adapter_root`` (a folder the
+    engines can read: shared storage on a cluster; removed afterwards) served by vLLM engines
+    (``vllm_engine.evaluate_states_on_vllm``)."""
     prompts = load_eval_prompts(eval_cfg)
+    if generation is not None and generation.engine == "vllm":
+        from .vllm_engine import evaluate_states_on_vllm
+
+        return evaluate_states_on_vllm(model_cfg, lora, states, eval_cfg, prompts, scaling, generation, adapter_root)
     names = list(states)
     workers = min(scaling.num_workers, len(names)) if scaling.use_ray else 1
     if not scaling.use_ray:
-        return evaluate_states_here(model_cfg, lora, states, eval_cfg, prompts, scaling.torch_threads)
+        return evaluate_states_here(model_cfg, lora, states, eval_cfg, prompts, scaling.torch_threads, generation)
     from ..models.loading import with_absolute_paths
     from ..runtime import init_ray
 
@@ -305,7 +416,7 @@ def evaluate_states(
     )
     threads = scaling.torch_threads or max(1, int(scaling.cpus_per_worker))
     chunks = [names[k::workers] for k in range(workers)]
-    refs = [task.remote(model_cfg, lora, {n: states[n] for n in chunk}, eval_cfg, prompts, threads)
+    refs = [task.remote(model_cfg, lora, {n: states[n] for n in chunk}, eval_cfg, prompts, threads, generation)
             for chunk in chunks if chunk]
     by_name = {r.name: r for part in ray.get(refs) for r in part}
     return [by_name[n] for n in names]
@@ -324,14 +435,20 @@ def write_responses(results: Sequence[StateResult], path: Path) -> Path:
 __all__ = [
     "EvalPrompt",
     "EvalSettings",
+    "GenerationSettings",
     "REFUSAL_PHRASES",
     "StateResult",
+    "VllmSettings",
+    "check_generation",
+    "encode_eval_prompt",
     "encode_prompt",
     "evaluate_states",
     "evaluate_states_here",
     "generate_responses",
+    "hf_sampling_kwargs",
     "keyword_refusal",
     "load_eval_prompts",
     "score_responses",
+    "stop_token_ids",
     "write_responses",
 ]

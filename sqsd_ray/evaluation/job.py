@@ -3,6 +3,9 @@
     rows (state × benchmark prompt) -> GenerationActor (greedy, chat template) -> one JudgeActor per judge
     -> responses.parquet, metrics.csv / metrics.json (per state and benchmark: ASR per judge, Safety Score)
 
+With ``generation.engine: vllm`` vLLM engines (``ray.data.llm``, ``vllm_engine``) take the GenerationActor's place:
+the same token ids in, the same columns out, so the judges and metrics run unchanged.
+
 A *state* is what to evaluate: ``base`` (θ0), a LoRA adapter directory (a fine-tune checkpoint's
 ``adapter/``), or a whole fine-tuned model directory (``model/`` of a full fine-tune). On Ray the rows stream
 through Ray Data actor pools (generators hold the base model and swap adapters; judges hold their judge model);
@@ -24,7 +27,8 @@ import pandas as pd
 from ..config import ConfigError, from_dict, help_field, to_dict
 from ..models.loading import ModelConfig, with_absolute_paths
 from ..models.lora import LoraSettings
-from .generate import EvalSettings, StateResult, generate_responses, load_eval_prompts
+from .generate import (EvalSettings, GenerationSettings, StateResult, check_generation, generate_responses,
+                       load_eval_prompts)
 from .judges import JudgeSettings, Verdict, build_judge
 
 log = logging.getLogger(__name__)
@@ -58,6 +62,10 @@ class EvalJobConfig:
         {"keyword": JudgeSettings()}, help="name -> judge (kind keyword | llamaguard | cost_model, model, ...)"
     )
     workers: EvalWorkers = field(default_factory=EvalWorkers)
+    generation: GenerationSettings = help_field(
+        default_factory=GenerationSettings, help="engine (hf | vllm) and sampling of the responses",
+        identity_if_set=True,
+    )
     output_dir: str = help_field("runs/eval", help="run directory")
 
     def __post_init__(self) -> None:
@@ -68,6 +76,7 @@ class EvalJobConfig:
         labels = [b.label for b in self.benchmarks]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"benchmarks: two entries are both labelled {labels}; give each a distinct name")
+        check_generation(self.generation, self.model, self.workers.use_ray, "workers")
 
 
 def state_kind(spec: str) -> str:
@@ -101,7 +110,7 @@ class GenerationActor:
             self.model.to("cuda")
         self.active: str | None = None
         self.full_model = None
-        self.settings = {_bench_key(b): b for b in self.cfg.benchmarks}
+        self.settings = benchmarks_by_key(self.cfg)
 
     def _activate(self, state: str):
         """The module to generate with for ``state`` (adapter swapped in, or a full model loaded)."""
@@ -148,7 +157,7 @@ class GenerationActor:
             off = self.model.disable_adapter() if self.cfg.states[state] == "base" else contextlib.nullcontext()
             with off:
                 out = generate_responses(model, self.tokenizer, prompts, settings.max_new_tokens,
-                                         settings.batch_size, settings.system_prompt)
+                                         settings.batch_size, settings.system_prompt, self.cfg.generation)
             responses.loc[rows.index] = out
         return batch.assign(response=responses)
 
@@ -177,6 +186,11 @@ class JudgeActor:
 
 def _bench_key(bench: EvalSettings) -> str:
     return f"{bench.label}:{bench.path}:{bench.hf_split}"
+
+
+def benchmarks_by_key(cfg: EvalJobConfig) -> dict[str, EvalSettings]:
+    """Each benchmark under the ``benchmark_key`` its rows carry."""
+    return {_bench_key(b): b for b in cfg.benchmarks}
 
 
 def _rows(cfg: EvalJobConfig) -> list[dict[str, Any]]:
@@ -214,12 +228,17 @@ def generate_and_judge(cfg: EvalJobConfig) -> pd.DataFrame:
     from ..runtime import init_ray
 
     init_ray(workers)
-    n_blocks = max(1, -(-len(rows) // workers.rows_per_call))
-    ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
     common = dict(batch_format="pandas", batch_size=workers.rows_per_call, num_cpus=workers.cpus_per_actor,
                   num_gpus=workers.gpus_per_actor)
-    ds = ds.map_batches(GenerationActor, fn_constructor_kwargs={"cfg_dict": to_dict(cfg), "threads": threads},
-                        compute=ray.data.ActorPoolStrategy(size=workers.generators), **common)
+    if cfg.generation.engine == "vllm":
+        from .vllm_engine import generate_on_vllm
+
+        ds = generate_on_vllm(cfg.model, cfg.states, benchmarks_by_key(cfg), rows, cfg.generation)
+    else:
+        n_blocks = max(1, -(-len(rows) // workers.rows_per_call))
+        ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
+        ds = ds.map_batches(GenerationActor, fn_constructor_kwargs={"cfg_dict": to_dict(cfg), "threads": threads},
+                            compute=ray.data.ActorPoolStrategy(size=workers.generators), **common)
     for name, judge in cfg.judges.items():
         # the keyword judge is string matching: it never holds a GPU
         judge_resources = {**common, "num_gpus": 0 if judge.kind == "keyword" else workers.gpus_per_actor}
@@ -355,5 +374,5 @@ def run_evaluate(cfg: EvalJobConfig) -> Path:
     return out
 
 
-__all__ = ["EvalJobConfig", "EvalWorkers", "GenerationActor", "JudgeActor", "generate_and_judge", "metrics_table",
-           "run_evaluate", "state_kind"]
+__all__ = ["EvalJobConfig", "EvalWorkers", "GenerationActor", "JudgeActor", "benchmarks_by_key", "generate_and_judge",
+           "metrics_table", "run_evaluate", "state_kind"]

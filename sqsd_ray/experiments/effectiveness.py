@@ -32,7 +32,7 @@ import pandas as pd
 
 from ..config import ConfigError, apply_overrides, from_dict, help_field, to_dict
 from ..data.records import DataConfig
-from ..evaluation.generate import EvalSettings
+from ..evaluation.generate import EvalSettings, GenerationSettings, check_generation
 from ..evaluation.job import EvalJobConfig, EvalWorkers, run_evaluate
 from ..evaluation.judges import JudgeSettings
 from ..scoring.job import run_score
@@ -71,6 +71,10 @@ class ExperimentEval:
     benchmark: str | None = help_field(None, help="benchmark of the report table; default the first")
     include_base: bool = help_field(True, help="evaluate θ0 too, as the reference row")
     workers: EvalWorkers = field(default_factory=EvalWorkers)
+    generation: GenerationSettings = help_field(
+        default_factory=GenerationSettings, help="engine (hf | vllm) and sampling of the responses",
+        identity_if_set=True,
+    )
 
 
 @dataclass
@@ -98,6 +102,9 @@ class ExperimentConfig:
             raise ConfigError(f"arms need distinct, non-empty names, got {names}")
         if self.max_concurrent_finetunes < 1:
             raise ConfigError("max_concurrent_finetunes must be >= 1")
+        # before the fine-tunes, not hours later at their evaluation
+        check_generation(self.evaluation.generation, self.finetune.model, self.evaluation.workers.use_ray,
+                         "evaluation.workers")
 
 
 def arm_dir_name(arm_name: str) -> str:
@@ -202,7 +209,8 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
 def eval_job(evaluation: ExperimentEval, job: TrainJobConfig, states: dict[str, str], out: Path) -> EvalJobConfig:
     """The evaluation of an experiment's states (name -> "base" or a state dir) on the fine-tunes' model."""
     return EvalJobConfig(model=job.model, lora=job.lora, states=states, benchmarks=evaluation.benchmarks,
-                         judges=evaluation.judges, workers=evaluation.workers, output_dir=str(out))
+                         judges=evaluation.judges, workers=evaluation.workers, generation=evaluation.generation,
+                         output_dir=str(out))
 
 
 def _evaluate_per_arm(cfg, jobs, states, out) -> list[Path]:

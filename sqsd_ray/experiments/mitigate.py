@@ -40,7 +40,7 @@ import torch
 
 from ..config import ConfigError, RunOutput, help_field, to_dict
 from ..data.records import DataConfig, load_samples
-from ..evaluation.generate import EvalPrompt, generate_responses
+from ..evaluation.generate import EvalPrompt, check_generation, generate_responses
 from ..evaluation.job import run_evaluate
 from ..mitigation.curate import CurateConfig, CurateOutput, run_curate
 from ..mitigation.restore import RestoreSettings, compare_at_equal_task_increase, recovery_path
@@ -147,6 +147,8 @@ class MitigateConfig:
         if "restore_curvature" in self.methods and self.restore.settings.preconditioner == "none":
             raise ConfigError("restore.settings.preconditioner is the curvature-aware row's: lbfgs, fisher_diag or "
                               "woodbury (restore_first_order is the 'none' row)")
+        check_generation(self.evaluation.generation, self.finetune.model, self.evaluation.workers.use_ray,
+                         "evaluation.workers")
 
 
 # ------------------------------------------------------------------------------------------ corpora
