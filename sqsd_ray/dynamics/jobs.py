@@ -29,7 +29,7 @@ from ..evaluation.generate import (EvalSettings, GenerationSettings, StateResult
 from ..evaluation.job import judge_states
 from ..evaluation.judges import JudgeSettings
 from ..models.directions import Direction
-from ..models.loading import ModelConfig
+from ..models.loading import ModelConfig, base_model_reference
 from ..models.lora import LoraSettings, load_adapter_state, save_adapter
 from ..runtime import WorkerScaling
 from ..scoring.blocks import load_direction
@@ -475,7 +475,8 @@ def run_init_select(cfg: InitSelectConfig) -> Path:
     safety_path = validate_cfg["directions"][safety_row["direction"]]
     v_safety = load_direction(safety_path, "safety")
     factors = init_state_from_direction(v_safety, float(safety_row["alpha"]), lora.scaling, lora.r)
-    save_adapter(factors, lora, out / "init_safety", validate_cfg["model"]["name_or_path"])
+    base = base_model_reference(from_dict(ModelConfig, validate_cfg["model"]))
+    save_adapter(factors, lora, out / "init_safety", base.name_or_path, base.revision)
     points = pd.read_csv(trajectory_dir / "trajectory.csv")
     checkpoint = Path(points.loc[points["step"] == int(danger_row["step"]), "checkpoint"].iloc[0])
     shutil.copytree(checkpoint / ADAPTER_DIR, out / "init_danger")

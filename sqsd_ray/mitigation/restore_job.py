@@ -34,7 +34,7 @@ from .. import __version__
 from ..config import ConfigError, from_dict, help_field, prepare_run_dir, stable_hash, to_dict
 from ..data.records import DataConfig, DataReport, load_samples
 from ..data.tokenize import collate, length_sorted_batches, tokenize_samples
-from ..models.loading import ModelConfig, load_model, load_tokenizer
+from ..models.loading import BaseModelReference, ModelConfig, base_model_reference, load_model, load_tokenizer
 from ..models.lora import (
     LoraSettings,
     apply_lora,
@@ -156,7 +156,8 @@ def load_lora_fine_tune(model_cfg: ModelConfig, adapter: str, device: torch.devi
     factors, info = load_adapter_state(directory)
     if not info.uniform_scaling:
         raise ValueError(f"adapter {directory}: per-module alpha_pattern / rank_pattern scalings are not supported")
-    if info.base_model_name_or_path and info.base_model_name_or_path != model_cfg.name_or_path:
+    expected = {model_cfg.name_or_path, base_model_reference(model_cfg).name_or_path}  # as configured, or recorded
+    if info.base_model_name_or_path and info.base_model_name_or_path not in expected:
         log.warning("adapter %s was saved for base model %s; loading it on %s", directory,
                     info.base_model_name_or_path, model_cfg.name_or_path)
     model = load_model(model_cfg)
@@ -299,9 +300,10 @@ def _load_fine_tune(cfg: RestoreConfig, sets: _Sets) -> tuple:
     device = _device(cfg.device)
     if cfg.fine_tuned.adapter is not None:
         model, lora = load_lora_fine_tune(cfg.model, cfg.fine_tuned.adapter, device)
-        return model, lora, None, None, cfg.model.name_or_path
+        return model, lora, None, None, base_model_reference(cfg.model)
     model, base, ft_norm = load_full_fine_tune(cfg, sets.harmful, sets.task, sets.refusal, device)
-    return model, cfg.restore_lora, base, ft_norm, cfg.fine_tuned.full_model
+    weights_dir = _full_model_files(cfg.fine_tuned.full_model)[0].parent.resolve()
+    return model, cfg.restore_lora, base, ft_norm, BaseModelReference(str(weights_dir))
 
 
 def _restore_into(cfg: RestoreConfig, sets: _Sets, loaded: tuple, out: Path) -> None:
@@ -313,7 +315,7 @@ def _restore_into(cfg: RestoreConfig, sets: _Sets, loaded: tuple, out: Path) -> 
         log.warning("per-example harmful loss at θ_base and θ_ft correlate weakly (Spearman %.3f < %.1f): the "
                     "method's premise (a preserved harmful-loss landscape) is doubtful here",
                     result.diagnostic["spearman"], PREMISE_CORRELATION)
-    save_adapter(result.factors, lora, out / ADAPTER_DIR, base_model_name_or_path=adapter_base)
+    save_adapter(result.factors, lora, out / ADAPTER_DIR, adapter_base.name_or_path, adapter_base.revision)
     summary = {
         **result.summary(),
         "config_hash": stable_hash(cfg),

@@ -381,6 +381,45 @@ def with_absolute_paths(cfg: ModelConfig) -> ModelConfig:
                    chat_template=absolute(cfg.chat_template))
 
 
+@dataclass(frozen=True)
+class BaseModelReference:
+    """The base model an adapter was trained on, as peft's ``adapter_config.json`` records it
+    (``base_model_name_or_path``, ``revision``), so ``AutoPeftModelForCausalLM.from_pretrained`` finds it."""
+
+    name_or_path: str
+    revision: str | None = None
+
+
+def base_model_reference(cfg: ModelConfig) -> BaseModelReference:
+    """``cfg``'s model as an adapter should record it: a local directory (or a GGUF file's directory) made absolute,
+    a hub id as given, a tiny built-in by its name. The revision is ``cfg.revision``, else for a hub id the commit of
+    the snapshot in the local HF cache (known once the model was loaded), else None. Nothing is checked or loaded:
+    a recorded path that no longer exists is still recorded as it was configured."""
+    name = cfg.name_or_path
+    if cfg.is_tiny:
+        return BaseModelReference(name)
+    if name == SMOLLM2_ALIAS:
+        return BaseModelReference(str(smollm2_gguf_path().parent.resolve()), cfg.revision)
+    if name.endswith(".gguf"):
+        return BaseModelReference(str(Path(name).expanduser().resolve().parent), cfg.revision)
+    if _looks_local(name):
+        return BaseModelReference(str(Path(name).expanduser().resolve()), cfg.revision)
+    return BaseModelReference(name, cfg.revision or _cached_hub_commit(name, cfg.gguf_file or "config.json"))
+
+
+def _cached_hub_commit(repo_id: str, filename: str) -> str | None:
+    """The commit of the cached snapshot that holds ``filename`` (HF cache: ``…/snapshots/<commit>/<filename>``)."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(repo_id, filename)
+    except HFValidationError:  # not a hub id: nothing cached under it
+        return None
+    parts = Path(cached).parts if isinstance(cached, str) else ()
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
+
+
 def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     return load_model(cfg), load_tokenizer(cfg)
 

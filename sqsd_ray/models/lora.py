@@ -486,12 +486,15 @@ def load_adapter_state(path: str | Path) -> tuple[FactorDict, AdapterInfo]:
 
 
 def save_adapter(
-    factors: FactorDict, lora: LoraSettings, directory: str | Path, base_model_name_or_path: str | None = None
+    factors: FactorDict, lora: LoraSettings, directory: str | Path, base_model_name_or_path: str | None = None,
+    base_model_revision: str | None = None,
 ) -> Path:
     """Write (A, B) factors keyed by canonical name as a peft adapter dir (safetensors), with no model loaded.
 
     The keys and ``adapter_config.json`` are peft's own (``PeftModel.from_pretrained`` loads the dir), so an
-    init state such as θ0 + α·V can be exported for ``score`` or any peft user without the base weights.
+    init state such as θ0 + α·V can be exported for ``score`` or any peft user without the base weights. With the
+    base model recorded (``loading.base_model_reference``), ``AutoPeftModelForCausalLM.from_pretrained(directory)``
+    loads base and adapter in one call.
     """
     from safetensors.torch import save_file
 
@@ -506,6 +509,7 @@ def save_adapter(
     save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = lora.peft_config()
     config.base_model_name_or_path = base_model_name_or_path
+    config.revision = base_model_revision
     config.save_pretrained(str(directory))
     return directory
 

@@ -90,11 +90,15 @@ def save_checkpoint(trainer: Trainer, directory: Path, identity: str) -> Path | 
         if trainer.rank == 0:
             if any(a.numel() == 0 or b.numel() == 0 for a, b in factors.values()):
                 raise RuntimeError("gathered LoRA factors are empty: the adapter would be saved without weights")
-            save_adapter(factors, trainer.lora, directory / ADAPTER_DIR)
+            base = trainer.base_model
+            save_adapter(factors, trainer.lora, directory / ADAPTER_DIR, base.name_or_path if base else None,
+                         base.revision if base else None)
     else:
         state = _full_state_dict(trainer)  # collective under ZeRO-3
         if trainer.rank == 0:
             trainer.model.save_pretrained(str(directory / MODEL_DIR), state_dict=state, safe_serialization=True)
+            if trainer.tokenizer is not None:  # so the directory loads with AutoModelForCausalLM + AutoTokenizer
+                trainer.tokenizer.save_pretrained(str(directory / MODEL_DIR))
     optimizer = _optimizer_tensors(trainer)  # collective under ZeRO
     if trainer.rank != 0:
         return None

@@ -58,6 +58,16 @@ class TrainSettings:
     beta: float = help_field(0.1, help="DPO β (paper: 0.1)")
     seed: int = help_field(0, help="seed of the data order (and of LoRA's A initialisation)")
     log_every: int = help_field(10, help="report metrics every k steps")
+    gradient_checkpointing: bool = help_field(
+        False, help="recompute each decoder layer's activations in the backward pass instead of keeping them: less "
+        "memory for about one more forward per step; same loss and gradients (docs/training.md)"
+    )
+    deepspeed_config: str | None = help_field(
+        None, help="ZeRO only: a DeepSpeed JSON file merged into the engine config sqsd_ray builds; the file's values "
+        "win except train_batch_size, train_micro_batch_size_per_gpu, gradient_accumulation_steps and "
+        "zero_optimization.stage, which follow train.batch_size / micro_batch_size / zero_stage",
+        identity_if_set=True,
+    )
     spf: SpfSettings = field(default_factory=SpfSettings)
 
     def __post_init__(self) -> None:
@@ -83,6 +93,9 @@ class TrainSettings:
             raise ConfigError("train.objective=dpo needs train.method=lora (the reference model is the adapter-off model)")
         if self.offload_optimizer and not self.zero_stage:
             raise ConfigError("train.offload_optimizer needs train.zero_stage 2 or 3")
+        if self.deepspeed_config is not None and not self.zero_stage:
+            raise ConfigError("train.deepspeed_config configures the DeepSpeed engine, which runs only with "
+                              "train.zero_stage 2 or 3; set the stage, or drop the file")
         if self.spf.enabled and self.objective != "sft":
             raise ConfigError("train.spf protects an SFT fine-tune; it does not apply to train.objective=dpo")
         if self.spf.enabled and self.zero_stage == 3:
@@ -164,11 +177,16 @@ def training_identity(cfg: TrainJobConfig) -> str:
     sections["data_content"] = data_fingerprint(cfg.data)
     if cfg.train.spf.enabled and cfg.train.spf.safety_path:
         sections["spf_safety_content"] = data_fingerprint(DataConfig(path=cfg.train.spf.safety_path))
+    if cfg.train.deepspeed_config is not None:  # the file may be edited in place: its settings, not its path
+        from .zero import read_deepspeed_config
+
+        sections["deepspeed_config_content"] = read_deepspeed_config(cfg.train.deepspeed_config)
     return stable_hash(sections)
 
 
 # Settings that change how a run is laid out or logged, not the weights it produces: a resume may change them
-# (e.g. a smaller micro-batch after running out of memory).
+# (e.g. a smaller micro-batch after running out of memory). gradient_checkpointing recomputes the same activations,
+# so the loss and gradients agree within float tolerance (tests/unit/test_training_checkpointing.py).
 LAYOUT_KEYS = {"train": ("micro_batch_size", "zero_stage", "offload_optimizer", "stage3_param_persistence_threshold",
-                         "log_every", "checkpoint_every"),
+                         "log_every", "checkpoint_every", "gradient_checkpointing"),
                "model": ("attn_implementation",)}

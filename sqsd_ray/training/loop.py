@@ -36,7 +36,7 @@ import torch
 import yaml
 
 from ..config import ConfigError, from_dict, to_dict
-from ..models.loading import load_model_and_tokenizer, with_absolute_paths
+from ..models.loading import base_model_reference, load_model_and_tokenizer, with_absolute_paths
 from ..models.lora import apply_lora
 from .checkpoint import CHECKPOINT_DIR, STATE_FILE, checkpoint_name, list_checkpoints, load_weights
 from .config import TrainJobConfig, training_identity
@@ -204,7 +204,7 @@ def _train(cfg: TrainJobConfig, identity: str, session: _LocalSession | _RaySess
     if cfg.train.zero_stage:
         session.init_deepspeed()
     trainer = Trainer(model, examples, cfg.train, pad, session.rank, session.world_size, session.device, lora,
-                      refusals)
+                      refusals, base_model=base_model_reference(cfg.model), tokenizer=tokenizer)
     if restore is not None:
         trainer.load_state(restore, identity)
         session.release_restore()
@@ -324,6 +324,8 @@ def run_training(cfg: TrainJobConfig) -> TrainRun:
     cfg_dict["model"] = to_dict(with_absolute_paths(cfg.model))
     if cfg.data.format != "hf" and Path(cfg.data.path).exists():
         cfg_dict["data"]["path"] = str(Path(cfg.data.path).resolve())
+    if cfg.train.deepspeed_config is not None:  # read (and checked) by training_identity above
+        cfg_dict["train"]["deepspeed_config"] = str(Path(cfg.train.deepspeed_config).expanduser().resolve())
     (out / "train_config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
     if resume is not None and (resume / STATE_FILE).is_file():
         done = json.loads((resume / STATE_FILE).read_text())

@@ -15,11 +15,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..config import ConfigError
 from ..data.tokenize import TokenizedSample, collate
+from ..models.loading import BaseModelReference, base_model_of
 from ..models.lora import LoraSettings
 from .checkpoint import load_checkpoint, load_checkpoint_state, save_checkpoint
 from .config import TrainSettings
@@ -47,7 +49,9 @@ class Trainer:
     ``model`` is the unwrapped model (a peft model for LoRA). Without ZeRO, ``train_step`` runs forwards
     through the module it is given (the model itself, or its DistributedDataParallel wrapper); with
     ``settings.zero_stage`` 2 or 3 the trainer builds a DeepSpeed engine around the model and runs through it.
-    Every rank calls ``save`` (ZeRO-3 must gather the partitioned weights); only rank 0 writes.
+    Every rank calls ``save`` (ZeRO-3 must gather the partitioned weights); only rank 0 writes. ``base_model`` is
+    recorded in saved adapters, and ``tokenizer`` is saved beside a full fine-tune's weights, so that a checkpoint
+    loads on its own with ``AutoPeftModelForCausalLM`` or ``AutoModelForCausalLM`` + ``AutoTokenizer``.
     """
 
     def __init__(
@@ -61,6 +65,8 @@ class Trainer:
         device: torch.device | str = "cpu",
         lora: LoraSettings | None = None,
         refusals: Sequence[TrainingExample] | None = None,
+        base_model: BaseModelReference | None = None,
+        tokenizer: Any = None,
     ) -> None:
         if not examples:
             raise ValueError("no training examples: the data set is empty after filtering and length checks")
@@ -68,6 +74,7 @@ class Trainer:
             raise ConfigError(f"train.batch_size {settings.batch_size} must be a multiple of the {world_size} workers")
         self.model, self.examples, self.settings, self.lora = model, list(examples), settings, lora
         self.pad_token_id, self.rank, self.world_size = pad_token_id, rank, world_size
+        self.base_model, self.tokenizer = base_model, tokenizer
         self.device = torch.device(device)
         self.is_dpo = settings.objective == "dpo"
         if self.is_dpo and any(e.rejected is None for e in self.examples):
@@ -88,9 +95,12 @@ class Trainer:
         if settings.spf.enabled and not self.refusals:
             raise ValueError("train.spf is enabled but the trainer got no refusal examples (load_refusal_examples)")
         self._safety_grads: dict[str, torch.Tensor] | None = None
+        if settings.gradient_checkpointing:  # before ZeRO-3 partitions the layers
+            enable_gradient_checkpointing(model)
         self.engine = None
         if settings.zero_stage:
-            self.engine, self.optimizer = build_engine(model, [p for _, p in self.named_params], settings, world_size)
+            self.engine, self.optimizer = build_engine(model, [p for _, p in self.named_params], settings, world_size,
+                                                       rank)
         else:
             self.optimizer = torch.optim.AdamW([p for _, p in self.named_params], lr=settings.lr,
                                                weight_decay=settings.weight_decay)
@@ -262,6 +272,22 @@ class Trainer:
     def load(self, directory: Path, identity: str) -> None:
         """Weights and state of a checkpoint (no ZeRO)."""
         load_checkpoint(self, directory, identity)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass (transformers' activation checkpointing).
+
+    Non-reentrant ``torch.utils.checkpoint``: the reentrant kind back-propagates through a layer only if its
+    input requires grad, which the output of a frozen embedding (LoRA) does not, so no adapter inside the layers
+    would get a gradient unless ``enable_input_require_grads`` hooked the embedding. The non-reentrant kind needs no
+    such hook and works with DDP's gradient hooks (transformers adds the hook anyway; it changes no gradient).
+    """
+    base = base_model_of(model)
+    enable = getattr(base, "activation_checkpointing_enable", None)  # transformers 5.x renamed it
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _lora_settings_of(model: torch.nn.Module) -> LoraSettings:

@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO-2/3 for the ``Trainer``: the engine, and AdamW's state moved into and out of ZeRO's partitions.
+"""DeepSpeed ZeRO-2/3 for the ``Trainer``: the engine (its config, merged with a user's file), and AdamW's state
+moved into and out of ZeRO's partitions.
 
 Under ZeRO each rank holds its slice of one flat fp32 buffer per parameter group, and the optimizer creates
 those buffers' AdamW state on its first ``step()`` only. Checkpoints keep every tensor's state whole
@@ -7,17 +8,66 @@ those buffers' AdamW state on its first ``step()`` only. Checkpoints keep every 
 
 from __future__ import annotations
 
+import copy
+import json
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, deep_merge
 from .config import TrainSettings
 
+log = logging.getLogger(__name__)
 
-def engine_config(settings: TrainSettings, world_size: int, dtype: torch.dtype) -> dict[str, Any]:
-    """DeepSpeed's config for the trainer's settings: the same global batch, AdamW and clipping as without ZeRO.
+# Keys derived from train.batch_size, micro_batch_size, the worker count and zero_stage. The loop's batching, its
+# loss normalisation (Σ NLL / global tokens) and its checkpoints rely on them, so a user's file cannot change them.
+OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+              "zero_optimization.stage")
+
+
+def read_deepspeed_config(path: str | Path) -> dict[str, Any]:
+    """A user's DeepSpeed JSON file (``train.deepspeed_config``) as a dict; errors name the key and the file."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        where = "" if file.is_absolute() else f" (relative to {Path.cwd()})"
+        raise ConfigError(f"train.deepspeed_config: file {file}{where} does not exist")
+    try:
+        loaded = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"train.deepspeed_config: {file} is not valid JSON ({err})") from err
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"train.deepspeed_config: {file} must hold a JSON object (DeepSpeed's config), "
+                          f"got {type(loaded).__name__}")
+    return loaded
+
+
+def merge_deepspeed_config(ours: dict[str, Any], user: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``user`` merged into ``ours`` key by key (nested objects merged too): the user's values win, except on
+    ``OWNED_KEYS``, which keep ours. Also returns ``"key (file: x, used: y)"`` for each owned key the file set to
+    another value."""
+    merged = deep_merge(copy.deepcopy(ours), user)
+    overridden = []
+    for dotted in OWNED_KEYS:
+        *parents, leaf = dotted.split(".")
+        kept, node, given = ours, merged, user
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"train.deepspeed_config: {part} must be a JSON object, got {given.get(part)!r}")
+            kept, node, given = kept[part], node[part], given.get(part, {})
+        if leaf in given and given[leaf] != kept[leaf]:
+            overridden.append(f"{dotted} (file: {given[leaf]!r}, used: {kept[leaf]!r})")
+        node[leaf] = kept[leaf]
+    return merged, overridden
+
+
+def engine_config(settings: TrainSettings, world_size: int, dtype: torch.dtype,
+                  log_overrides: bool = True) -> dict[str, Any]:
+    """DeepSpeed's config for the trainer's settings: the same global batch, AdamW and clipping as without ZeRO,
+    merged with ``settings.deepspeed_config`` if set (``merge_deepspeed_config``); ``log_overrides``: name the
+    file's values that were replaced, in one log line.
 
     Each worker's share of the global batch is split into micro-batches by gradient accumulation, which needs
     the share to be a whole number of micro-batches.
@@ -44,15 +94,22 @@ def engine_config(settings: TrainSettings, world_size: int, dtype: torch.dtype) 
     }
     if settings.max_grad_norm is not None:
         config["gradient_clipping"] = settings.max_grad_norm
-    return config
+    if settings.deepspeed_config is None:
+        return config
+    merged, overridden = merge_deepspeed_config(config, read_deepspeed_config(settings.deepspeed_config))
+    if overridden and log_overrides:
+        log.warning("train.deepspeed_config %s: kept sqsd_ray's value of %s; these follow train.batch_size, "
+                    "micro_batch_size, zero_stage and the worker count", settings.deepspeed_config,
+                    ", ".join(overridden))
+    return merged
 
 
 def build_engine(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], settings: TrainSettings,
-                 world_size: int):
+                 world_size: int, rank: int = 0):
     """A DeepSpeed engine around ``model`` training ``params``, and its (ZeRO-wrapped) optimizer."""
     import deepspeed
 
-    config = engine_config(settings, world_size, next(model.parameters()).dtype)
+    config = engine_config(settings, world_size, next(model.parameters()).dtype, log_overrides=rank == 0)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, config=config, model_parameters=list(params))
     return engine, optimizer
 
