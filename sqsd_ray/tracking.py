@@ -32,7 +32,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 from urllib.parse import urlparse
 
 from .config import ConfigError, help_field
@@ -227,9 +227,11 @@ def _start_mlflow_run(target: TrackingTarget, record: Path | None) -> tuple[Trac
     client = _mlflow_client(target.uri)
     earlier = TrackingTarget.from_dict(json.loads(record.read_text())) if record and record.is_file() else None
     if earlier is not None and earlier.run_id and (earlier.uri, earlier.experiment) == (target.uri, target.experiment):
+        from mlflow.exceptions import MlflowException
+
         try:
             client.get_run(earlier.run_id)
-        except Exception as err:  # deleted, or another store under the same URI
+        except MlflowException as err:  # deleted, or another store under the same URI
             log.warning("MLflow run %s recorded in %s is gone (%s); starting a new one", earlier.run_id, record,
                         " ".join(str(err).split())[:200])
         else:
@@ -256,7 +258,7 @@ class Tracker:
     def close(self) -> None:
         """Write out what is buffered (the run itself is ended by ``tracking_run``)."""
 
-    def __enter__(self) -> Tracker:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

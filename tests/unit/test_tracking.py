@@ -13,6 +13,7 @@ import yaml
 from sqsd_ray.config import ConfigError, from_dict, load_config
 from sqsd_ray.tracking import (
     INSTALL_HINT,
+    Tracker,
     TrackingConfig,
     TrackingUnavailable,
     child_tracking,
@@ -92,9 +93,8 @@ def test_one_tracking_key_reaches_every_verb_that_trains_or_scores(cls, job):
 @pytest.mark.parametrize("backend, package", [("tensorboard", "tensorboard"), ("mlflow", "mlflow")])
 def test_a_missing_backend_package_is_one_line_naming_the_extra(tmp_path, monkeypatch, backend, package):
     monkeypatch.setitem(sys.modules, package, None)  # import of it raises ImportError
-    with pytest.raises(TrackingUnavailable) as err:
-        with tracking_run(TrackingConfig(backend=backend), tmp_path):
-            pass
+    with pytest.raises(TrackingUnavailable) as err, tracking_run(TrackingConfig(backend=backend), tmp_path):
+        pass
     assert str(err.value) == (f"tracking.backend={backend} needs the {package} package, which is not installed: "
                               f"{INSTALL_HINT}")
     assert "pip install sqsd-ray[tracking]" in str(err.value) and "\n" not in str(err.value)
@@ -189,10 +189,9 @@ def test_a_resumed_run_reopens_its_mlflow_run(tmp_path):
     record.parent.mkdir()
     with tracking_run(cfg, tmp_path / "run", {"a": 1}, reopen_from=record) as first:
         open_tracker(first).log_metrics({"loss": 2.0}, step=1)
-    with pytest.raises(RuntimeError):
-        with tracking_run(cfg, tmp_path / "run", {"a": 2}, reopen_from=record) as second:
-            open_tracker(second).log_metrics({"loss": 1.0}, step=2)
-            raise RuntimeError("worker lost")
+    with pytest.raises(RuntimeError), tracking_run(cfg, tmp_path / "run", {"a": 2}, reopen_from=record) as second:
+        open_tracker(second).log_metrics({"loss": 1.0}, step=2)
+        raise RuntimeError("worker lost")
     assert second.run_id == first.run_id
     client = mlflow.MlflowClient(store)
     run = client.get_run(first.run_id)
@@ -250,3 +249,88 @@ def test_worker_ranks_other_than_zero_write_nothing(tmp_path):
     with open_tracker(target, rank=1) as tracker:
         tracker.log_metrics({"train/loss": 1.0}, step=1)
     assert not (tmp_path / "tensorboard").exists()
+
+
+# ------------------------------------------------------------------------------------------ experiments
+
+
+class RecordingTracker(Tracker):
+    def __init__(self) -> None:
+        self.metrics: dict[tuple[str, int], float] = {}
+
+    def log_metrics(self, metrics, step):
+        self.metrics.update({(key, step): value for key, value in metrics.items()})
+
+
+def _scored_corpus(tmp_path, n: int = 8):
+    import numpy as np
+    import pandas as pd
+
+    from sqsd_ray.data.records import DataConfig, load_samples
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"prompt": f"Question {i}?", "response": f"Answer {i}."}) + "\n"
+                              for i in range(n)))
+    samples = load_samples(DataConfig(path=str(corpus)))[0]
+    pd.DataFrame({"sample_id": [s.sample_id for s in samples], "sqsd": np.arange(float(len(samples))),
+                  "status": "ok"}).to_parquet(tmp_path / "scores.parquet", index=False)
+    return corpus, tmp_path / "scores.parquet"
+
+
+def test_an_experiment_sends_every_band_fine_tune_under_its_own_tracking(tmp_path):
+    from sqsd_ray.experiments.effectiveness import ExperimentConfig, _finetune_jobs
+
+    corpus, scores = _scored_corpus(tmp_path)
+    out = tmp_path / "exp"
+    overrides = [f"scores={scores}", f"data.path={corpus}", "partition.n_bands=2", "partition.subset_size=null",
+                 "arms=[{name: SQSD (Beaver)}, {name: lr 1e-5, train_overrides: ['train.lr=1e-5']}]"]
+    cfg = load_config(ExperimentConfig, None, overrides)
+    parent = resolve(TrackingConfig(backend="tensorboard"), out)
+    jobs = _finetune_jobs(cfg, out, parent)
+    assert sorted(jobs) == [("SQSD (Beaver)", "S1"), ("SQSD (Beaver)", "S2"), ("lr 1e-5", "S1"), ("lr 1e-5", "S2")]
+    logdirs = {key: resolve(job.tracking, job.output.dir).uri for key, job in jobs.items()}
+    board = out.resolve() / "tensorboard"
+    assert logdirs[("SQSD (Beaver)", "S2")] == str(board / "SQSD__Beaver" / "S2")
+    assert logdirs[("lr 1e-5", "S1")] == str(board / "lr_1e-5" / "S1")
+    # a fine-tune section naming its own back-end keeps it; without a parent nothing is tracked
+    own = load_config(ExperimentConfig, None, [*overrides, "finetune.tracking.backend=mlflow"])
+    assert {job.tracking.backend for job in _finetune_jobs(own, out, parent).values()} == {"mlflow"}
+    assert {job.tracking.backend for job in _finetune_jobs(cfg, out, None).values()} == {"none"}
+
+
+def test_each_bands_safety_metrics_are_one_curve_per_arm():
+    import pandas as pd
+
+    from sqsd_ray.experiments.effectiveness import ExperimentConfig, log_band_metrics
+
+    cfg = load_config(ExperimentConfig, None, ["partition.n_bands=2", "arms=[{name: SQSD}, {name: Random (chance)}]"])
+    metrics = pd.DataFrame({
+        "state": ["base", "SQSD/S1", "SQSD/S2", "Random (chance)/S1", "Random (chance)/S2"],
+        "benchmark": "catqa", "n": 10, "keyword_asr": [5.0, 40.0, 10.0, 20.0, float("nan")]})
+    tracker = RecordingTracker()
+    log_band_metrics(tracker, cfg, metrics)
+    assert tracker.metrics == {
+        ("catqa/keyword_asr/SQSD", 0): 5.0, ("catqa/keyword_asr/SQSD", 1): 40.0, ("catqa/keyword_asr/SQSD", 2): 10.0,
+        ("catqa/keyword_asr/Random__chance", 0): 5.0, ("catqa/keyword_asr/Random__chance", 1): 20.0}
+
+
+def test_mitigate_sends_its_fine_tunes_under_its_own_tracking(tmp_path, monkeypatch):
+    from sqsd_ray.data.records import DataConfig
+    from sqsd_ray.experiments import mitigate
+
+    corpus, scores = _scored_corpus(tmp_path)
+    cfg = load_config(mitigate.MitigateConfig, None, [f"scores={scores}", f"data.path={corpus}",
+                                                      f"output_dir={tmp_path / 'mit'}"])
+    seen = []
+
+    def capture(job):
+        seen.append(job)
+        raise StopIteration  # the job as it would have trained is all this test needs
+
+    monkeypatch.setattr(mitigate, "run_training", capture)
+    parent = resolve(TrackingConfig(backend="mlflow", uri=str(tmp_path / "store"), run_name="mit"), tmp_path / "mit")
+    with pytest.raises(StopIteration):
+        mitigate._finetune(cfg, "S1", DataConfig(path=str(corpus)), False, tmp_path / "mit" / "S1" / "curated.run1",
+                           1, parent)
+    assert seen[0].tracking == TrackingConfig(backend="mlflow", uri=(tmp_path / "store").resolve().as_uri(),
+                                              run_name="mit/S1/curated.run1")
