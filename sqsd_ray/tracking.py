@@ -212,11 +212,10 @@ def tracking_run(cfg: TrackingConfig, run_dir: str | Path, params: Mapping[str, 
     status = "FINISHED"
     try:
         yield target
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    except BaseException:
-        status = "FAILED"
+    except BaseException as err:
+        # Ctrl-C, or an error a job raised on it (a score run's RunInterrupted): stopped, not failed
+        stopped = isinstance(err, KeyboardInterrupt) or isinstance(err.__context__, KeyboardInterrupt)
+        status = "KILLED" if stopped else "FAILED"
         raise
     finally:
         if target.backend == "mlflow" and target.run_id:

@@ -197,6 +197,9 @@ def test_a_resumed_run_reopens_its_mlflow_run(tmp_path):
     run = client.get_run(first.run_id)
     assert run.info.status == "FAILED" and run.data.params == {"a": "1"}  # params of the first start kept
     assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "loss")] == [(1, 2.0), (2, 1.0)]
+    with pytest.raises(KeyboardInterrupt), tracking_run(cfg, tmp_path / "run", reopen_from=record):
+        raise KeyboardInterrupt  # Ctrl-C: the run was stopped, not failed
+    assert client.get_run(first.run_id).info.status == "KILLED"
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -334,3 +337,30 @@ def test_mitigate_sends_its_fine_tunes_under_its_own_tracking(tmp_path, monkeypa
                            1, parent)
     assert seen[0].tracking == TrackingConfig(backend="mlflow", uri=(tmp_path / "store").resolve().as_uri(),
                                               run_name="mit/S1/curated.run1")
+
+
+# ------------------------------------------------------------------------------------------ worker logs
+
+
+def test_the_worker_log_hook_prints_sqsd_ray_lines_once(monkeypatch, capsys):
+    """What ``setup_worker_logging`` does in a Ray worker, here in this process: INFO lines of ``sqsd_ray`` to stderr
+    in the CLI's format; quiet where a console handler of the root logger prints them (Ray Train's workers)."""
+    import logging
+
+    from sqsd_ray.runtime import setup_worker_logging
+
+    package, root = logging.getLogger("sqsd_ray"), logging.getLogger()
+    monkeypatch.setattr(package, "handlers", [])
+    monkeypatch.setattr(package, "level", logging.NOTSET)
+    monkeypatch.setattr(root, "handlers", [])  # a fresh Ray worker's (pytest's own capture handlers set aside)
+    setup_worker_logging()
+    setup_worker_logging()  # a reused worker process: still one handler
+    assert len(package.handlers) == 1
+    logging.getLogger("sqsd_ray.training.loop").info("resumed at step %d", 7)
+    logging.getLogger("sqsd_ray.training.loop").debug("not at INFO")
+    assert capsys.readouterr().err == "INFO sqsd_ray.training.loop: resumed at step 7\n"
+    console = logging.StreamHandler(sys.stdout)  # as Ray Train's root console handler
+    monkeypatch.setattr(root, "handlers", [console])
+    logging.getLogger("sqsd_ray.training.loop").info("resumed at step %d", 8)
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == "resumed at step 8\n"
