@@ -7,8 +7,10 @@ when ``ray.address`` or ``RAY_ADDRESS`` is set (as under ``ray job submit``). Ev
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -209,7 +211,7 @@ def init_ray(cfg: RayConfig | WorkerScaling):
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("attaching to Ray at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=_worker_runtime_env())
     else:
         log.info("starting a local Ray on %s (%s CPUs, object store %d MiB)", LOOPBACK, cfg.local_num_cpus or "all",
                  cfg.object_store_mb)
@@ -220,6 +222,49 @@ def init_ray(cfg: RayConfig | WorkerScaling):
             include_dashboard=cfg.include_dashboard,
             dashboard_host=LOOPBACK,
             log_to_driver=True,
+            runtime_env=_worker_runtime_env(),
             _node_ip_address=LOOPBACK,
         )
     return ray
+
+
+WORKER_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"  # the CLI's format; Ray prefixes the worker's name and pid
+_WORKER_SETUP_HOOK = "sqsd_ray.runtime.setup_worker_logging"
+
+
+def setup_worker_logging() -> None:
+    """Ray's ``worker_process_setup_hook``: ``sqsd_ray`` loggers at INFO to stderr in every worker and actor.
+
+    A Ray worker process has no log handler of ours, so Python drops INFO lines (a scoring actor's block timings, an
+    evaluation task's progress); stderr is what Ray forwards to the driver (``log_to_driver``). Ray Train configures
+    its workers' root logger itself (message only, to the console and its own log files): there the records pass on
+    to it and this handler stays quiet, so each line is printed once and Ray Train's files keep it.
+    """
+    logger = logging.getLogger("sqsd_ray")
+    if any(getattr(h, "sqsd_ray_worker", False) for h in logger.handlers):
+        return  # a reused worker process
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(WORKER_LOG_FORMAT))
+    handler.addFilter(_unless_the_root_prints_it)
+    handler.sqsd_ray_worker = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def _unless_the_root_prints_it(record: logging.LogRecord) -> bool:
+    """False when a console handler of the root logger (Ray Train's, in its workers) prints the record anyway."""
+    return not any(type(h) is not logging.FileHandler and isinstance(h, logging.StreamHandler)
+                   and record.levelno >= h.level for h in logging.getLogger().handlers)
+
+
+def _worker_runtime_env() -> dict | None:
+    """The runtime_env ``init_ray`` gives the job: the worker log hook. Left out when a job submitted with
+    ``ray job submit`` brings its own hook (Ray refuses to merge two values of one runtime_env key)."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    submitted = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}").get("runtime_env") or {}
+    if "worker_process_setup_hook" in submitted:
+        log.info("the submitted job's runtime_env sets worker_process_setup_hook; sqsd_ray's worker log handler "
+                 "is left out (call %s from that hook to keep worker logs)", _WORKER_SETUP_HOOK)
+        return None
+    return {"worker_process_setup_hook": _WORKER_SETUP_HOOK}

@@ -37,6 +37,7 @@ from ..evaluation.job import EvalJobConfig, EvalWorkers, run_evaluate
 from ..evaluation.judges import JudgeSettings
 from ..scoring.job import run_score
 from ..scoring.job_config import ScoreJobConfig
+from ..tracking import Tracker, TrackingConfig, TrackingTarget, child_tracking, open_tracker, tracking_run
 from ..training.checkpoint import ADAPTER_DIR, MODEL_DIR
 from ..training.config import TrainJobConfig, TrainOutput
 from ..training.loop import run_training
@@ -93,6 +94,11 @@ class ExperimentConfig:
         1, help="fine-tunes run at the same time (each a Ray Train run; as many as the cluster has room for)"
     )
     output_dir: str = help_field("runs/experiment", help="run directory")
+    tracking: TrackingConfig = help_field(
+        default_factory=TrackingConfig, help="TensorBoard / MLflow: each band's safety metrics per arm, and every "
+        "fine-tune's (and the score run's) curves under this run, unless finetune.tracking / score.tracking name "
+        "their own"
+    )
 
     def __post_init__(self) -> None:
         if not self.arms:
@@ -145,7 +151,8 @@ def arm_scores(cfg: ExperimentConfig, arm: Arm, out: Path) -> tuple[str, str]:
     return str(derived), arm.column
 
 
-def _finetune_jobs(cfg: ExperimentConfig, out: Path) -> dict[tuple[str, str], TrainJobConfig]:
+def _finetune_jobs(cfg: ExperimentConfig, out: Path,
+                   tracking: TrackingTarget | None = None) -> dict[tuple[str, str], TrainJobConfig]:
     jobs = {}
     for arm in cfg.arms:
         arm_dir = out / arm_dir_name(arm.name)
@@ -158,7 +165,8 @@ def _finetune_jobs(cfg: ExperimentConfig, out: Path) -> dict[tuple[str, str], Tr
             job = from_dict(TrainJobConfig, base)
             job = replace(job, data=replace(job.data, path=str(path), format="jsonl", schema="messages", preset=None,
                                             keep_if={}, limit=None, field_map={}),
-                          output=TrainOutput(dir=str(arm_dir / band), overwrite=False, resume=True))
+                          output=TrainOutput(dir=str(arm_dir / band), overwrite=False, resume=True),
+                          tracking=child_tracking(job.tracking, tracking, f"{arm_dir_name(arm.name)}/{band}"))
             jobs[(arm.name, band)] = job
     return jobs
 
@@ -175,9 +183,16 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    params = {k: v for k, v in to_dict(cfg).items() if k != "tracking"}
+    with tracking_run(cfg.tracking, out, params) as tracking, open_tracker(tracking) as tracker:
+        return _run_experiment(cfg, out, tracking, tracker)
+
+
+def _run_experiment(cfg: ExperimentConfig, out: Path, tracking: TrackingTarget | None, tracker: Tracker) -> Path:
     if cfg.score is not None:
-        cfg = replace(cfg, scores=str(run_score(cfg.score)), data=cfg.score.data)
-    jobs = _finetune_jobs(cfg, out)
+        score = replace(cfg.score, tracking=child_tracking(cfg.score.tracking, tracking, "score"))
+        cfg = replace(cfg, scores=str(run_score(score)), data=cfg.score.data)
+    jobs = _finetune_jobs(cfg, out, tracking)
     log.info("experiment %s: %d arms x %d bands = %d fine-tunes", cfg.kind, len(cfg.arms), cfg.partition.n_bands,
              len(jobs))
     concurrent = cfg.max_concurrent_finetunes
@@ -203,6 +218,7 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     else:
         eval_dirs = [run_evaluate(eval_job(cfg.evaluation, next(iter(jobs.values())), states, out / "evaluation"))]
     metrics = pd.concat([pd.read_csv(d / "metrics.csv") for d in eval_dirs], ignore_index=True)
+    log_band_metrics(tracker, cfg, metrics)
     return write_report(cfg, metrics, out)
 
 
@@ -262,6 +278,20 @@ def band_table(cfg: ExperimentConfig, metrics: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def log_band_metrics(tracker: Tracker, cfg: ExperimentConfig, metrics: pd.DataFrame) -> None:
+    """Every measured metric of every arm's bands, as ``<benchmark>/<metric>/<arm>`` at step = the band's number
+    (S1 = 1), so each arm is one curve from the riskiest band to the safest; θ0 at step 0."""
+    values = [c for c in metrics.columns if c not in ("state", "benchmark", "n")
+              and pd.api.types.is_numeric_dtype(metrics[c])]
+    for arm in cfg.arms:
+        key = arm_dir_name(arm.name)
+        for band in range(cfg.partition.n_bands + 1):
+            states = ("base", f"{arm.name}/base") if band == 0 else (f"{arm.name}/S{band}",)
+            rows = metrics[metrics["state"].isin(states)].to_dict("records")
+            tracker.log_metrics({f"{row['benchmark']}/{column}/{key}": float(row[column])
+                                 for row in rows for column in values if pd.notna(row[column])}, step=band)
+
+
 def write_report(cfg: ExperimentConfig, metrics: pd.DataFrame, out: Path) -> Path:
     table = band_table(cfg, metrics)
     metrics.to_parquet(out / "results.parquet", index=False)
@@ -308,4 +338,4 @@ def _plot_bands(table: pd.DataFrame, bands: list[str], metric: str, benchmark: s
 
 
 __all__ = ["Arm", "ExperimentConfig", "ExperimentEval", "arm_dir_name", "arm_scores", "band_table", "eval_job",
-           "final_state", "run_experiment", "write_report"]
+           "final_state", "log_band_metrics", "run_experiment", "write_report"]

@@ -48,6 +48,7 @@ from ..mitigation.restore_job import FineTuned, RestoreConfig, load_batches, run
 from ..models.loading import ModelConfig, load_model_and_tokenizer
 from ..models.lora import LoraSettings, apply_lora, load_adapter_state, set_lora_factors
 from ..scoring.summary import markdown_table, save_figure
+from ..tracking import Tracker, TrackingConfig, TrackingTarget, child_tracking, open_tracker, tracking_run
 from ..training.checkpoint import ADAPTER_DIR
 from ..training.config import TrainJobConfig, TrainOutput
 from ..training.loop import run_training
@@ -123,6 +124,10 @@ class MitigateConfig:
         "with the spread of the refusal-NLL rise; table_runs.csv: every run. Restorations restore the first plain run"
     )
     output_dir: str = help_field("runs/mitigate", help="run directory (fine-tunes resume or are skipped)")
+    tracking: TrackingConfig = help_field(
+        default_factory=TrackingConfig, help="TensorBoard / MLflow: the table's safety and utility metrics per row, "
+        "and every fine-tune's curves under this run, unless finetune.tracking names its own"
+    )
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.methods) - set(METHODS))
@@ -233,12 +238,15 @@ def _curated(cfg: MitigateConfig, data: DataConfig, scores: pd.DataFrame, rule: 
                    limit=None, keep_if={})
 
 
-def _finetune(cfg: MitigateConfig, corpus: str, data: DataConfig, spf: bool, out: Path, run: int = 0) -> Path:
+def _finetune(cfg: MitigateConfig, corpus: str, data: DataConfig, spf: bool, out: Path, run: int = 0,
+              tracking: TrackingTarget | None = None) -> Path:
     train = replace(cfg.finetune.train, spf=replace(cfg.spf, enabled=True) if spf else SpfSettings(),
                     seed=cfg.finetune.train.seed + run)
     if corpus == "all" and cfg.whole_corpus_epochs:
         train = replace(train, epochs=cfg.whole_corpus_epochs, max_steps=None)
-    job = replace(cfg.finetune, data=data, train=train, output=TrainOutput(dir=str(out), overwrite=False, resume=True))
+    name = Path(out).resolve().relative_to(Path(cfg.output_dir).resolve()).as_posix()  # e.g. S1/curated.run1
+    job = replace(cfg.finetune, data=data, train=train, output=TrainOutput(dir=str(out), overwrite=False, resume=True),
+                  tracking=child_tracking(cfg.finetune.tracking, tracking, name))
     return Path(final_state(run_training(job).dir, job.train.method))
 
 
@@ -335,6 +343,12 @@ def run_mitigate(cfg: MitigateConfig) -> Path:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    params = {k: v for k, v in to_dict(cfg).items() if k != "tracking"}
+    with tracking_run(cfg.tracking, out, params) as tracking, open_tracker(tracking) as tracker:
+        return _run_mitigate(cfg, out, tracking, tracker)
+
+
+def _run_mitigate(cfg: MitigateConfig, out: Path, tracking: TrackingTarget | None, tracker: Tracker) -> Path:
     states: dict[str, str] = {}
     for corpus in cfg.corpora:
         corpus_dir = out / corpus
@@ -351,10 +365,10 @@ def run_mitigate(cfg: MitigateConfig) -> Path:
                 source = curated[rule] if rule else data
                 states[_state_name(corpus, method, run)] = str(_finetune(
                     cfg, corpus, source, method in ("spf", "curated_spf"), corpus_dir / f"{method}{_run_suffix(run)}",
-                    run))
+                    run, tracking))
         if any(m.startswith("restore_") for m in cfg.methods):
             plain = Path(states.get(_state_name(corpus, "plain"))
-                         or _finetune(cfg, corpus, data, False, corpus_dir / "plain"))
+                         or _finetune(cfg, corpus, data, False, corpus_dir / "plain", tracking=tracking))
         for method, preconditioner in (("restore_first_order", "none"),
                                        ("restore_curvature", cfg.restore.settings.preconditioner)):
             if method in cfg.methods:
@@ -364,7 +378,18 @@ def run_mitigate(cfg: MitigateConfig) -> Path:
     judged = run_evaluate(eval_job(cfg.evaluation, cfg.finetune, all_states, out / "evaluation"))
     metrics = pd.read_csv(judged / "metrics.csv")
     losses = measure_states(cfg.finetune.model, cfg.finetune.lora, all_states, cfg.heldout)
-    return write_report(cfg, metrics, losses, out)
+    report = write_report(cfg, metrics, losses, out)
+    log_table_metrics(tracker, pd.read_csv(out / "table.csv"))
+    return report
+
+
+def log_table_metrics(tracker: Tracker, table: pd.DataFrame) -> None:
+    """The table's numbers (``table.csv``: mean over a row's runs) as ``<corpus>/<method>/<column>`` at step 0:
+    one value per row and column, the same numbers report.md shows."""
+    values = [c for c in table.columns if c not in ("corpus", "method", "run", "runs")
+              and pd.api.types.is_numeric_dtype(table[c])]
+    tracker.log_metrics({f"{row['corpus']}/{row['method']}/{column}": float(row[column])
+                         for row in table.to_dict("records") for column in values if pd.notna(row[column])}, step=0)
 
 
 def run_table(cfg: MitigateConfig, metrics: pd.DataFrame, losses: pd.DataFrame) -> pd.DataFrame:
@@ -550,6 +575,22 @@ def plot_tradeoff(table: pd.DataFrame, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-__all__ = ["HeldOut", "METHODS", "MitigateConfig", "MitigateRestore", "curation_contrasts", "measure_states",
-           "mitigation_table", "paired_difference", "plot_restoration_paths", "restoration_paths", "rouge_l",
-           "rouge_n", "run_mitigate", "run_table", "shown", "write_report"]
+__all__ = [
+    "METHODS",
+    "HeldOut",
+    "MitigateConfig",
+    "MitigateRestore",
+    "curation_contrasts",
+    "log_table_metrics",
+    "measure_states",
+    "mitigation_table",
+    "paired_difference",
+    "plot_restoration_paths",
+    "restoration_paths",
+    "rouge_l",
+    "rouge_n",
+    "run_mitigate",
+    "run_table",
+    "shown",
+    "write_report",
+]

@@ -7,7 +7,8 @@ through ``ScoreStore``, so output, resume and fingerprints are the same. The run
     scores.parquet     one row per sample_id; schema metadata carries the fingerprints below
     parts/, manifest.json   the parts as written and the job identity they belong to (resume)
     config.yaml        the resolved config
-    run.json           fingerprints, version, timings, throughput, data report, padding fraction
+    run.json           fingerprints, version, timings, throughput, data report, padding fraction, tracking
+    tensorboard/       (tracking.backend: tensorboard) samples/s and tokens/s per block, counts at the end
     summary.md         top / bottom samples, score-vs-length correlation
     histogram.png      SQSD and SQSD w/o normalisation, and SQSD against response length
     fidelity.json      (optional) first-order check of Eq. 13, see ``fidelity``
@@ -31,6 +32,7 @@ from ..models.directions import Direction
 from ..models.lora import (
     load_adapter_state,
 )
+from ..tracking import Tracker, TrackingTarget, open_tracker, tracking_run
 from .blocks import BlockScorer, load_direction, record_fingerprint, sample_rows, scoring_identity, tokenize_rows
 from .job_config import DIRECTION_NAMES, InitStateConfig, ScoreJobConfig
 from .store import RunInterrupted, ScoreStore, locked_run
@@ -126,7 +128,8 @@ def run_score(cfg: ScoreJobConfig) -> Path:
         raise ConfigError(f"output.dir: {out} is a file, not a directory; choose another output.dir")
     # The lock (a file beside output.dir) comes first, so a second run is refused at once rather than after its
     # own checks and Ray start; nothing inside output.dir is touched before the checks pass.
-    with locked_run(cfg.output.dir, break_lock=cfg.output.break_lock), _sigterm_as_interrupt():
+    with locked_run(cfg.output.dir, break_lock=cfg.output.break_lock), _sigterm_as_interrupt(), \
+            contextlib.ExitStack() as tracking_stack:
         job = preflight(cfg)
         store = ScoreStore(cfg.output.dir)
         plan = store.begin(job.identity, job.records, overwrite=cfg.output.overwrite, resume=cfg.output.resume)
@@ -134,22 +137,49 @@ def run_score(cfg: ScoreJobConfig) -> Path:
         rows = [r for r in sample_rows(job.samples) if r["sample_id"] not in plan.done]
         log.info("%d samples to score (%d kept from an earlier run, %d changed since, %d removed from the corpus)",
                  len(rows), len(plan.done), plan.changed, plan.removed)
+        # in the directory the run writes (a staged overwrite's too), so its files move with it when published
+        tracking = tracking_stack.enter_context(tracking_run(
+            cfg.tracking, store.dir, params={k: v for k, v in to_dict(cfg).items() if k != "tracking"}))
+        tracker = tracking_stack.enter_context(open_tracker(tracking))
+        parts = _TrackedParts(store, tracker, kept=len(plan.done))
         block_scorer = None
         score_started = time.time()
         try:
             if rows and cfg.ray.enabled:
                 from .ray_pool import score_with_ray
 
-                score_with_ray(cfg, store, rows)
+                score_with_ray(cfg, parts, rows)  # type: ignore[arg-type]  (it only writes parts)
             elif rows:
-                block_scorer = _score_in_process(cfg, store, rows)
+                block_scorer = _score_in_process(cfg, parts, rows)  # type: ignore[arg-type]
         except KeyboardInterrupt:
             kept = len(store.done_ids())
             raise RunInterrupted(f"interrupted: {kept} of {len(job.samples)} samples kept in {store.dir}; rerun the "
                                  "same command to resume") from None
         score_seconds = time.time() - score_started
-        _finish_run(cfg, store, job, plan, block_scorer, len(rows), started, score_seconds)
+        _finish_run(cfg, store, job, plan, block_scorer, len(rows), started, score_seconds, parts, tracking)
+        tracking_stack.close()  # event files complete, the MLflow run finished, before a staged run is swapped in
         return store.publish() / "scores.parquet"
+
+
+class _TrackedParts:
+    """The store as the scoring paths see it (they only write parts): each part is also counted, and the run's
+    rate so far goes to the tracker, at the step of the samples done (kept ones included, so a resumed run's curve
+    goes on where the interrupted one stopped)."""
+
+    def __init__(self, store: ScoreStore, tracker: Tracker, kept: int) -> None:
+        self.store, self.tracker, self.kept = store, tracker, kept
+        self.samples = self.tokens = 0
+        self.started = time.time()
+
+    def write_part(self, df):
+        path = self.store.write_part(df)
+        self.samples += len(df)
+        self.tokens += int(df["n_tokens"].fillna(0).sum()) if "n_tokens" in df else 0  # skipped rows have none
+        seconds = max(time.time() - self.started, 1e-9)
+        self.tracker.log_metrics({"score/samples_per_s": self.samples / seconds,
+                                  "score/tokens_per_s": self.tokens / seconds,
+                                  "score/samples_scored": self.samples}, step=self.kept + self.samples)
+        return path
 
 
 @contextlib.contextmanager
@@ -173,8 +203,10 @@ def _sigterm_as_interrupt():
 
 
 def _finish_run(cfg: ScoreJobConfig, store: ScoreStore, job: CheckedJob, plan, block_scorer, n_scored_now: int,
-                started: float, score_seconds: float) -> None:
-    """Consolidate the parts into scores.parquet and write summary.md, histogram.png, fidelity.json, run.json."""
+                started: float, score_seconds: float, parts: _TrackedParts,
+                tracking: TrackingTarget | None) -> None:
+    """Consolidate the parts into scores.parquet and write summary.md, histogram.png, fidelity.json, run.json;
+    the run's throughput and counts go to the tracker too."""
     import pandas as pd
 
     from .summary import plot_histogram, render_summary
@@ -218,6 +250,8 @@ def _finish_run(cfg: ScoreJobConfig, store: ScoreStore, job: CheckedJob, plan, b
         "scoring_s": round(score_seconds, 3),
         "samples_scored_this_run": n_scored_now,
         "samples_per_s": round(n_scored_now / score_seconds, 3) if n_scored_now and score_seconds > 0 else None,
+        "tokens_scored_this_run": parts.tokens,
+        "tokens_per_s": round(parts.tokens / score_seconds, 3) if parts.tokens and score_seconds > 0 else None,
         "execution": "ray" if cfg.ray.enabled else "in_process",
         # where each row of scores.parquet was scored: Ray node id -> rows (rows kept from an earlier run count
         # under the node that scored them then; rows scored without Ray under "in_process")
@@ -241,4 +275,12 @@ def _finish_run(cfg: ScoreJobConfig, store: ScoreStore, job: CheckedJob, plan, b
                                    cfg.fidelity.direction, tokenized, block_scorer.pad_id, cfg.fidelity)
         (store.dir / "fidelity.json").write_text(json.dumps(fid, indent=2))
         run_info["fidelity"] = fid["summary"]
+    if tracking is not None:  # where it will be once a staged overwrite is swapped in
+        run_info["tracking"] = tracking.moved(store.dir, store.final_dir).to_dict()
     (store.dir / "run.json").write_text(json.dumps(run_info, indent=2, default=str))
+    counts = {"samples_per_s": run_info["samples_per_s"], "tokens_per_s": run_info["tokens_per_s"],
+              "rows": run_info["n_rows"], "samples_scored_this_run": n_scored_now,
+              "padding_fraction": run_info.get("padding_fraction"),
+              **{f"status/{k}": v for k, v in run_info["status_counts"].items()}}
+    parts.tracker.log_metrics({f"score/{k}": v for k, v in counts.items() if v is not None},
+                              step=parts.kept + parts.samples)

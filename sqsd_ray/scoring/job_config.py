@@ -16,6 +16,7 @@ from ..baselines.job import BaselineSettings
 from ..config import ConfigError, help_field
 from ..job_base import ModelDataJob
 from ..runtime import RayConfig
+from ..tracking import TrackingConfig
 
 DIRECTION_NAMES = ("danger", "safety")
 
@@ -174,6 +175,9 @@ class ScoreJobConfig(ModelDataJob):
         "bianchor_reps, reward_model, larf (the score column is named after the method)"
     )
     baseline: BaselineSettings = field(default_factory=BaselineSettings)
+    # not part of scoring_identity: where the metrics go does not change the scores
+    tracking: TrackingConfig = help_field(default_factory=TrackingConfig, help="TensorBoard / MLflow logging of "
+                                          "samples/s and tokens/s per block and the run's counts at the end")
 
     def __post_init__(self) -> None:
         self.output.dir = self.output.dir.replace("{method}", self.method)

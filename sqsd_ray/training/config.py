@@ -15,6 +15,7 @@ from ..data.presets import get_preset
 from ..data.reference import resolve_data_path
 from ..job_base import ModelDataJob
 from ..runtime import WorkerScaling
+from ..tracking import TrackingConfig
 from .spf import SpfSettings
 
 if TYPE_CHECKING:
@@ -147,6 +148,9 @@ class TrainJobConfig(ModelDataJob):
     train: TrainSettings = field(default_factory=TrainSettings)
     scaling: WorkerScaling = field(default_factory=WorkerScaling)
     output: TrainOutput = field(default_factory=TrainOutput)
+    # not part of training_identity: where the metrics go does not change the weights
+    tracking: TrackingConfig = help_field(default_factory=TrackingConfig, help="TensorBoard / MLflow logging of "
+                                          "loss, learning rate, gradient norm and tokens/s (rank 0)")
 
 
 def data_fingerprint(data: DataConfig) -> str:

@@ -38,6 +38,7 @@ import yaml
 from ..config import ConfigError, from_dict, to_dict
 from ..models.loading import base_model_reference, load_model_and_tokenizer, with_absolute_paths
 from ..models.lora import apply_lora
+from ..tracking import RUN_RECORD, Tracker, open_tracker, tracking_run
 from .checkpoint import CHECKPOINT_DIR, STATE_FILE, checkpoint_name, list_checkpoints, load_weights
 from .config import TrainJobConfig, training_identity
 from .examples import load_refusal_examples, load_training_examples
@@ -174,14 +175,16 @@ def train_worker(config: dict[str, Any]) -> None:
     if session.device.type == "cpu" and (config.get("ray", False) or cfg.scaling.torch_threads):
         # a Ray worker uses its CPU reservation; a run in this process keeps torch's default unless told
         torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
+    tracker = open_tracker(config.get("tracking"), session.rank)  # rank 0 only
     try:
-        _train(cfg, config["identity"], session)
+        _train(cfg, config["identity"], session, tracker)
     finally:
+        tracker.close()
         session.close()
         torch.set_num_threads(previous_threads)  # in-process runs leave the caller's setting as it was
 
 
-def _train(cfg: TrainJobConfig, identity: str, session: _LocalSession | _RaySession) -> None:
+def _train(cfg: TrainJobConfig, identity: str, session: _LocalSession | _RaySession, tracker: Tracker) -> None:
     torch.manual_seed(cfg.train.seed)  # same LoRA A init on every worker
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     lora = cfg.lora if cfg.train.method == "lora" else None
@@ -211,29 +214,44 @@ def _train(cfg: TrainJobConfig, identity: str, session: _LocalSession | _RaySess
         log.info("resumed at step %d from %s", trainer.step, restore)
     forward = trainer.engine or session.prepare(model)
     try:
-        _loop(cfg, identity, session, trainer, forward)
+        _loop(cfg, identity, session, trainer, forward, tracker)
     finally:
         if trainer.engine is not None:
             trainer.engine.destroy()  # ZeRO-3 hooks and buffers hold memory until released
 
 
 def _loop(cfg: TrainJobConfig, identity: str, session: _LocalSession | _RaySession, trainer: Trainer,
-          forward: torch.nn.Module) -> None:
+          forward: torch.nn.Module, tracker: Tracker) -> None:
     every = cfg.train.checkpoint_every
     progress = _progress(trainer, session.rank)
+    tokens = seconds = 0.0  # since the last logged step: its tokens/s is their ratio
     while trainer.step < trainer.total_steps:
+        tokens += _batch_tokens(trainer, trainer.step)
+        started = time.perf_counter()
         metrics = trainer.train_step(forward)
+        seconds += time.perf_counter() - started
         progress.update(1)
         progress.set_postfix(loss=f"{metrics['loss']:.4f}")
         step = trainer.step
         _maybe_fail(cfg, session, step)
-        if (every and step % every == 0) or step == trainer.total_steps:
+        checkpoint = (every and step % every == 0) or step == trainer.total_steps
+        if checkpoint or step % cfg.train.log_every == 0:
+            tracker.log_metrics({**{f"train/{k}": v for k, v in metrics.items() if k != "step"},
+                                 "train/tokens_per_s": tokens / max(seconds, 1e-9)}, step)
+            tokens = seconds = 0.0
+        if checkpoint:
             with tempfile.TemporaryDirectory() as tmp:
                 directory = trainer.save(Path(tmp), identity)  # every rank: ZeRO-3 gathers collectively
                 session.report(metrics, directory, checkpoint_name(step))
         elif step % cfg.train.log_every == 0:
             session.report(metrics, None, None)
     progress.close()
+
+
+def _batch_tokens(trainer: Trainer, step: int) -> int:
+    """Tokens (prompt and response; chosen and rejected for DPO) of optimizer step ``step``'s global batch."""
+    items = [trainer.examples[i] for i in trainer.global_batch(step)]
+    return sum(len(e.chosen) + (len(e.rejected) if e.rejected is not None else 0) for e in items)
 
 
 def _maybe_fail(cfg: TrainJobConfig, session: _LocalSession | _RaySession, step: int) -> None:
@@ -334,12 +352,17 @@ def run_training(cfg: TrainJobConfig) -> TrainRun:
             return load_run(out)
     config = {"job": cfg_dict, "identity": identity, "resume_from": str(resume) if resume else None}
     start = time.perf_counter()
-    if cfg.scaling.use_ray:
-        _fit_with_ray_train(cfg, config, out)
-    else:
-        if cfg.output.storage_path is not None:
-            log.warning("output.storage_path applies to Ray Train runs (scaling.use_ray); this run writes to %s", out)
-        train_worker({**config, "ray": False})
+    params = {**{k: v for k, v in cfg_dict.items() if k not in ("output", "tracking")}, "identity": identity}
+    # a resumed run goes on in the MLflow run it started (recorded in the run directory)
+    with tracking_run(cfg.tracking, out, params, reopen_from=out / RUN_RECORD) as tracking:
+        config["tracking"] = tracking.to_dict() if tracking else None
+        if cfg.scaling.use_ray:
+            _fit_with_ray_train(cfg, config, out)
+        else:
+            if cfg.output.storage_path is not None:
+                log.warning("output.storage_path applies to Ray Train runs (scaling.use_ray); this run writes to %s",
+                            out)
+            train_worker({**config, "ray": False})
     run = load_run(out)
     run.seconds = time.perf_counter() - start
     _write_run_files(run, cfg)
