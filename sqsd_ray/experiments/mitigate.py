@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field, replace
+from functools import cache
 from pathlib import Path
 from typing import Literal
 
@@ -268,39 +269,25 @@ def _restore(cfg: MitigateConfig, data: DataConfig, adapter: Path, preconditione
 # ------------------------------------------------------------------------------------------ measuring
 
 
-def rouge_n(candidate: str, reference: str, n: int = 1) -> float:
-    """ROUGE-N F1 on lower-cased word n-grams (clipped counts)."""
-    def grams(text: str) -> dict[tuple[str, ...], int]:
-        words = text.lower().split()
-        counts: dict[tuple[str, ...], int] = {}
-        for i in range(len(words) - n + 1):
-            counts[tuple(words[i:i + n])] = counts.get(tuple(words[i:i + n]), 0) + 1
-        return counts
-
-    c, r = grams(candidate), grams(reference)
-    overlap = sum(min(v, r.get(k, 0)) for k, v in c.items())
-    if not overlap:
-        return 0.0
-    precision, recall = overlap / sum(c.values()), overlap / sum(r.values())
-    return 2 * precision * recall / (precision + recall)
+ROUGE_TYPES = ("rouge1", "rougeL")  # the table's utility columns, F1 of each
 
 
-def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1: the longest common subsequence of lower-cased words."""
-    a, b = candidate.lower().split(), reference.lower().split()
-    if not a or not b:
-        return 0.0
-    previous = [0] * (len(b) + 1)
-    for word in a:
-        current = [0]
-        for j, other in enumerate(b):
-            current.append(previous[j] + 1 if word == other else max(previous[j + 1], current[j]))
-        previous = current
-    lcs = previous[-1]
-    if not lcs:
-        return 0.0
-    precision, recall = lcs / len(a), lcs / len(b)
-    return 2 * precision * recall / (precision + recall)
+@cache
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    # Porter stemming on, as in the SPF / shallow-alignment utility evaluation this table is compared with
+    # (RougeScorer(["rouge1"], use_stemmer=True)) and in most published ROUGE since ROUGE-1.5.5's -m
+    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+
+
+def rouge_f1(candidate: str, reference: str) -> dict[str, float]:
+    """ROUGE-1 and ROUGE-L F1 of ``candidate`` against ``reference``, by rouge-score (Google's reimplementation of
+    ROUGE-1.5.5): lower-cased, split at every character outside [a-z0-9], words longer than three letters
+    Porter-stemmed, so "Garden?" matches "gardens". A text without such a word (empty, punctuation only, or a
+    non-Latin script, which this tokenizer drops) scores 0 against anything."""
+    scores = _rouge_scorer().score(reference, candidate)  # rouge-score's order: (target, prediction)
+    return {name: float(scores[name].fmeasure) for name in ROUGE_TYPES}
 
 
 def measure_states(model_cfg: ModelConfig, lora: LoraSettings, states: dict[str, str],
@@ -325,9 +312,10 @@ def measure_states(model_cfg: ModelConfig, lora: LoraSettings, states: dict[str,
         with model.disable_adapter() if state == "base" else nullcontext():
             answers = generate_responses(model, tokenizer, prompts, max_new_tokens=heldout.max_new_tokens,
                                          system_prompt=heldout.task.system_prompt)
-            rows.append({"state": name, "refusal_nll": token_mean_nll(model, refusal), "task_nll": token_mean_nll(model, task),
-                         "rouge1": float(np.mean([rouge_n(a, s.response) for a, s in zip(answers, task_samples)])),
-                         "rougeL": float(np.mean([rouge_l(a, s.response) for a, s in zip(answers, task_samples)]))})
+            rouge = [rouge_f1(a, s.response) for a, s in zip(answers, task_samples)]
+            rows.append({"state": name, "refusal_nll": token_mean_nll(model, refusal),
+                         "task_nll": token_mean_nll(model, task),
+                         **{kind: float(np.mean([r[kind] for r in rouge])) for kind in ROUGE_TYPES}})
         log.info("measured %s: %s", name, {k: round(v, 4) for k, v in rows[-1].items() if k != "state"})
     return pd.DataFrame(rows)
 
@@ -471,7 +459,8 @@ def write_report(cfg: MitigateConfig, metrics: pd.DataFrame, losses: pd.DataFram
     lines = ["# Mitigation: curate, SPF, restore — safety and utility of each fine-tune", "",
              f"Safety: `{metric}` on {table.attrs['benchmark']} and the refusal NLL on held-out harmful requests "
              "(rise over θ0 = degradation; lower is safer). Utility: held-out task NLL (and its change relative to "
-             "the plain fine-tune of the same corpus) and ROUGE-1/L of greedy answers.",
+             "the plain fine-tune of the same corpus) and ROUGE-1/L F1 of greedy answers (rouge-score, "
+             "Porter-stemmed).",
              f"Curation removes {cfg.curate_fraction:.0%} of each corpus: by `{cfg.column}`"
              + "".join(f", by `{c}` (`{CURATED_BY_PREFIX}{c}`)" for c in cfg.curate_also_by)
              + ", at random, or the longest responses.", ""]
@@ -575,22 +564,6 @@ def plot_tradeoff(table: pd.DataFrame, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-__all__ = [
-    "METHODS",
-    "HeldOut",
-    "MitigateConfig",
-    "MitigateRestore",
-    "curation_contrasts",
-    "log_table_metrics",
-    "measure_states",
-    "mitigation_table",
-    "paired_difference",
-    "plot_restoration_paths",
-    "restoration_paths",
-    "rouge_l",
-    "rouge_n",
-    "run_mitigate",
-    "run_table",
-    "shown",
-    "write_report",
-]
+__all__ = ["HeldOut", "METHODS", "MitigateConfig", "MitigateRestore", "curation_contrasts", "log_table_metrics",
+           "measure_states", "mitigation_table", "paired_difference", "plot_restoration_paths", "restoration_paths",
+           "rouge_f1", "run_mitigate", "run_table", "shown", "write_report"]

@@ -69,6 +69,7 @@ from ..models.lora import FactorDict, lora_layers
 from ..scoring.hooks import LoraGradCapture
 from ..scoring.kernel import accumulation_dtype, per_sample_lora_grads
 from ..scoring.scorer import per_sample_mean_nll
+from ..scoring.summary import pearson, spearman
 
 log = logging.getLogger(__name__)
 
@@ -460,31 +461,17 @@ class _Lbfgs(_Identity):
 # ------------------------------------------------------------------------------------------ diagnostic
 
 
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    """1-based ranks, ties sharing their average rank."""
-    _, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()
-    return (ends - (counts.double() - 1) / 2)[inverse]
-
-
-def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
-    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
-    denominator = float(x.norm() * y.norm())
-    return float(torch.dot(x, y)) / denominator if denominator > 0 else float("nan")
-
-
 def harmful_loss_correlation(base_losses: torch.Tensor, ft_losses: torch.Tensor) -> dict[str, float]:
     """Notes §1b diagnostic: per-example L_h at θ_base vs θ_ft, Pearson and Spearman correlation.
 
-    High correlation (fine-tuning kept the *shape* of the harmful loss landscape) is the method's premise.
+    High correlation (fine-tuning kept the *shape* of the harmful loss landscape) is the method's premise. Both are
+    scipy's, over the examples whose two losses are finite; NaN when fewer than three remain or one side is constant
+    (``scoring.summary.spearman``). ``n`` counts every example.
     """
     if base_losses.shape != ft_losses.shape:
         raise ValueError(f"per-example losses differ in shape: {tuple(base_losses.shape)} vs {tuple(ft_losses.shape)}")
-    n = int(base_losses.numel())
-    if n < 2:
-        return {"pearson": float("nan"), "spearman": float("nan"), "n": n}
-    return {"pearson": pearson(base_losses, ft_losses),
-            "spearman": pearson(_ranks(base_losses), _ranks(ft_losses)), "n": n}
+    base, ft = base_losses.detach().double().cpu().numpy(), ft_losses.detach().double().cpu().numpy()
+    return {"pearson": pearson(base, ft), "spearman": spearman(base, ft), "n": int(base_losses.numel())}
 
 
 def pull_back_to_cap(vec: LoraVector, theta_ft: torch.Tensor, candidate: torch.Tensor, cap: float,
@@ -1031,7 +1018,6 @@ __all__ = [
     "diagonal_fisher",
     "harmful_loss_correlation",
     "lbfgs_two_loop",
-    "pearson",
     "per_example_losses",
     "per_example_mean_loss_and_grad",
     "per_sample_grad_matrix",

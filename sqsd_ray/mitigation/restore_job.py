@@ -311,10 +311,13 @@ def _restore_into(cfg: RestoreConfig, sets: _Sets, loaded: tuple, out: Path) -> 
     model, lora, base, ft_norm, adapter_base = loaded
     result = restore(model, harmful, task, cfg.restore, refusal=refusal, base=base, ft_update_norm=ft_norm,
                      refusal_train=refusal_train)
-    if result.diagnostic["spearman"] < PREMISE_CORRELATION:
+    rho = result.diagnostic["spearman"]
+    if math.isnan(rho):
+        log.warning("the per-example harmful losses at θ_base and θ_ft give no correlation (fewer than 3 examples "
+                    "or a constant loss on one side): the method's premise is unchecked")
+    elif rho < PREMISE_CORRELATION:
         log.warning("per-example harmful loss at θ_base and θ_ft correlate weakly (Spearman %.3f < %.1f): the "
-                    "method's premise (a preserved harmful-loss landscape) is doubtful here",
-                    result.diagnostic["spearman"], PREMISE_CORRELATION)
+                    "method's premise (a preserved harmful-loss landscape) is doubtful here", rho, PREMISE_CORRELATION)
     save_adapter(result.factors, lora, out / ADAPTER_DIR, adapter_base.name_or_path, adapter_base.revision)
     summary = {
         **result.summary(),

@@ -27,12 +27,7 @@ import torch
 from ..models.lora import lora_layers
 from .kernel import ProjectionTarget
 from .scorer import SqsdScorer, per_sample_mean_nll
-
-
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
-        return float("nan")
-    return float(np.corrcoef(x, y)[0, 1])
+from .summary import pearson
 
 
 def _pad_rank(A: torch.Tensor, B: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +103,7 @@ def first_order_fidelity(scorer: SqsdScorer, direction, direction_name: str, tok
             rel = np.abs(predicted - actual) / np.maximum(np.abs(actual), 1e-12)
             summary.append({
                 "eps": eps,
-                "pearson_r": _pearson(predicted, actual),
+                "pearson_r": pearson(predicted, actual),
                 "median_rel_error": float(np.median(rel)),
                 "mean_abs_actual": float(np.mean(np.abs(actual))),
             })

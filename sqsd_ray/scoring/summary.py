@@ -13,17 +13,38 @@ import numpy as np
 import pandas as pd
 
 
+# two points always correlate ±1, whatever they are: a correlation needs three pairs to say anything
+MIN_CORRELATION_PAIRS = 3
+
+
+def _finite_pairs(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The pairs where both values are finite, or None where no correlation is defined on them: fewer than
+    ``MIN_CORRELATION_PAIRS`` pairs, or a constant side (zero variance: scipy would return NaN with a warning)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.shape != y.shape:
+        raise ValueError(f"correlation of arrays of different shapes: {x.shape} vs {y.shape}")
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if len(x) < MIN_CORRELATION_PAIRS or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    return x, y
+
+
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman rank correlation (average ranks for ties); NaN when either side is constant or too short."""
-    mask = np.isfinite(x) & np.isfinite(y)
-    x, y = x[mask], y[mask]
-    if len(x) < 3:
-        return float("nan")
-    rx = pd.Series(x).rank().to_numpy()
-    ry = pd.Series(y).rank().to_numpy()
-    if rx.std() == 0 or ry.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
+    """Spearman's ρ (``scipy.stats.spearmanr``: Pearson's r of the ranks, ties sharing their average rank) over the
+    pairs where both values are finite; NaN when fewer than three such pairs remain or either side is constant."""
+    from scipy.stats import spearmanr
+
+    pairs = _finite_pairs(x, y)
+    return float("nan") if pairs is None else float(spearmanr(*pairs).statistic)
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson's r (``scipy.stats.pearsonr``) over the pairs where both values are finite; NaN as for ``spearman``."""
+    from scipy.stats import pearsonr
+
+    pairs = _finite_pairs(x, y)
+    return float("nan") if pairs is None else float(pearsonr(*pairs).statistic)
 
 
 def markdown_table(frame: pd.DataFrame, digits: int | dict[str, int] = 1) -> list[str]:

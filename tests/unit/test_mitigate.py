@@ -18,8 +18,7 @@ from sqsd_ray.experiments.mitigate import (
     mitigation_table,
     plot_restoration_paths,
     restoration_paths,
-    rouge_l,
-    rouge_n,
+    rouge_f1,
     run_mitigate,
     run_table,
     shown,
@@ -29,14 +28,35 @@ from sqsd_ray.mitigation.restore import compare_at_equal_task_increase
 
 
 def test_rouge_against_hand_counts():
-    assert rouge_n("the cat sat", "the cat sat") == 1.0
-    # candidate 4 words, reference 3, overlap 2 (the, cat): P 2/4, R 2/3 -> F 4/7
-    assert rouge_n("the cat ran away", "the cat sat") == pytest.approx(4 / 7)
-    assert rouge_n("a a a", "a b") == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))  # clipped count 1
-    assert rouge_n("the cat sat", "the cat sat", n=2) == 1.0 and rouge_n("cat the", "the cat", n=2) == 0.0
-    # LCS of "a b c d" and "a c d e" is "a c d": P 3/4, R 3/4
-    assert rouge_l("a b c d", "a c d e") == pytest.approx(0.75)
-    assert rouge_l("", "a") == 0.0 and rouge_n("x", "y") == 0.0
+    assert rouge_f1("the cat sat", "the cat sat") == {"rouge1": 1.0, "rougeL": 1.0}
+    # candidate 4 words, reference 3, overlap 2 (the, cat): P 2/4, R 2/3 -> F 4/7; the LCS is the same two words
+    assert rouge_f1("the cat ran away", "the cat sat") == pytest.approx({"rouge1": 4 / 7, "rougeL": 4 / 7})
+    # clipped count: "a" matches once; P 1/3, R 1/2
+    assert rouge_f1("a a a", "a b")["rouge1"] == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
+    # LCS of "a b c d" and "a c d e" is "a c d": P 3/4, R 3/4; unigram overlap the same three words
+    assert rouge_f1("a b c d", "a c d e") == pytest.approx({"rouge1": 0.75, "rougeL": 0.75})
+    assert rouge_f1("cat the", "the cat") == pytest.approx({"rouge1": 1.0, "rougeL": 0.5})  # order: LCS 1 of 2
+
+
+def test_rouge_tokenizes_like_published_rouge():
+    # punctuation separates words, case is folded, words over three letters are Porter-stemmed: a whitespace split
+    # scored these 0 (different words: "garden?" vs "garden", "Gardens" vs "garden")
+    assert rouge_f1("garden?", "garden") == {"rouge1": 1.0, "rougeL": 1.0}
+    assert rouge_f1("Gardens.", "the garden")["rouge1"] == pytest.approx(2 * 1 * 0.5 / 1.5)  # P 1/1, R 1/2
+    assert rouge_f1("Paris, France", "paris france") == {"rouge1": 1.0, "rougeL": 1.0}
+
+
+def test_rouge_matches_the_published_rouge_score_example():
+    # google-research/rouge README: score("The quick brown fox jumps over the lazy dog" (target),
+    # "The quick brown dog jumps on the log." (prediction)) = rouge1 P 0.75 R 2/3, rougeL P 0.625 R 5/9
+    scores = rouge_f1("The quick brown dog jumps on the log.", "The quick brown fox jumps over the lazy dog")
+    assert scores["rouge1"] == pytest.approx(0.7058823529411765, rel=1e-12)  # 6 of 8 / 6 of 9 unigrams
+    assert scores["rougeL"] == pytest.approx(0.5882352941176471, rel=1e-12)  # LCS "the quick brown jump the"
+
+
+def test_rouge_of_empty_text_is_zero():
+    for candidate, reference in (("", "a b"), ("a b", ""), ("", ""), ("?!", "what?"), ("你好", "你好")):
+        assert rouge_f1(candidate, reference) == {"rouge1": 0.0, "rougeL": 0.0}, (candidate, reference)
 
 
 def test_config_is_checked():

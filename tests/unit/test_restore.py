@@ -160,6 +160,13 @@ def test_correlation_diagnostic():
     assert harmful_loss_correlation(x, -x)["pearson"] == pytest.approx(-1.0)
     ties = harmful_loss_correlation(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([3.0, 3.0, 5.0]))
     assert ties["spearman"] == pytest.approx(1.0)
+    # ranks (1, 2.5, 2.5, 4, 5) and (1, 4, 2.5, 2.5, 5): Σ dx·dy / Σ dx² = 7.25 / 9.5
+    ties = harmful_loss_correlation(torch.tensor([1.0, 2.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 3.0, 2.0, 2.0, 5.0]))
+    assert ties["spearman"] == pytest.approx(7.25 / 9.5)
+    # no correlation to report: a constant loss, or two examples (±1 whatever they are); n still counts them
+    constant = harmful_loss_correlation(x, torch.full_like(x, 2.0))
+    assert math.isnan(constant["spearman"]) and math.isnan(constant["pearson"]) and constant["n"] == 5
+    assert math.isnan(harmful_loss_correlation(x[:2], x[:2].exp())["spearman"])
 
 
 # --------------------------------------------------------------------------------------------- kernel
