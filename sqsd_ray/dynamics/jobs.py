@@ -24,9 +24,8 @@ from typing import Literal
 import yaml
 
 from ..config import ConfigError, RunOutput, from_dict, help_field, prepare_run_dir, to_dict
-from ..evaluation.generate import (EvalSettings, GenerationSettings, StateResult, check_generation, evaluate_states,
-                                   write_responses)
-from ..evaluation.job import judge_states
+from ..evaluation.generate import EvalSettings, GenerationSettings, StateResult, check_generation, write_responses
+from ..evaluation.job import evaluate_states, judge_states
 from ..evaluation.judges import JudgeSettings
 from ..models.directions import Direction
 from ..models.loading import ModelConfig, base_model_reference

@@ -36,6 +36,7 @@ from ..config import ConfigError, help_field
 from ..data.records import Sample
 from ..data.reference import REF_PREFIX, resolve_data_path
 from ..data.tokenize import encode_prompt, pad_sequences
+from ..models.loading import SMOLLM2_ALIAS
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +241,33 @@ class GenerationSettings:
             raise ConfigError(f"generation.engine=vllm needs vLLM, which is not installed here: {VLLM_INSTALL}")
 
 
+def state_kind(spec: str) -> str:
+    """'base', 'adapter' (a peft adapter dir) or 'full' (a model dir with config.json)."""
+    if spec == "base":
+        return "base"
+    path = Path(spec)
+    if (path / "adapter_config.json").is_file():
+        return "adapter"
+    if (path / "config.json").is_file():
+        return "full"
+    raise FileNotFoundError(f"state {spec!r} is neither 'base', a peft adapter dir nor a model dir with config.json")
+
+
+def check_vllm_model(model: Any) -> None:
+    """vLLM loads a Hugging Face model (hub id or a directory with config.json) in float32, bfloat16 or float16;
+    the other sources ``model.name_or_path`` accepts are refused by name, before anything loads."""
+    fix = "save it with save_pretrained and point model.name_or_path at that directory, or use generation.engine: hf"
+    if model.is_tiny:
+        raise ConfigError(f"generation.engine=vllm: model.name_or_path={model.name_or_path!r} is a built-in test "
+                          f"model that vLLM cannot load; {fix}")
+    if model.name_or_path == SMOLLM2_ALIAS or model.name_or_path.endswith(".gguf") or model.gguf_file:
+        raise ConfigError(f"generation.engine=vllm: model {model.name_or_path!r} is a GGUF file, which this path "
+                          f"does not serve (the HF path de-quantises it on load); {fix}")
+    if model.dtype == "float64":
+        raise ConfigError("generation.engine=vllm: model.dtype=float64 is not a vLLM dtype; use float32, bfloat16 "
+                          "or float16")
+
+
 def check_generation(generation: GenerationSettings, model: Any, use_ray: bool, workers_key: str) -> None:
     """Fail before any work when ``generation.engine`` cannot run ``model`` with these workers (names only: no file
     is read, nothing loads)."""
@@ -248,8 +276,6 @@ def check_generation(generation: GenerationSettings, model: Any, use_ray: bool, 
     if not use_ray:
         raise ConfigError(f"generation.engine=vllm runs vLLM engines through ray.data.llm: set {workers_key}.use_ray: "
                           "true, or generation.engine: hf")
-    from .vllm_engine import check_vllm_model
-
     check_vllm_model(model)
 
 
@@ -386,42 +412,6 @@ def _evaluate_loaded(model_cfg: Any, lora: Any, states: Mapping[str, FactorDict 
     return results
 
 
-def evaluate_states(
-    model_cfg: Any, lora: Any, states: Mapping[str, FactorDict | None], eval_cfg: EvalSettings, scaling: Any,
-    generation: GenerationSettings | None = None, adapter_root: str | Path | None = None,
-) -> list[StateResult]:
-    """Generate for named LoRA states of one base model, scored by the keyword judge; with ``scaling.use_ray`` the
-    states are split over ``scaling.num_workers`` Ray tasks (each loads the model once). Results keep the order of
-    ``states``. ``evaluation.job.judge_states`` judges them with ``evaluate``'s judges.
-
-    With ``generation.engine: vllm`` the states become peft adapter dirs under ``adapter_root`` (a folder the
-    engines can read: shared storage on a cluster; removed afterwards) served by vLLM engines
-    (``vllm_engine.evaluate_states_on_vllm``)."""
-    prompts = load_eval_prompts(eval_cfg)
-    if generation is not None and generation.engine == "vllm":
-        from .vllm_engine import evaluate_states_on_vllm
-
-        return evaluate_states_on_vllm(model_cfg, lora, states, eval_cfg, prompts, scaling, generation, adapter_root)
-    names = list(states)
-    workers = min(scaling.num_workers, len(names)) if scaling.use_ray else 1
-    if not scaling.use_ray:
-        return evaluate_states_here(model_cfg, lora, states, eval_cfg, prompts, scaling.torch_threads, generation)
-    from ..models.loading import with_absolute_paths
-    from ..runtime import init_ray
-
-    model_cfg = with_absolute_paths(model_cfg)
-    ray = init_ray(scaling)
-    task = ray.remote(evaluate_states_here).options(
-        num_cpus=scaling.cpus_per_worker, num_gpus=1 if scaling.use_gpu else 0, max_retries=2,
-    )
-    threads = scaling.torch_threads or max(1, int(scaling.cpus_per_worker))
-    chunks = [names[k::workers] for k in range(workers)]
-    refs = [task.remote(model_cfg, lora, {n: states[n] for n in chunk}, eval_cfg, prompts, threads, generation)
-            for chunk in chunks if chunk]
-    by_name = {r.name: r for part in ray.get(refs) for r in part}
-    return [by_name[n] for n in names]
-
-
 def write_responses(results: Sequence[StateResult], path: Path) -> Path:
     """Every response of every state as JSONL (state, prompt_id, category, prompt, response, refused: a keyword
     refusal phrase, and each judge's verdict: <name>_status, <name>_categories, <name>_score)."""
@@ -442,13 +432,14 @@ __all__ = [
     "check_generation",
     "encode_eval_prompt",
     "encode_prompt",
-    "evaluate_states",
+    "check_vllm_model",
     "evaluate_states_here",
     "generate_responses",
     "hf_sampling_kwargs",
     "keyword_refusal",
     "load_eval_prompts",
     "score_responses",
+    "state_kind",
     "stop_token_ids",
     "write_responses",
 ]

@@ -27,8 +27,8 @@ import pandas as pd
 from ..config import ConfigError, from_dict, help_field, to_dict
 from ..models.loading import ModelConfig, with_absolute_paths
 from ..models.lora import LoraSettings
-from .generate import (EvalSettings, GenerationSettings, StateResult, check_generation, generate_responses,
-                       load_eval_prompts)
+from .generate import (EvalSettings, FactorDict, GenerationSettings, StateResult, check_generation,
+                       evaluate_states_here, generate_responses, load_eval_prompts, state_kind)
 from .judges import JudgeSettings, Verdict, build_judge
 
 log = logging.getLogger(__name__)
@@ -77,18 +77,6 @@ class EvalJobConfig:
         if len(set(labels)) != len(labels):
             raise ConfigError(f"benchmarks: two entries are both labelled {labels}; give each a distinct name")
         check_generation(self.generation, self.model, self.workers.use_ray, "workers")
-
-
-def state_kind(spec: str) -> str:
-    """'base', 'adapter' (a peft adapter dir) or 'full' (a model dir with config.json)."""
-    if spec == "base":
-        return "base"
-    path = Path(spec)
-    if (path / "adapter_config.json").is_file():
-        return "adapter"
-    if (path / "config.json").is_file():
-        return "full"
-    raise FileNotFoundError(f"state {spec!r} is neither 'base', a peft adapter dir nor a model dir with config.json")
 
 
 class GenerationActor:
@@ -292,6 +280,42 @@ def judge_responses_here(frame: Any, name: str, settings: dict[str, Any], torch_
         torch.set_num_threads(previous_threads)
 
 
+def evaluate_states(
+    model_cfg: Any, lora: Any, states: Mapping[str, FactorDict | None], eval_cfg: EvalSettings, scaling: Any,
+    generation: GenerationSettings | None = None, adapter_root: str | Path | None = None,
+) -> list[StateResult]:
+    """Generate for named LoRA states of one base model, scored by the keyword judge; with ``scaling.use_ray`` the
+    states are split over ``scaling.num_workers`` Ray tasks (each loads the model once). Results keep the order of
+    ``states``. ``judge_states`` judges them with ``evaluate``'s judges.
+
+    With ``generation.engine: vllm`` the states become peft adapter dirs under ``adapter_root`` (a folder the
+    engines can read: shared storage on a cluster; removed afterwards) served by vLLM engines
+    (``vllm_engine.evaluate_states_on_vllm``)."""
+    prompts = load_eval_prompts(eval_cfg)
+    if generation is not None and generation.engine == "vllm":
+        from .vllm_engine import evaluate_states_on_vllm
+
+        return evaluate_states_on_vllm(model_cfg, lora, states, eval_cfg, prompts, scaling, generation, adapter_root)
+    names = list(states)
+    workers = min(scaling.num_workers, len(names)) if scaling.use_ray else 1
+    if not scaling.use_ray:
+        return evaluate_states_here(model_cfg, lora, states, eval_cfg, prompts, scaling.torch_threads, generation)
+    from ..models.loading import with_absolute_paths
+    from ..runtime import init_ray
+
+    model_cfg = with_absolute_paths(model_cfg)
+    ray = init_ray(scaling)
+    task = ray.remote(evaluate_states_here).options(
+        num_cpus=scaling.cpus_per_worker, num_gpus=1 if scaling.use_gpu else 0, max_retries=2,
+    )
+    threads = scaling.torch_threads or max(1, int(scaling.cpus_per_worker))
+    chunks = [names[k::workers] for k in range(workers)]
+    refs = [task.remote(model_cfg, lora, {n: states[n] for n in chunk}, eval_cfg, prompts, threads, generation)
+            for chunk in chunks if chunk]
+    by_name = {r.name: r for part in ray.get(refs) for r in part}
+    return [by_name[n] for n in names]
+
+
 def judge_states(
     results: Sequence[StateResult], judges: Mapping[str, JudgeSettings], safety_judge: str | None = None,
     scaling: Any = None, benchmark: str = "eval",
@@ -374,5 +398,5 @@ def run_evaluate(cfg: EvalJobConfig) -> Path:
     return out
 
 
-__all__ = ["EvalJobConfig", "EvalWorkers", "GenerationActor", "JudgeActor", "benchmarks_by_key", "generate_and_judge",
-           "metrics_table", "run_evaluate", "state_kind"]
+__all__ = ["EvalJobConfig", "EvalWorkers", "GenerationActor", "JudgeActor", "benchmarks_by_key", "evaluate_states",
+           "generate_and_judge", "metrics_table", "run_evaluate"]

@@ -3,7 +3,7 @@
     plan_generation(model, states, benchmarks, rows, generation)   one EnginePlan per engine: its
                                                                     vLLMEngineProcessorConfig and request rows
     generate_on_vllm(...)                                           the plans run: the rows with a ``response``
-    evaluate_states_on_vllm(...)                                    ``generate.evaluate_states`` for in-memory
+    evaluate_states_on_vllm(...)                                    ``job.evaluate_states`` for in-memory
                                                                     LoRA states (steering grid of ``directions
                                                                     validate``)
 
@@ -50,6 +50,8 @@ from .generate import (
     GenerationSettings,
     StateResult,
     check_generation,
+    check_vllm_model,
+    state_kind,
     encode_eval_prompt,
     score_responses,
     stop_token_ids,
@@ -64,21 +66,6 @@ PROMPT_TEXT_KEY = "eval_prompt"
 
 
 # ------------------------------------------------------------------------------------------ model source
-
-
-def check_vllm_model(model: ModelConfig) -> None:
-    """vLLM loads a Hugging Face model (hub id or a directory with config.json) in float32, bfloat16 or float16;
-    the other sources ``model.name_or_path`` accepts are refused by name, before anything loads."""
-    fix = "save it with save_pretrained and point model.name_or_path at that directory, or use generation.engine: hf"
-    if model.is_tiny:
-        raise ConfigError(f"generation.engine=vllm: model.name_or_path={model.name_or_path!r} is a built-in test "
-                          f"model that vLLM cannot load; {fix}")
-    if model.name_or_path == SMOLLM2_ALIAS or model.name_or_path.endswith(".gguf") or model.gguf_file:
-        raise ConfigError(f"generation.engine=vllm: model {model.name_or_path!r} is a GGUF file, which this path "
-                          f"does not serve (the HF path de-quantises it on load); {fix}")
-    if model.dtype == "float64":
-        raise ConfigError("generation.engine=vllm: model.dtype=float64 is not a vLLM dtype; use float32, bfloat16 "
-                          "or float16")
 
 
 def vllm_model_source(model: ModelConfig) -> str:
@@ -184,7 +171,6 @@ def plan_generation(
     from ray.data.llm import vLLMEngineProcessorConfig
 
     from ..models.loading import load_tokenizer
-    from .job import state_kind
 
     base = vllm_model_source(model)
     tokenizer = load_tokenizer(model)
@@ -269,7 +255,7 @@ def evaluate_states_on_vllm(
     model: ModelConfig, lora: Any, states: Mapping[str, Any], eval_cfg: EvalSettings, prompts: Sequence[EvalPrompt],
     scaling: Any, generation: GenerationSettings, adapter_root: str | Path | None = None,
 ) -> list[StateResult]:
-    """``generate.evaluate_states`` on vLLM: each state's LoRA factors (None = θ0) are written as a peft adapter
+    """``job.evaluate_states`` on vLLM: each state's LoRA factors (None = θ0) are written as a peft adapter
     (``models.lora.save_adapter``: s·B·A is the state's ΔW) in a new folder under ``adapter_root`` (default the
     system's temporary folder), which the engines must be able to read, removed when the answers are in. Results
     keep the order of ``states``."""
@@ -305,7 +291,6 @@ def evaluate_states_on_vllm(
 __all__ = [
     "PROMPT_TEXT_KEY",
     "EnginePlan",
-    "check_vllm_model",
     "engine_kwargs",
     "evaluate_states_on_vllm",
     "generate_on_vllm",

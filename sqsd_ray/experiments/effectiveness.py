@@ -165,7 +165,8 @@ def _finetune_jobs(cfg: ExperimentConfig, out: Path,
             job = from_dict(TrainJobConfig, base)
             job = replace(job, data=replace(job.data, path=str(path), format="jsonl", schema="messages", preset=None,
                                             keep_if={}, limit=None, field_map={}),
-                          output=TrainOutput(dir=str(arm_dir / band), overwrite=False, resume=True),
+                          output=TrainOutput(dir=str(arm_dir / band), overwrite=False, resume=True,
+                                             storage_path=job.output.storage_below(arm_dir_name(arm.name), band)),
                           tracking=child_tracking(job.tracking, tracking, f"{arm_dir_name(arm.name)}/{band}"))
             jobs[(arm.name, band)] = job
     return jobs

@@ -246,7 +246,8 @@ def _finetune(cfg: MitigateConfig, corpus: str, data: DataConfig, spf: bool, out
     if corpus == "all" and cfg.whole_corpus_epochs:
         train = replace(train, epochs=cfg.whole_corpus_epochs, max_steps=None)
     name = Path(out).resolve().relative_to(Path(cfg.output_dir).resolve()).as_posix()  # e.g. S1/curated.run1
-    job = replace(cfg.finetune, data=data, train=train, output=TrainOutput(dir=str(out), overwrite=False, resume=True),
+    output = TrainOutput(dir=str(out), overwrite=False, resume=True, storage_path=cfg.finetune.output.storage_below(name))
+    job = replace(cfg.finetune, data=data, train=train, output=output,
                   tracking=child_tracking(cfg.finetune.tracking, tracking, name))
     return Path(final_state(run_training(job).dir, job.train.method))
 

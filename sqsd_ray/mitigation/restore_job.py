@@ -45,6 +45,7 @@ from ..models.lora import (
 )
 from ..runtime import WorkerScaling
 from ..scoring.summary import markdown_table, save_figure
+from ..tracking import TrackingConfig, flatten_params, open_tracker, tracking_run
 from ..training.config import RayTrainOutput
 from .restore import BaseLosses, RestoreResult, RestoreSettings, per_example_losses, restore
 
@@ -110,6 +111,10 @@ class RestoreConfig:
     output: RayTrainOutput = help_field(
         help="run directory; with scaling.use_ray the worker writes the results into it (shared storage) and Ray "
         "Train its run record into storage_path", default_factory=lambda: RayTrainOutput(dir="runs/restore"))
+    tracking: TrackingConfig = help_field(
+        default_factory=TrackingConfig, help="where the restoration's curves go (L_h, L_t, J and the refusal NLL per "
+        "accepted iterate, and the summary): TensorBoard under the run directory, or MLflow; docs/tracking.md"
+    )
 
     def __post_init__(self) -> None:
         if self.scaling.num_workers != 1:
@@ -252,11 +257,32 @@ def run_restore(cfg: RestoreConfig) -> Path:
     loaded = None if cfg.scaling.use_ray else _load_fine_tune(cfg, sets)  # so do model errors, in process
     out = prepare_run_dir(cfg.output.dir, cfg.output.overwrite)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    if loaded is None:
-        _restore_with_ray_train(cfg, out)
-    else:
-        _restore_into(cfg, sets, loaded, out)
+    params = {k: v for k, v in to_dict(cfg).items() if k not in ("output", "tracking")}
+    with tracking_run(cfg.tracking, out, params) as tracking:
+        if loaded is None:
+            _restore_with_ray_train(cfg, out)
+        else:
+            _restore_into(cfg, sets, loaded, out)
+        if tracking is not None:
+            _log_restoration(json.loads((out / "restore.json").read_text()), tracking)
     return out
+
+
+def _log_restoration(summary: dict[str, Any], tracking) -> None:
+    """Each accepted iterate of the history as one step of the curves, then the summary's numbers at the last."""
+    with open_tracker(tracking) as tracker:
+        for row in summary["history"]:
+            tracker.log_metrics({f"restore/{k}": v for k, v in row.items() if k != "iter"}, step=int(row["iter"]))
+        final = {f"summary/{k}": float(v) for k, v in flatten_params(
+            {k: v for k, v in summary.items() if k not in ("history", "diagnostic")}).items() if _is_number(v)}
+        tracker.log_metrics(final, step=int(summary["history"][-1]["iter"]) if summary["history"] else 0)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _restore_worker(config: dict[str, Any]) -> None:

@@ -135,6 +135,13 @@ class RayTrainOutput(RunOutput):
         except (OSError, ValueError) as err:  # pyarrow.ArrowInvalid is a ValueError
             raise ConfigError(f"output.storage_path {where!r}: pyarrow.fs cannot open it: {err}") from err
 
+    def storage_below(self, *parts: str) -> str | None:
+        """``storage_path`` of a sub-run (an experiment's band fine-tune): ``<storage_path>/<parts…>``, or None
+        where this output keeps Ray Train's files in its own run directories."""
+        if self.storage_path is None:
+            return None
+        return "/".join([self.storage_path.rstrip("/"), *parts])
+
 
 @dataclass
 class TrainOutput(RayTrainOutput):

@@ -13,12 +13,14 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..config import ConfigError, deep_merge
-from .config import TrainSettings
+
+if TYPE_CHECKING:  # config reads a user's DeepSpeed file through this module
+    from .config import TrainSettings
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from sqsd_ray.evaluation.generate import EvalSettings
-from sqsd_ray.evaluation.job import EvalJobConfig, EvalWorkers, run_evaluate, state_kind
+from sqsd_ray.evaluation.generate import state_kind
+from sqsd_ray.evaluation.job import EvalJobConfig, EvalWorkers, run_evaluate
 from sqsd_ray.evaluation.judges import JudgeSettings
 from sqsd_ray.models.loading import ModelConfig, load_model
 from sqsd_ray.models.lora import LoraSettings, apply_lora, get_lora_factors, save_adapter

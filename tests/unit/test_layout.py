@@ -37,6 +37,7 @@ RAY_EDGE = {
     "sqsd_ray.scoring.ray_pool",
     "sqsd_ray.training.loop",
     "sqsd_ray.evaluation.job",
+    "sqsd_ray.evaluation.vllm_engine",  # generation through ray.data.llm
     "sqsd_ray.mitigation.restore_job",
     "sqsd_ray.demo.pipeline",
 }

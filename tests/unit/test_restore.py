@@ -514,6 +514,19 @@ def test_run_restore_writes_adapter_json_markdown_and_plot(tmp_path):
     assert (out / "restore_losses.png").stat().st_size > 0 and (out / "config.yaml").is_file()
 
 
+def test_a_restoration_with_tensorboard_logs_each_accepted_iterate(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = run_restore(_job(tmp_path, _saved_adapter(tmp_path), "tracking.backend=tensorboard"))
+    history = json.loads((out / "restore.json").read_text())["history"]
+    board = EventAccumulator(str(out / "tensorboard"))
+    board.Reload()
+    harmful = board.Scalars("restore/harmful")
+    assert [e.step for e in harmful] == [h["iter"] for h in history]
+    assert [e.value for e in harmful] == pytest.approx([h["harmful"] for h in history], rel=1e-6)
+    assert "summary/ratio" in board.Tags()["scalars"]
+
+
 def test_more_than_one_restoration_worker_is_refused():
     with pytest.raises(ConfigError, match="num_workers must be 1"):
         load_config(RestoreConfig, None, ["fine_tuned.adapter=ft", "scaling.use_ray=true", "scaling.num_workers=2"])

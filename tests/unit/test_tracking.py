@@ -364,3 +364,18 @@ def test_the_worker_log_hook_prints_sqsd_ray_lines_once(monkeypatch, capsys):
     logging.getLogger("sqsd_ray.training.loop").info("resumed at step %d", 8)
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out == "resumed at step 8\n"
+
+
+def test_an_experiments_band_fine_tunes_keep_ray_train_files_below_its_storage_path(tmp_path):
+    from sqsd_ray.experiments.effectiveness import ExperimentConfig, _finetune_jobs
+
+    corpus, scores = _scored_corpus(tmp_path)
+    base = [f"scores={scores}", f"data.path={corpus}", "partition.n_bands=2", "partition.subset_size=null",
+            "arms=[{name: SQSD (Beaver)}]"]
+    cfg = load_config(ExperimentConfig, None, [*base, "finetune.output.storage_path=s3://bucket/exp/"])
+    jobs = _finetune_jobs(cfg, tmp_path / "exp", None)
+    assert {key: job.output.storage_path for key, job in jobs.items()} == {
+        ("SQSD (Beaver)", "S1"): "s3://bucket/exp/SQSD__Beaver/S1",
+        ("SQSD (Beaver)", "S2"): "s3://bucket/exp/SQSD__Beaver/S2"}
+    unset = _finetune_jobs(load_config(ExperimentConfig, None, base), tmp_path / "exp", None)
+    assert {job.output.storage_path for job in unset.values()} == {None}

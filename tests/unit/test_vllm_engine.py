@@ -19,7 +19,6 @@ from sqsd_ray.evaluation.generate import (
     EvalSettings,
     GenerationSettings,
     VllmSettings,
-    evaluate_states,
     generate_responses,
     hf_sampling_kwargs,
     stop_token_ids,
@@ -30,6 +29,7 @@ from sqsd_ray.evaluation.job import (
     _resolved,
     _rows,
     benchmarks_by_key,
+    evaluate_states,
 )
 from sqsd_ray.experiments.effectiveness import ExperimentConfig
 from sqsd_ray.models import loading
