@@ -114,17 +114,27 @@ def _refusal_rate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> 
     return 100.0 * sum(keyword_refusal(r) for r in responses) / len(responses)
 
 
+def align_steps(quick: bool) -> int:
+    return 3 if quick else 120
+
+
+def aligned_cache_path(files: dict[str, Path], seed: int, cache_dir: Path | None, quick: bool) -> Path:
+    """Where the aligned SmolLM2 of this alignment data, seed and recipe is cached."""
+    from .organism import default_cache_dir
+
+    key = f"{align_steps(quick)}/{seed}/{ALIGN_LORA}".encode()
+    digest = hashlib.sha256(files["align"].read_bytes() + key).hexdigest()[:12]
+    return (cache_dir or default_cache_dir()).parent / "aligned" / f"smollm2-135m-{digest}"
+
+
 def align_smollm2(files: dict[str, Path], seed: int, cache_dir: Path | None, quick: bool) -> Path:
     """SmolLM2-135M-Instruct after LoRA SFT on ``files['align']``, merged; cached by the data's content hash."""
     from ..config import from_dict
     from ..models.loading import ModelConfig, load_model_and_tokenizer
     from ..training.config import TrainJobConfig
     from ..training.loop import load_run, run_training
-    from .organism import default_cache_dir
-
-    steps = 3 if quick else 120
-    digest = hashlib.sha256(files["align"].read_bytes() + f"{steps}/{seed}/{ALIGN_LORA}".encode()).hexdigest()[:12]
-    out = (cache_dir or default_cache_dir()).parent / "aligned" / f"smollm2-135m-{digest}"
+    steps = align_steps(quick)
+    out = aligned_cache_path(files, seed, cache_dir, quick)
     if (out / "aligned.json").is_file():
         log.info("aligned SmolLM2 from cache: %s", out)
         return out
@@ -148,6 +158,8 @@ def align_smollm2(files: dict[str, Path], seed: int, cache_dir: Path | None, qui
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    # the adapter is kept beside the merged model: a few MB from which the same merge can be rebuilt elsewhere
+    shutil.copytree(load_run(run.dir).final / "adapter", tmp / "adapter")
     ids = [json.loads(line)["id"] for line in files["align"].read_text().splitlines()]
     n_refusals = sum(i.startswith("refuse-") for i in ids)
     (tmp / "aligned.json").write_text(json.dumps({
@@ -162,4 +174,4 @@ def align_smollm2(files: dict[str, Path], seed: int, cache_dir: Path | None, qui
     return out
 
 
-__all__ = ["align_smollm2", "write_real_world"]
+__all__ = ["align_smollm2", "aligned_cache_path", "write_real_world"]
