@@ -8,6 +8,12 @@ directory (a finished one is skipped; an unfinished one continues at its next un
 seeds can be run one at a time across sessions. Every invocation's stage times are saved to the seed's
 ``timings.json`` after each stage, so a run cut short keeps the times of what it finished.
 
+A seed outlives its machine through its *carry* (``sqsd_ray.demo.carry``), written to ``--results/seed-N/`` after
+the scores and after each ranking and committed: the alignment's adapter, the world's fingerprints, the score
+files and the finished rankings. On a machine without the work folder the seed continues from it — the aligned
+model is merged from the adapter and checked bit for bit, the world is written anew and checked file by file, and
+only the rankings not done are fine-tuned. ``--carry-only`` saves the carry of a work folder and runs nothing new.
+
 Rankings: SQSD, random, Self-Inf-N, Bi-Anchor (Grad), Bi-Anchor (Reps), LARF, and the ablations SQSD w/o norm,
 danger only, safety only (``--rankings all``, the default) or the six non-ablation ones (``--rankings core``).
 Each finished seed's figures (per-band ASR per ranking, Δ, Mono, θ0, sizes, commit, machine, times) are written to
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -30,42 +37,79 @@ from pathlib import Path
 import pandas as pd
 
 from provenance import commit, machine
-from sqsd_ray.demo.pipeline import (ARMS, DemoSettings, StageTimer, experiment_arms, family_composition,
-                                    prepare_scores, run_band_experiment)
+from sqsd_ray.demo.carry import SeedCarry
+from sqsd_ray.demo.pipeline import (ARMS, DemoSettings, StageTimer, align_and_write_world, experiment_arms,
+                                    family_composition, prepare_scores, run_band_experiment)
+from sqsd_ray.demo.smollm2 import aligned_cache_path, rebuild_aligned
 from sqsd_ray.experiments.effectiveness import arm_dir_name
 
 CORE = ["SQSD", "Random", "Self-Inf-N", "Bi-Anchor (Grad)", "Bi-Anchor (Reps)", "LARF"]
 ABLATIONS = ["SQSD w/o norm", "danger only", "safety only"]
 BANDS = ["S1", "S2", "S3", "S4", "S5"]
-RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results" / "smollm2"
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "docs" / "results" / "smollm2"
 
 
-def run_seed(seed: int, work: Path, rankings: list[str], cache: Path | None, quick: bool = False) -> dict:
-    """Every stage of one seed, continuing what an earlier invocation left; returns the seed's figures."""
+def run_seed(seed: int, work: Path, rankings: list[str], cache: Path | None, carry_dir: Path, quick: bool = False,
+             carry_only: bool = False, accept_other_bits: bool = False) -> dict | None:
+    """Every stage of one seed, continuing what an earlier invocation left, here or in ``carry_dir`` (a seed
+    carried from another machine starts at its rankings); returns the seed's figures once every ranking is done."""
     import ray
 
     from sqsd_ray.runtime import RayConfig, init_ray
 
     out = work / f"seed-{seed}"
+    carry = SeedCarry(carry_dir)
     settings = DemoSettings(out=out, seed=seed, model="smollm2", resume=True, rankings=rankings, cache_dir=cache,
                             quick=quick)
     started, session = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S")
+    if carry.has_scores:
+        carry.restore_timings(out / "timings.json")
     # saved after every stage: an invocation cut short (a session's end) keeps the times of what it finished
     stage = StageTimer(on_stage=lambda seconds: _save_timings(out, session, seconds, time.perf_counter() - started))
     init_ray(RayConfig(local_num_cpus=2, object_store_mb=256))
     try:
-        run, scores, init_note = prepare_scores(settings, out, stage)
+        if carry.has_scores:
+            def carried_alignment(files: dict[str, Path]) -> None:
+                carry.check_world(files)
+                carry.restore_aligned(aligned_cache_path(files, seed, cache, quick), rebuild_aligned,
+                                      accept_other_bits)
+
+            run = align_and_write_world(settings, out, stage, before_align=carried_alignment)
+            scores, init_note = carry.restore_scores(), carry.record["init_note"]
+            done = carry.restore_rankings(out / "experiment")
+            logging.info("seed %d continues from %s: %d of %d rankings done there", seed, carry.folder,
+                         len(set(done) & set(rankings)), len(rankings))
+        else:
+            run, scores, init_note = prepare_scores(settings, out, stage)
+            carry.save_upstream(run.files, run.aligned, scores, init_note)
+            carry.save_timings(out / "timings.json")
         arms = experiment_arms(run.recipe.arms, scores)
         for i, arm in enumerate(arms):  # one experiment per ranking: an interruption costs one ranking at most
             arm_out = out / "experiment" / arm_dir_name(arm["name"])
-            if (arm_out / "table.csv").is_file():
-                continue
-            with stage(f"experiment {arm['name']}", "S1…S5, a LoRA fine-tune per band, held-out harmful prompts"):
-                run_band_experiment(run, [arm], scores["sqsd"], arm_out, include_base=i == 0)
+            if not (arm_out / "table.csv").is_file():
+                if carry_only:
+                    continue
+                with stage(f"experiment {arm['name']}", "S1…S5, a LoRA fine-tune per band, held-out harmful prompts"):
+                    run_band_experiment(run, [arm], scores["sqsd"], arm_out, include_base=i == 0)
+            if arm["name"] not in carry.record.get("rankings_done", []):
+                carry.save_ranking(arm["name"], arm_out)
+            carry.save_timings(out / "timings.json")
     finally:
         ray.shutdown()
     _save_timings(out, session, stage.seconds, time.perf_counter() - started)
-    return seed_figures(out, settings, run, init_note, rankings)
+    carry.save_timings(out / "timings.json")
+    if not all((out / "experiment" / arm_dir_name(name) / "table.csv").is_file() for name in rankings):
+        return None
+    return seed_figures(out, settings, run, init_note, rankings) | {"carry": carry_summary(carry)}
+
+
+def carry_summary(carry: SeedCarry) -> dict:
+    record = carry.record
+    folder = carry.folder.resolve()
+    return {"folder": str(folder.relative_to(REPO)) if folder.is_relative_to(REPO) else str(folder),
+            "aligned_tensors_sha256": record.get("aligned_tensors_sha256"),
+            "aligned_rebuilt_with_other_bits": record.get("aligned_rebuilt_with_other_bits", [])}
 
 
 def _save_timings(out: Path, session: str, seconds: dict[str, float], wall: float) -> None:
@@ -145,6 +189,12 @@ def main() -> int:
     parser.add_argument("--results", default=str(RESULTS), help="where each finished seed's JSON is written")
     parser.add_argument("--cache", default=None, help="cache of aligned models (default $SQSD_CACHE or ~/.cache)")
     parser.add_argument("--table-only", action="store_true", help="print the table over --results and stop")
+    parser.add_argument("--carry-only", action="store_true", help="save the carry of what --work finished (scores, "
+                        "rankings) to --results/seed-N/ and start nothing new")
+    parser.add_argument("--fresh", action="store_true", help="run the seed from the start: its carry folder and "
+                        "work folder are removed first")
+    parser.add_argument("--accept-other-bits", action="store_true", help="continue a carried seed even when the "
+                        "aligned model merged here differs in bits from the carried one (recorded in the results)")
     parser.add_argument("--quick", action="store_true", help="the wiring at toy size (demo --quick's sizes); its "
                         "results go to --work/results, never to the published ones")
     args = parser.parse_args()
@@ -153,7 +203,15 @@ def main() -> int:
     if not args.table_only:
         rankings = CORE + ABLATIONS if args.rankings == "all" else CORE
         for seed in (int(s) for s in args.seeds.split(",")):
-            figures = run_seed(seed, Path(args.work), rankings, Path(args.cache) if args.cache else None, args.quick)
+            carry_dir = results_dir / f"seed-{seed}"
+            if args.fresh:
+                shutil.rmtree(carry_dir, ignore_errors=True)
+                shutil.rmtree(Path(args.work) / f"seed-{seed}", ignore_errors=True)
+            figures = run_seed(seed, Path(args.work), rankings, Path(args.cache) if args.cache else None, carry_dir,
+                               args.quick, args.carry_only, args.accept_other_bits)
+            if figures is None:
+                print(f"seed {seed}: not finished; what it finished is kept in {carry_dir}", flush=True)
+                continue
             results_dir.mkdir(parents=True, exist_ok=True)
             (results_dir / f"seed-{seed}.json").write_text(json.dumps(figures, indent=1, ensure_ascii=False) + "\n")
             print(f"seed {seed}: {figures['wall_minutes_excluding_alignment']} min without the alignment; wrote "

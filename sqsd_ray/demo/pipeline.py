@@ -32,6 +32,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -301,8 +302,10 @@ def prepare_scores(settings: DemoSettings, out: Path, stage: StageTimer | None =
     return run, _score_corpus(run, init_fragment), init_note
 
 
-def align_and_write_world(settings: DemoSettings, out: Path, stage: StageTimer | None = None) -> DemoRun:
-    """Stages align and world: the organism before its world, SmolLM2 after the real data it is aligned on."""
+def align_and_write_world(settings: DemoSettings, out: Path, stage: StageTimer | None = None,
+                          before_align: Callable[[dict[str, Path]], None] | None = None) -> DemoRun:
+    """Stages align and world: the organism before its world, SmolLM2 after the real data it is aligned on
+    (``before_align(files)`` between the two, e.g. to put a carried alignment into the cache)."""
     recipe, stage = settings.recipe, stage or StageTimer()
     if settings.model == "organism":
         with stage("align", "the model organism (trained once, then cached)"):
@@ -316,6 +319,8 @@ def align_and_write_world(settings: DemoSettings, out: Path, stage: StageTimer |
         with stage("world", "Dolly + Alpaca corpus, AdvBench split, CatQA / HEx-PHI held-out prompts"):
             files = write_real_world(out / "world", settings.data_root, settings.seed, recipe.corpus_size,
                                      recipe.max_length, settings.quick)
+        if before_align is not None:
+            before_align(files)
         with stage("align", "SmolLM2-135M-Instruct taught to refuse (LoRA SFT, merged; cached)"):
             aligned = align_smollm2(files, settings.seed, settings.cache_dir, settings.quick)
         model = {"name_or_path": str(aligned)}

@@ -127,6 +127,19 @@ def aligned_cache_path(files: dict[str, Path], seed: int, cache_dir: Path | None
     return (cache_dir or default_cache_dir()).parent / "aligned" / f"smollm2-135m-{digest}"
 
 
+def rebuild_aligned(adapter: Path, target: Path) -> Path:
+    """The merged model of a kept alignment adapter, saved to ``target`` (the merge ``align_smollm2`` makes)."""
+    from peft import PeftModel
+
+    from ..models.loading import ModelConfig, load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path=MODEL))
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    merged.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    return target
+
+
 def align_smollm2(files: dict[str, Path], seed: int, cache_dir: Path | None, quick: bool) -> Path:
     """SmolLM2-135M-Instruct after LoRA SFT on ``files['align']``, merged; cached by the data's content hash."""
     from ..config import from_dict
@@ -153,6 +166,7 @@ def align_smollm2(files: dict[str, Path], seed: int, cache_dir: Path | None, qui
     max_new = 8 if quick else 32
     before = _refusal_rate(model, tokenizer, held, max_new)
     merged = PeftModel.from_pretrained(model, str(load_run(run.dir).final / "adapter")).merge_and_unload()
+    # rebuild_aligned must stay this very merge: a seed carried to another machine is checked bit for bit
     after = _refusal_rate(merged, tokenizer, held, max_new)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -174,4 +188,4 @@ def align_smollm2(files: dict[str, Path], seed: int, cache_dir: Path | None, qui
     return out
 
 
-__all__ = ["align_smollm2", "aligned_cache_path", "write_real_world"]
+__all__ = ["align_smollm2", "aligned_cache_path", "rebuild_aligned", "write_real_world"]
