@@ -51,6 +51,16 @@ def save_random_directions(root: Path, model: str, seeds: tuple[int, int] = (1, 
             for kind, seed in zip(("danger", "safety"), seeds)}
 
 
+def tiny_score_config(root: Path, corpus: Path, max_length: int, **sections) -> dict:
+    """A score config of the built-in tiny Llama, in process, with seeded random directions saved under ``root``;
+    ``sections`` are added or replace the defaults."""
+    save_random_directions(root, "tiny-llama")
+    return {"model": {"name_or_path": "tiny-llama"},
+            "data": {"path": str(corpus), "max_length": max_length},
+            "directions": {kind: str(root / f"{kind}.safetensors") for kind in ("danger", "safety")},
+            "ray": {"enabled": False}, **sections}
+
+
 def interrupt_scoring_after_parts(monkeypatch, parts: int):
     """Make in-process scoring stop with Ctrl-C when it starts part ``parts + 1``; returns a function that undoes it."""
     from sqsd_ray.scoring import blocks

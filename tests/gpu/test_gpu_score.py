@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from sqsd_ray.cli import main
-from tests.conftest import save_random_directions
+from tests.conftest import tiny_score_config
 
 pytestmark = pytest.mark.gpu
 
@@ -24,15 +24,8 @@ def job(tmp_path_factory):
     records = [{"id": f"g{i:03d}", "prompt": " ".join(rng.choice(words, size=rng.integers(3, 20))) + "?",
                 "response": " ".join(rng.choice(words, size=rng.integers(1, 60))) + "."} for i in range(64)]
     (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    save_random_directions(root, "tiny-llama")
-    config = {
-        "model": {"name_or_path": "tiny-llama"},
-        "data": {"path": str(root / "corpus.jsonl"), "max_length": 512},
-        "directions": {"danger": str(root / "danger.safetensors"), "safety": str(root / "safety.safetensors")},
-        "output": {"dir": str(root / "cpu")},
-        "batching": {"device": "cpu"},
-        "ray": {"enabled": False},
-    }
+    config = tiny_score_config(root, root / "corpus.jsonl", max_length=512, output={"dir": str(root / "cpu")},
+                               batching={"device": "cpu"})
     (root / "score.yaml").write_text(yaml.safe_dump(config))
     assert main(["score", "--config", str(root / "score.yaml")]) == 0
     return root

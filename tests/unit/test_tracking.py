@@ -23,7 +23,7 @@ from sqsd_ray.tracking import (
 )
 from sqsd_ray.training.config import TrainJobConfig, training_identity
 from sqsd_ray.training.loop import run_training
-from tests.conftest import REPO_ROOT, save_random_directions
+from tests.conftest import REPO_ROOT, tiny_score_config
 
 FLOAT32_RTOL = 1e-6  # TensorBoard stores scalars as float32
 
@@ -210,16 +210,9 @@ def test_a_scoring_run_writes_its_throughput_to_tensorboard_and_run_json(tmp_pat
 
     records = [{"prompt": p, "response": r} for p, r in PAIRS[:5]]
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    save_random_directions(tmp_path, "tiny-llama")
-    config = {
-        "model": {"name_or_path": "tiny-llama"},
-        "data": {"path": str(tmp_path / "corpus.jsonl"), "max_length": 128},
-        "directions": {"danger": str(tmp_path / "danger.safetensors"), "safety": str(tmp_path / "safety.safetensors")},
-        "batching": {"layout": "fixed"},
-        "output": {"dir": str(tmp_path / "run"), "part_rows": 2},
-        "ray": {"enabled": False},
-        "tracking": {"backend": "tensorboard"},
-    }
+    config = tiny_score_config(tmp_path, tmp_path / "corpus.jsonl", max_length=128,
+                               batching={"layout": "fixed"}, output={"dir": str(tmp_path / "run"), "part_rows": 2},
+                               tracking={"backend": "tensorboard"})
     (tmp_path / "score.yaml").write_text(yaml.safe_dump(config))
     assert main(["score", "--config", str(tmp_path / "score.yaml")]) == 0
     run_info = json.loads((tmp_path / "run" / "run.json").read_text())
