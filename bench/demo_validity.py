@@ -30,6 +30,10 @@ turns those files into the ranges the demo's report prints beside its own Table 
 
 from __future__ import annotations
 
+from sqsd_ray.cpu_kernels import pin_cpu_kernels
+
+pin_cpu_kernels()  # before torch loads, as `sqsd-ray demo` does: AVX2 kernels (SQSD_CPU_KERNELS=native: the CPU's own)
+
 import argparse
 import json
 import logging

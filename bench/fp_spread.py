@@ -11,6 +11,10 @@ both runs; how many SQSD scores differ (and by how much) and how many of the eva
 
 from __future__ import annotations
 
+from sqsd_ray.cpu_kernels import pin_cpu_kernels
+
+pin_cpu_kernels()  # before torch loads, as `sqsd-ray demo` does: AVX2 kernels (SQSD_CPU_KERNELS=native: the CPU's own)
+
 import argparse
 import json
 from pathlib import Path

@@ -19,6 +19,10 @@ The model must have safety to lose: the default is the demo's model organism (bu
 
 from __future__ import annotations
 
+from sqsd_ray.cpu_kernels import pin_cpu_kernels
+
+pin_cpu_kernels()  # before torch loads, as `sqsd-ray demo` does: AVX2 kernels (SQSD_CPU_KERNELS=native: the CPU's own)
+
 import argparse
 import copy
 import json

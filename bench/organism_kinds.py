@@ -17,6 +17,10 @@ ranking by kind in the expected order, a reference for that seed's Table 1: what
 
 from __future__ import annotations
 
+from sqsd_ray.cpu_kernels import pin_cpu_kernels
+
+pin_cpu_kernels()  # before torch loads, as `sqsd-ray demo` does: AVX2 kernels (SQSD_CPU_KERNELS=native: the CPU's own)
+
 import argparse
 import json
 import logging

@@ -26,6 +26,10 @@ Each finished seed's figures (per-band ASR per ranking, Δ, Mono, θ0, sizes, co
 
 from __future__ import annotations
 
+from sqsd_ray.cpu_kernels import pin_cpu_kernels
+
+pin_cpu_kernels()  # before torch loads, as `sqsd-ray demo` does: AVX2 kernels (SQSD_CPU_KERNELS=native: the CPU's own)
+
 import argparse
 import json
 import logging

@@ -37,6 +37,8 @@ import traceback
 from pathlib import Path
 
 from .config import ConfigError, describe, load_config
+from .cpu_kernels import CHOICES as CPU_KERNEL_CHOICES
+from .cpu_kernels import pin_cpu_kernels
 from .data.reference import DATA_DIR_ENV, DEFAULT_DATA_ROOT
 from .runtime import WorkersLost
 
@@ -205,6 +207,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    pin_cpu_kernels(args.cpu_kernels)  # before the pipeline imports torch: the kernels are chosen as it loads
     from .demo.pipeline import DemoSettings, run_demo
 
     report = run_demo(DemoSettings(out=Path(args.out), seed=args.seed, quick=args.quick, model=args.model,
@@ -334,6 +337,10 @@ def _add_demo_verbs(sub) -> None:
     demo.add_argument("--threads", type=int, default=None,
                       help="torch threads of the demo's fine-tunes (default: 2 for the organism, so that its figures "
                       "do not depend on the core count; torch's own for smollm2)")
+    demo.add_argument("--cpu-kernels", choices=CPU_KERNEL_CHOICES, default=None,
+                      help="avx2 (the default, or $SQSD_CPU_KERNELS): torch, MKL and oneDNN use AVX2 kernels on "
+                      "every x86-64 CPU, so that an AVX-512 machine computes the figures an AVX2 one does; native: "
+                      "the CPU's widest kernels")
     _add_data_root_arg(demo, "smollm2's reference data (benign/, eval/, anchors/)")
     demo.add_argument("--cache", default=None, help="where the organism is cached (default $SQSD_CACHE or "
                       "~/.cache/sqsd-ray)")

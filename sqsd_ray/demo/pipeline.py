@@ -42,6 +42,7 @@ import torch
 import yaml
 
 from ..config import deep_merge, from_dict
+from ..cpu_kernels import cpu_kernels_record
 from . import world
 from .organism import OrganismConfig, build_organism
 from .published import load_published, setting_name, with_published_range
@@ -638,8 +639,21 @@ def _published_note(published: dict | None) -> list[str]:
     if published is None:
         return []
     return [f"Published Δ: min … max over the seeds of docs/demo.md ({', '.join(published['machines'])}; "
-            f"commits {', '.join(published['commits'])}). The band fine-tunes amplify floating-point differences "
-            "between CPUs (docs/demo.md measures by how much), so a run on another machine can land outside.", ""]
+            f"commits {', '.join(published['commits'])}), computed with AVX2 kernels. Every stage amplifies "
+            "floating-point differences between CPU kernels (docs/demo.md, \"Floating point alone\"), so a run with "
+            "other kernels can land outside.", ""]
+
+
+def _kernels_line(kernels: dict) -> str:
+    """Which CPU kernels this run computed with: the published figures hold for AVX2 ones."""
+    capability = kernels["torch_capability"]
+    if kernels["requested"] == "native":
+        return (f"CPU kernels: {capability}, the CPU's own (`--cpu-kernels native`): with other kernels than AVX2, "
+                "expect other figures than the published ones.")
+    if capability == "AVX2":
+        return "CPU kernels: AVX2, pinned (`--cpu-kernels avx2`), as the published seeds."
+    return (f"CPU kernels: {capability}: the AVX2 pin did not apply (torch was loaded before it, or the CPU is not "
+            "x86-64), so expect other figures than the published ones.")
 
 
 def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experiment_dir: Path,
@@ -669,6 +683,7 @@ def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experim
                         "ρ(score, length)": round(spearman(merged["score"].to_numpy(float),
                                                            merged["n_response_tokens"].to_numpy(float)), 2)})
     # the published ranges hold for the full-size run only: --quick has other sizes
+    kernels = cpu_kernels_record()
     published = None if settings.quick else load_published(
         setting_name(settings.model, settings.world if settings.model == "organism" else None))
     sqsd_row = table[table["arm"] == "SQSD"].iloc[0]
@@ -689,7 +704,7 @@ def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experim
         f"S1 = the {recipe.corpus_size // 5} samples a ranking calls riskiest. θ0 (before fine-tuning): "
         f"{float(theta0.iloc[0]) if len(theta0) else float('nan'):.1f} % ASR.", "",
         *markdown_table(with_published_range(table, published).rename(columns={"delta": "Δ", "mono": "Mono"})), "",
-        *_published_note(published), "![ASR per band](experiment/bands.png)", "",
+        *_published_note(published), _kernels_line(kernels), "", "![ASR per band](experiment/bands.png)", "",
         "## What each ranking put in S1 (% of S1 by kind of sample; never shown to a scorer)", "",
         *markdown_table(composition), "",
         KINDS_NOTE[settings.world] if settings.model == "organism" else "Kinds: the corpus each sample came from.", "",
@@ -713,6 +728,7 @@ def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experim
                "published": published,
                "finetune_lr": base["finetune"]["train"]["lr"],
                "finetune_epochs": base["finetune"]["train"]["epochs"], "torch_threads": torch.get_num_threads(),
+               "cpu_kernels": kernels,
                "mitigation": (shown(pd.read_csv(mitigate_dir / "table.csv")).to_dict("records")
                               if mitigate_dir else None)}
     (out / "demo.json").write_text(json.dumps(summary, indent=1, default=float))
