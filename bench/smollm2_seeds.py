@@ -43,13 +43,16 @@ import pandas as pd
 from provenance import commit, machine
 from sqsd_ray.demo.carry import SeedCarry
 from sqsd_ray.demo.pipeline import (ARMS, DemoSettings, StageTimer, align_and_write_world, experiment_arms,
-                                    family_composition, prepare_scores, run_band_experiment)
+                                    family_composition, pinned_threads, prepare_scores, run_band_experiment)
 from sqsd_ray.demo.smollm2 import aligned_cache_path, rebuild_aligned
 from sqsd_ray.experiments.effectiveness import arm_dir_name
 
 CORE = ["SQSD", "Random", "Self-Inf-N", "Bi-Anchor (Grad)", "Bi-Anchor (Reps)", "LARF"]
 ABLATIONS = ["SQSD w/o norm", "danger only", "safety only"]
 BANDS = ["S1", "S2", "S3", "S4", "S5"]
+# torch threads of the seed's own process (the alignment merge, directions, pilot and band fine-tunes): fixed, so
+# that a seed continued on a machine with more cores sums in the same order
+THREADS = 2
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "docs" / "results" / "smollm2"
 
@@ -71,41 +74,59 @@ def run_seed(seed: int, work: Path, rankings: list[str], cache: Path | None, car
         carry.restore_timings(out / "timings.json")
     # saved after every stage: an invocation cut short (a session's end) keeps the times of what it finished
     stage = StageTimer(on_stage=lambda seconds: _save_timings(out, session, seconds, time.perf_counter() - started))
+    if carry_only and not carry.has_scores and not _scores_finished(out, rankings):
+        raise SystemExit(f"--carry-only: {out} has not finished its scores (and {carry.folder} holds none): there is "
+                         "nothing to carry yet; run the seed without --carry-only")
     init_ray(RayConfig(local_num_cpus=2, object_store_mb=256))
     try:
-        if carry.has_scores:
-            def carried_alignment(files: dict[str, Path]) -> None:
-                carry.check_world(files)
-                carry.restore_aligned(aligned_cache_path(files, seed, cache, quick), rebuild_aligned,
-                                      accept_other_bits)
-
-            run = align_and_write_world(settings, out, stage, before_align=carried_alignment)
-            scores, init_note = carry.restore_scores(), carry.record["init_note"]
-            done = carry.restore_rankings(out / "experiment")
-            logging.info("seed %d continues from %s: %d of %d rankings done there", seed, carry.folder,
-                         len(set(done) & set(rankings)), len(rankings))
-        else:
-            run, scores, init_note = prepare_scores(settings, out, stage)
-            carry.save_upstream(run.files, run.aligned, scores, init_note)
-            carry.save_timings(out / "timings.json")
-        arms = experiment_arms(run.recipe.arms, scores)
-        for i, arm in enumerate(arms):  # one experiment per ranking: an interruption costs one ranking at most
-            arm_out = out / "experiment" / arm_dir_name(arm["name"])
-            if not (arm_out / "table.csv").is_file():
-                if carry_only:
-                    continue
-                with stage(f"experiment {arm['name']}", "S1…S5, a LoRA fine-tune per band, held-out harmful prompts"):
-                    run_band_experiment(run, [arm], scores["sqsd"], arm_out, include_base=i == 0)
-            if arm["name"] not in carry.record.get("rankings_done", []):
-                carry.save_ranking(arm["name"], arm_out)
-            carry.save_timings(out / "timings.json")
+        with pinned_threads(THREADS):
+            run, scores, init_note = _upstream(carry, settings, out, stage, seed, cache, quick, accept_other_bits)
+            arms = experiment_arms(run.recipe.arms, scores)
+            for i, arm in enumerate(arms):  # one experiment per ranking: an interruption costs one ranking at most
+                arm_out = out / "experiment" / arm_dir_name(arm["name"])
+                if not (arm_out / "table.csv").is_file():
+                    if carry_only:
+                        continue
+                    with stage(f"experiment {arm['name']}", "S1…S5, a LoRA fine-tune per band, held-out harmful "
+                               "prompts"):
+                        run_band_experiment(run, [arm], scores["sqsd"], arm_out, include_base=i == 0)
+                if not carry.has_ranking(arm["name"], arm_out.name):
+                    carry.save_ranking(arm["name"], arm_out)
+                carry.save_timings(out / "timings.json")
     finally:
         ray.shutdown()
     _save_timings(out, session, stage.seconds, time.perf_counter() - started)
     carry.save_timings(out / "timings.json")
     if not all((out / "experiment" / arm_dir_name(name) / "table.csv").is_file() for name in rankings):
         return None
-    return seed_figures(out, settings, run, init_note, rankings) | {"carry": carry_summary(carry)}
+    return seed_figures(out, settings, run, init_note, rankings) | {"carry": carry_summary(carry),
+                                                                     "torch_threads": THREADS}
+
+
+def _upstream(carry: SeedCarry, settings: DemoSettings, out: Path, stage: StageTimer, seed: int, cache: Path | None,
+              quick: bool, accept_other_bits: bool) -> tuple:
+    """(run, {method: score file}, init note): from the carry when it holds the scores, else computed here (and then
+    carried)."""
+    if not carry.has_scores:
+        run, scores, init_note = prepare_scores(settings, out, stage)
+        carry.save_upstream(run.files, run.aligned, scores, init_note)
+        carry.save_timings(out / "timings.json")
+        return run, scores, init_note
+
+    def carried_alignment(files: dict[str, Path]) -> None:
+        carry.check_world(files)
+        carry.restore_aligned(aligned_cache_path(files, seed, cache, quick), rebuild_aligned, accept_other_bits)
+
+    run = align_and_write_world(settings, out, stage, before_align=carried_alignment)
+    restored = carry.restore_rankings(out / "experiment", {name: arm_dir_name(name) for name in settings.rankings})
+    logging.info("seed %d continues from %s: %d of %d rankings done there", seed, carry.folder, len(restored),
+                 len(settings.rankings))
+    return run, carry.restore_scores(), carry.record["init_note"]
+
+
+def _scores_finished(out: Path, rankings: list[str]) -> bool:
+    methods = ["sqsd", *(ARMS[name]["method"] for name in rankings if "method" in ARMS[name])]
+    return all((out / "scores" / method / "scores.parquet").is_file() for method in methods)
 
 
 def carry_summary(carry: SeedCarry) -> dict:
@@ -195,8 +216,9 @@ def main() -> int:
     parser.add_argument("--table-only", action="store_true", help="print the table over --results and stop")
     parser.add_argument("--carry-only", action="store_true", help="save the carry of what --work finished (scores, "
                         "rankings) to --results/seed-N/ and start nothing new")
-    parser.add_argument("--fresh", action="store_true", help="run the seed from the start: its carry folder and "
-                        "work folder are removed first")
+    parser.add_argument("--fresh", action="store_true", help="run the seed from the start: its carry folder, work "
+                        "folder and seed-N.json are removed first (the aligned model's cache is kept: the same "
+                        "alignment data, seed and kernels train the same weights)")
     parser.add_argument("--accept-other-bits", action="store_true", help="continue a carried seed even when the "
                         "aligned model merged here differs in bits from the carried one (recorded in the results)")
     parser.add_argument("--quick", action="store_true", help="the wiring at toy size (demo --quick's sizes); its "
@@ -211,6 +233,7 @@ def main() -> int:
             if args.fresh:
                 shutil.rmtree(carry_dir, ignore_errors=True)
                 shutil.rmtree(Path(args.work) / f"seed-{seed}", ignore_errors=True)
+                (results_dir / f"seed-{seed}.json").unlink(missing_ok=True)
             figures = run_seed(seed, Path(args.work), rankings, Path(args.cache) if args.cache else None, carry_dir,
                                args.quick, args.carry_only, args.accept_other_bits)
             if figures is None:

@@ -262,9 +262,17 @@ def _worker_runtime_env() -> dict | None:
     ``ray job submit`` brings its own hook (Ray refuses to merge two values of one runtime_env key)."""
     from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
+    from .cpu_kernels import ENV, PINS
+
     submitted = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}").get("runtime_env") or {}
+    runtime_env = {}
     if "worker_process_setup_hook" in submitted:
         log.info("the submitted job's runtime_env sets worker_process_setup_hook; sqsd_ray's worker log handler "
                  "is left out (call %s from that hook to keep worker logs)", _WORKER_SETUP_HOOK)
-        return None
-    return {"worker_process_setup_hook": _WORKER_SETUP_HOOK}
+    else:
+        runtime_env["worker_process_setup_hook"] = _WORKER_SETUP_HOOK
+    # pinned CPU kernels (cpu_kernels.py) reach the workers of an attached cluster too, which inherit no driver env
+    pins = {name: os.environ[name] for name in PINS["avx2"] if name in os.environ}
+    if pins and "env_vars" not in submitted:
+        runtime_env["env_vars"] = {**pins, ENV: os.environ.get(ENV, "avx2")}
+    return runtime_env or None

@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 
 CARRY_FILE = "carry.json"
 # what seed_figures and the band experiment's skip read of a finished ranking, relative to its directory
-RANKING_FILES = ("table.csv", "evaluation/metrics.csv", "{arm}/partition/partition.csv",
-                 "{arm}/partition/partition.json")
+# (table.csv, the mark of a finished ranking, last: a copy cut short leaves no ranking that looks finished)
+RANKING_FILES = ("evaluation/metrics.csv", "{arm}/partition/partition.csv", "{arm}/partition/partition.json",
+                 "table.csv")
 
 
 class CarryMismatch(RuntimeError):
@@ -103,6 +104,11 @@ class SeedCarry:
                  self.folder)
 
     # -- after each ranking -------------------------------------------------------------------------------------
+    def has_ranking(self, name: str, arm: str) -> bool:
+        """Whether the carry holds ranking ``name`` (folder ``arm``) whole."""
+        return name in self.record.get("rankings_done", []) and all(
+            (self.folder / "experiment" / arm / relative.format(arm=arm)).is_file() for relative in RANKING_FILES)
+
     def save_ranking(self, name: str, arm_out: Path) -> None:
         """A finished ranking's table, evaluation metrics and partition."""
         arm = arm_out.name
@@ -134,40 +140,61 @@ class SeedCarry:
 
     def restore_aligned(self, target: Path, merge: Callable[[Path, Path], None],
                         accept_other_bits: bool = False) -> Path:
-        """The aligned model in ``target`` (the alignment cache), merged from the carried adapter by
-        ``merge(adapter, target)`` unless the cache already has it; its tensors must hash as carried."""
-        if not (target / "aligned.json").is_file():
-            tmp = target.with_name(target.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            merge(self.folder / "aligned" / "adapter", tmp)
-            shutil.copytree(self.folder / "aligned" / "adapter", tmp / "adapter")
-            shutil.copy2(self.folder / "aligned" / "aligned.json", tmp / "aligned.json")
-            shutil.rmtree(target, ignore_errors=True)
-            tmp.rename(target)
-            log.info("carry: aligned model merged from the carried adapter into %s", target)
-        made, carried = tensor_digest(target), self.record["aligned_tensors_sha256"]
-        if made != carried:
-            message = (f"{target}: the aligned model's tensors hash {made[:12]}, the carried seed's {carried[:12]} "
-                       "(another CPU can round the merge differently)")
-            if not accept_other_bits:
-                raise CarryMismatch(message + "; pass --accept-other-bits to continue and record it, or --fresh "
-                                    "to run the seed again")
-            log.warning("%s; continuing as asked, and recorded in the seed's results", message)
-            record = self.record
-            record.setdefault("aligned_rebuilt_with_other_bits", []).append(made)
-            self._write_record(record)
+        """The aligned model in ``target`` (the alignment cache), merged there from the carried adapter unless the
+        cache holds that very adapter's merge already; its tensors must hash as carried (or as a digest accepted
+        earlier with ``accept_other_bits``)."""
+        adapter = self.folder / "aligned" / "adapter"
+        cached = target / "adapter" / "adapter_model.safetensors"
+        if (target / "aligned.json").is_file() and cached.is_file() \
+                and file_digest(cached) == file_digest(adapter / "adapter_model.safetensors"):
+            return self._check_aligned(target, accept_other_bits)
+        # nothing cached, or an alignment trained here on its own: the seed's is merged from its adapter
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        merge(adapter, tmp)
+        shutil.copytree(adapter, tmp / "adapter")
+        shutil.copy2(self.folder / "aligned" / "aligned.json", tmp / "aligned.json")
+        try:
+            self._check_aligned(tmp, accept_other_bits)
+        except CarryMismatch:
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a merge that failed its check in the cache
+            raise
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+        log.info("carry: aligned model merged from the carried adapter into %s", target)
         return target
+
+    def _check_aligned(self, model_dir: Path, accept_other_bits: bool) -> Path:
+        record = self.record
+        made, carried = tensor_digest(model_dir), record["aligned_tensors_sha256"]
+        accepted = record.get("aligned_rebuilt_with_other_bits", [])
+        if made == carried or made in accepted:
+            return model_dir
+        message = (f"{model_dir}: the aligned model merged here hashes {made[:12]}, the carried seed's {carried[:12]} "
+                   "(other CPU kernels or library versions can round the merge differently)")
+        if not accept_other_bits:
+            raise CarryMismatch(message + "; pass --accept-other-bits to continue and record it, or --fresh to run "
+                                "the seed again")
+        log.warning("%s; continuing as asked, and recorded in the seed's results", message)
+        record["aligned_rebuilt_with_other_bits"] = [*accepted, made]
+        self._write_record(record)
+        return model_dir
 
     def restore_scores(self) -> dict[str, Path]:
         return {method: self.folder / relative for method, relative in self.record["scores"].items()}
 
-    def restore_rankings(self, experiment_dir: Path) -> list[str]:
-        """Each carried ranking's files put back under ``experiment_dir``, so that the seed skips it."""
-        for arm_dir in sorted((self.folder / "experiment").glob("*")):
-            target = experiment_dir / arm_dir.name
+    def restore_rankings(self, experiment_dir: Path, arm_dirs: dict[str, str]) -> list[str]:
+        """Each ranking the carry holds whole (``arm_dirs``: name → folder) put back under ``experiment_dir``, so
+        that the seed skips it; returns their names."""
+        restored = []
+        for name, arm in arm_dirs.items():
+            if not self.has_ranking(name, arm):
+                continue
+            target = experiment_dir / arm
             if not (target / "table.csv").is_file():
-                shutil.copytree(arm_dir, target, dirs_exist_ok=True)
-        return list(self.record.get("rankings_done", []))
+                shutil.copytree(self.folder / "experiment" / arm, target, dirs_exist_ok=True)
+            restored.append(name)
+        return restored
 
     def restore_timings(self, timings: Path) -> None:
         """The carried invocations' stage times merged with those already in ``timings`` (keyed by start)."""

@@ -42,7 +42,7 @@ import torch
 import yaml
 
 from ..config import deep_merge, from_dict
-from ..cpu_kernels import cpu_kernels_record
+from ..cpu_kernels import cpu_kernels_record, pinned
 from . import world
 from .organism import OrganismConfig, build_organism
 from .published import load_published, setting_name, with_published_range
@@ -650,10 +650,10 @@ def _kernels_line(kernels: dict) -> str:
     if kernels["requested"] == "native":
         return (f"CPU kernels: {capability}, the CPU's own (`--cpu-kernels native`): with other kernels than AVX2, "
                 "expect other figures than the published ones.")
-    if capability == "AVX2":
-        return "CPU kernels: AVX2, pinned (`--cpu-kernels avx2`), as the published seeds."
+    if pinned(kernels):
+        return f"CPU kernels: {capability}, pinned (`--cpu-kernels avx2`), as the published seeds."
     return (f"CPU kernels: {capability}: the AVX2 pin did not apply (torch was loaded before it, or the CPU is not "
-            "x86-64), so expect other figures than the published ones.")
+            "x86-64 with AVX2), so expect other figures than the published ones unless these are AVX2.")
 
 
 def write_demo_report(out: Path, organism: Path, files: dict[str, Path], experiment_dir: Path,

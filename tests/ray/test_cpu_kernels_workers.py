@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from sqsd_ray.cpu_kernels import ENV, PINS
 from tests.unit.test_cpu_kernels import _python, x86_with_avx2
 
 
@@ -17,12 +18,43 @@ init_ray(RayConfig(local_num_cpus=1, object_store_mb=80))
 
 @ray.remote
 def capability():
-    import torch
-    return torch.backends.cpu.get_cpu_capability()
+    import os, torch
+    return [torch.backends.cpu.get_cpu_capability(), os.environ.get("MKL_ENABLE_INSTRUCTIONS"),
+            os.environ.get("ONEDNN_MAX_CPU_ISA")]
 
 try:
     print(json.dumps({"driver": torch.backends.cpu.get_cpu_capability(), "worker": ray.get(capability.remote())}))
 finally:
     ray.shutdown()
 """
-    assert _python(code) == {"driver": "AVX2", "worker": "AVX2"}
+    assert _python(code) == {"driver": "AVX2", "worker": ["AVX2", "AVX2", "AVX2"]}
+
+
+@x86_with_avx2
+def test_workers_of_an_attached_cluster_get_the_pins_through_the_runtime_env(tmp_path, monkeypatch):
+    """A cluster started without the pins: its workers inherit nothing from the driver, the job's runtime_env pins."""
+    from tests.cluster_sim import simulated_cluster
+
+    for name in (ENV, *PINS["avx2"]):
+        monkeypatch.delenv(name, raising=False)
+    code = """
+import json
+from sqsd_ray.cpu_kernels import pin_cpu_kernels
+pin_cpu_kernels("avx2")
+import ray
+from sqsd_ray.runtime import RayConfig, init_ray
+init_ray(RayConfig())  # RAY_ADDRESS: attach
+
+@ray.remote(num_cpus=1)
+def capability():
+    import os, torch
+    return [torch.backends.cpu.get_cpu_capability(), os.environ.get("MKL_ENABLE_INSTRUCTIONS"),
+            os.environ.get("ONEDNN_MAX_CPU_ISA")]
+
+try:
+    print(json.dumps({"worker": ray.get(capability.remote())}))
+finally:
+    ray.shutdown()
+"""
+    with simulated_cluster(tmp_path, n_workers=1, num_cpus=1, num_gpus=0) as sim:
+        assert _python(code, **sim.env) == {"worker": ["AVX2", "AVX2", "AVX2"]}

@@ -78,7 +78,7 @@ def test_a_seed_carried_to_a_new_machine_continues_from_its_scores_and_rankings(
     restored = carry.restore_scores()
     for method in scores:
         pd.testing.assert_frame_equal(pd.read_parquet(restored[method]), pd.read_parquet(scores[method]))
-    assert carry.restore_rankings(fresh / "experiment") == ["SQSD"]
+    assert carry.restore_rankings(fresh / "experiment", {"SQSD": "SQSD", "Random": "Random"}) == ["SQSD"]
     assert (fresh / "experiment" / "SQSD" / "SQSD" / "partition" / "partition.csv").read_text() == \
         "SQSD/partition/partition.csv\n"
     carry.restore_timings(fresh / "timings.json")
@@ -94,10 +94,38 @@ def test_another_world_or_other_aligned_bits_stop_the_seed(tmp_path):
         carry.check_world(world)
 
     target = tmp_path / "machine-b" / "aligned"
+    other_bits = lambda adapter, into: _weights(into, scale=1.0 + 1e-6)  # noqa: E731
     with pytest.raises(CarryMismatch, match="--accept-other-bits"):
-        carry.restore_aligned(target, lambda adapter, into: _weights(into, scale=1.0 + 1e-6))
-    carry.restore_aligned(target, lambda adapter, into: None, accept_other_bits=True)  # the cache already has it
+        carry.restore_aligned(target, other_bits)
+    assert not target.exists() and not target.with_name("aligned.tmp").exists()  # no failed merge left in the cache
+    carry.restore_aligned(target, other_bits, accept_other_bits=True)
     assert carry.record["aligned_rebuilt_with_other_bits"] == [tensor_digest(target)]
+    carry.restore_aligned(target, other_bits)  # accepted once: later invocations go on without the flag, once recorded
+    assert carry.record["aligned_rebuilt_with_other_bits"] == [tensor_digest(target)]
+
+
+def test_an_alignment_trained_here_on_its_own_is_replaced_by_the_carried_one(tmp_path):
+    work, world, aligned, scores = _seed_on_first_machine(tmp_path)
+    carry = SeedCarry(tmp_path / "docs" / "seed-0")
+    carry.save_upstream(world, aligned, scores, init_note="")
+    target = _weights(tmp_path / "machine-b" / "aligned", scale=2.0)  # e.g. `sqsd-ray demo --model smollm2` ran here
+    (target / "adapter").mkdir()
+    (target / "adapter" / "adapter_model.safetensors").write_bytes(b"another training's adapter")
+    (target / "aligned.json").write_text("{}")
+    carry.restore_aligned(target, lambda adapter, into: _weights(into))
+    assert tensor_digest(target) == tensor_digest(aligned)
+    assert (target / "adapter" / "adapter_model.safetensors").read_bytes() == b"adapter bytes"
+
+
+def test_a_ranking_carried_in_part_is_not_taken_as_done(tmp_path):
+    work, world, aligned, scores = _seed_on_first_machine(tmp_path)
+    carry = SeedCarry(tmp_path / "docs" / "seed-0")
+    carry.save_upstream(world, aligned, scores, init_note="")
+    carry.save_ranking("SQSD", work / "experiment" / "SQSD")
+    (carry.folder / "experiment" / "SQSD" / "SQSD" / "partition" / "partition.csv").unlink()  # a copy cut short
+    assert not carry.has_ranking("SQSD", "SQSD")
+    assert carry.restore_rankings(tmp_path / "machine-b" / "experiment", {"SQSD": "SQSD"}) == []
+    assert not (tmp_path / "machine-b" / "experiment" / "SQSD").exists()
 
 
 def test_the_aligned_fingerprint_is_of_the_tensors_not_the_file(tmp_path):
