@@ -263,6 +263,7 @@ def _worker_runtime_env() -> dict | None:
     from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
     from .cpu_kernels import ENV, PINS
+    from .data.reference import DATA_DIR_ENV
 
     submitted = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}").get("runtime_env") or {}
     runtime_env = {}
@@ -271,8 +272,12 @@ def _worker_runtime_env() -> dict | None:
                  "is left out (call %s from that hook to keep worker logs)", _WORKER_SETUP_HOOK)
     else:
         runtime_env["worker_process_setup_hook"] = _WORKER_SETUP_HOOK
-    # pinned CPU kernels (cpu_kernels.py) reach the workers of an attached cluster too, which inherit no driver env
-    pins = {name: os.environ[name] for name in PINS["avx2"] if name in os.environ}
-    if pins and "env_vars" not in submitted:
-        runtime_env["env_vars"] = {**pins, ENV: os.environ.get(ENV, "avx2")}
+    # what the driver's workers must share with it reaches those of an attached cluster too, which inherit no driver
+    # environment: pinned CPU kernels (cpu_kernels.py) and the data root that `ref:` names resolve in
+    shared = {name: os.environ[name] for name in (*PINS["avx2"], ENV, DATA_DIR_ENV) if name in os.environ}
+    if shared and "env_vars" in submitted:
+        log.info("the submitted job's runtime_env sets env_vars, so %s reach its workers only if set there",
+                 ", ".join(sorted(shared)))
+    elif shared:
+        runtime_env["env_vars"] = shared
     return runtime_env or None

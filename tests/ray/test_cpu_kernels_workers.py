@@ -31,11 +31,12 @@ finally:
 
 
 @x86_with_avx2
-def test_workers_of_an_attached_cluster_get_the_pins_through_the_runtime_env(tmp_path, monkeypatch):
-    """A cluster started without the pins: its workers inherit nothing from the driver, the job's runtime_env pins."""
+def test_workers_of_an_attached_cluster_get_the_pins_and_data_root_through_the_runtime_env(tmp_path, monkeypatch):
+    """A cluster started without the pins: its workers inherit nothing from the driver; the job's runtime_env
+    brings the pins, and the data root."""
     from tests.cluster_sim import simulated_cluster
 
-    for name in (ENV, *PINS["avx2"]):
+    for name in (ENV, *PINS["avx2"], "SQSD_DATA_DIR"):  # the cluster starts without any of them
         monkeypatch.delenv(name, raising=False)
     code = """
 import json
@@ -49,7 +50,7 @@ init_ray(RayConfig())  # RAY_ADDRESS: attach
 def capability():
     import os, torch
     return [torch.backends.cpu.get_cpu_capability(), os.environ.get("MKL_ENABLE_INSTRUCTIONS"),
-            os.environ.get("ONEDNN_MAX_CPU_ISA")]
+            os.environ.get("ONEDNN_MAX_CPU_ISA"), os.environ.get("SQSD_DATA_DIR")]
 
 try:
     print(json.dumps({"worker": ray.get(capability.remote())}))
@@ -57,4 +58,6 @@ finally:
     ray.shutdown()
 """
     with simulated_cluster(tmp_path, n_workers=1, num_cpus=1, num_gpus=0) as sim:
-        assert _python(code, **sim.env) == {"worker": ["AVX2", "AVX2", "AVX2"]}
+        # the data root `ref:` names resolve in travels the same way
+        answer = _python(code, **sim.env, SQSD_DATA_DIR="/data/reference")
+    assert answer == {"worker": ["AVX2", "AVX2", "AVX2", "/data/reference"]}
