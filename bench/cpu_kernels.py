@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sqsd_ray.cpu_kernels import ENV, PINS
+
 REPO = Path(__file__).resolve().parent.parent
 
 STEP = """
@@ -49,8 +51,7 @@ print(json.dumps({"seconds_per_step": (time.perf_counter() - started) / steps,
 
 
 def measure(kernels: str, model: str, steps: int, length: int, threads: int) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("SQSD_CPU_KERNELS", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")}
+    env = {k: v for k, v in os.environ.items() if k not in (ENV, *PINS["avx2"])}
     result = subprocess.run([sys.executable, "-c", STEP, kernels, model, str(steps), str(length), str(threads)],
                             capture_output=True, text=True, env={**env, "PYTHONPATH": str(REPO)}, cwd=REPO, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])

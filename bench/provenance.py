@@ -12,15 +12,15 @@ def machine() -> dict:
     """CPU model, cores, torch version and threads, Python version, vector kernels."""
     import torch
 
+    from sqsd_ray.cpu_kernels import cpu_flags
+
     cpuinfo = Path("/proc/cpuinfo")
     names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
              if line.startswith("model name")] if cpuinfo.is_file() else []
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
-                  if line.startswith("flags")), []) if cpuinfo.is_file() else []
     return {"cpu": names[0] if names else platform.processor(), "cores": os.cpu_count(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             # the vector width the CPU offers and the one torch's kernels use (sqsd_ray.cpu_kernels pins it)
-            "cpu_avx512": "avx512f" in flags, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+            "cpu_avx512": "avx512f" in cpu_flags(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def commit() -> str:

@@ -62,7 +62,7 @@ def cpu_pins(choice: str) -> dict[str, str]:
     """The environment of ``choice`` this CPU can take: none off x86-64; torch's only where AVX2 and FMA are listed."""
     if choice == "native" or platform.machine().lower() not in ("x86_64", "amd64"):
         return {}
-    flags = _cpu_flags()
+    flags = cpu_flags()
     return {name: value for name, value in PINS[choice].items()
             if name != "ATEN_CPU_CAPABILITY" or {"avx2", "fma"} <= flags}
 
@@ -73,7 +73,7 @@ def pinned(record: dict) -> bool:
     return bool(pins) and all(record.get(name) == value for name, value in pins.items())
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
     cpuinfo = "/proc/cpuinfo"
     if not os.path.isfile(cpuinfo):
         return set()  # no listing (macOS, Windows): torch's own choice is left alone
@@ -92,4 +92,4 @@ def cpu_kernels_record() -> dict:
             **{name: os.environ.get(name) for name in PINS["avx2"]}}
 
 
-__all__ = ["CHOICES", "ENV", "cpu_kernels_record", "cpu_pins", "pin_cpu_kernels", "pinned", "requested_kernels"]
+__all__ = ["CHOICES", "ENV", "cpu_flags", "cpu_kernels_record", "cpu_pins", "pin_cpu_kernels", "pinned", "requested_kernels"]

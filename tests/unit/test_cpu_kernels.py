@@ -90,9 +90,9 @@ def test_torch_is_pinned_only_on_cpus_that_list_avx2_and_fma(monkeypatch):
     from sqsd_ray import cpu_kernels
 
     monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: {"sse4_2", "avx"})
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"sse4_2", "avx"})
     assert cpu_kernels.cpu_pins("avx2") == {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma"})
     assert cpu_kernels.cpu_pins("avx2") == PINS["avx2"]
     monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "aarch64")
     assert cpu_kernels.cpu_pins("avx2") == {}
